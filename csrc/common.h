@@ -1,0 +1,139 @@
+// Shared argument checks and conv geometry for the CPU and CUDA kernels of srd_ext.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+#include <string>
+#include <vector>
+
+namespace srd_ext {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(t.size(d));
+  }
+  return s + ")";
+}
+
+// Floating dtypes every backend accepts; CUDA also takes half and bfloat16.
+inline void check_float(const char* op, const char* name, const at::Tensor& t, bool allow_half) {
+  const auto st = t.scalar_type();
+  const bool ok = st == at::kFloat || st == at::kDouble ||
+                  (allow_half && (st == at::kHalf || st == at::kBFloat16));
+  TORCH_CHECK(ok, "srd_ext::", op, ": ", name, " must be float32 or float64",
+              allow_half ? " (or float16/bfloat16 on CUDA)" : "", ", got ", t.scalar_type());
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "srd_ext::", op, ": ", name, " is on ", t.device(),
+              " but ", ref_name, " is on ", ref.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "srd_ext::", op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+}
+
+struct Geometry {
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t out_size(int64_t in, int axis) const {
+    const int64_t k = axis == 0 ? kh : kw, s = axis == 0 ? sh : sw, p = axis == 0 ? ph : pw,
+                  d = axis == 0 ? dh : dw;
+    return (in + 2 * p - d * (k - 1) - 1) / s + 1;
+  }
+};
+
+inline Geometry make_geometry(const char* op, int64_t kh, int64_t kw, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "srd_ext::", op,
+              ": stride, padding and dilation must each have 2 entries");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "srd_ext::", op, ": stride must be positive, got (",
+              stride[0], ", ", stride[1], ")");
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "srd_ext::", op,
+              ": dilation must be positive, got (", dilation[0], ", ", dilation[1], ")");
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "srd_ext::", op,
+              ": padding must be non-negative, got (", padding[0], ", ", padding[1], ")");
+  TORCH_CHECK(kh > 0 && kw > 0, "srd_ext::", op, ": kernel size must be positive, got (", kh, ", ",
+              kw, ")");
+  return Geometry{kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+}
+
+// Checks of conv_tap_norms' inputs; returns the geometry.
+inline Geometry check_tap_norms_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, bool allow_half) {
+  TORCH_CHECK(x.dim() == 4, "srd_ext::", op, ": x must be (B, C_in, H, W), got shape ",
+              shape_str(x));
+  TORCH_CHECK(weight.dim() == 4, "srd_ext::", op,
+              ": weight must be (C_out, C_in/groups, kh, kw), got shape ", shape_str(weight));
+  check_float(op, "x", x, allow_half);
+  check_same(op, "weight", weight, x, "x");
+  TORCH_CHECK(groups >= 1, "srd_ext::", op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(x.size(1) == weight.size(1) * groups && weight.size(0) % groups == 0, "srd_ext::", op,
+              ": x ", shape_str(x), " does not fit weight ", shape_str(weight), " with groups=",
+              groups);
+  auto g = make_geometry(op, weight.size(2), weight.size(3), stride, padding, dilation);
+  TORCH_CHECK(g.out_size(x.size(2), 0) > 0 && g.out_size(x.size(3), 1) > 0, "srd_ext::", op,
+              ": input ", shape_str(x), " is too small for kernel ", shape_str(weight),
+              " with this padding and dilation");
+  return g;
+}
+
+inline Geometry check_scatter_args(const char* op, const at::Tensor& tap_norms,
+                                   const at::Tensor& bias_dot, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, bool allow_half) {
+  TORCH_CHECK(kernel_size.size() == 2, "srd_ext::", op, ": kernel_size must have 2 entries");
+  TORCH_CHECK(tap_norms.dim() == 4, "srd_ext::", op,
+              ": tap_norms must be (B, kh*kw, H_in, W_in), got shape ", shape_str(tap_norms));
+  TORCH_CHECK(bias_dot.dim() == 3, "srd_ext::", op, ": bias_dot must be (B, H_out, W_out), got shape ",
+              shape_str(bias_dot));
+  check_float(op, "tap_norms", tap_norms, allow_half);
+  check_same(op, "bias_dot", bias_dot, tap_norms, "tap_norms");
+  auto g = make_geometry(op, kernel_size[0], kernel_size[1], stride, padding, dilation);
+  TORCH_CHECK(tap_norms.size(1) == g.kh * g.kw, "srd_ext::", op, ": tap_norms ",
+              shape_str(tap_norms), " has ", tap_norms.size(1), " taps but kernel_size is (", g.kh,
+              ", ", g.kw, ")");
+  const int64_t ho = g.out_size(tap_norms.size(2), 0), wo = g.out_size(tap_norms.size(3), 1);
+  TORCH_CHECK(bias_dot.size(0) == tap_norms.size(0) && bias_dot.size(1) == ho &&
+                  bias_dot.size(2) == wo,
+              "srd_ext::", op, ": bias_dot ", shape_str(bias_dot), " does not match tap_norms ",
+              shape_str(tap_norms), " (expected (", tap_norms.size(0), ", ", ho, ", ", wo,
+              ") for this geometry)");
+  return g;
+}
+
+// Checks of activation_share's inputs (a, grad, pre_activation same shape; extra one per pixel).
+inline void check_activation_share_args(const char* op, const at::Tensor& a, const at::Tensor& grad,
+                                        const at::Tensor& z, const c10::optional<at::Tensor>& extra,
+                                        bool allow_half) {
+  TORCH_CHECK(a.dim() == 4 || a.dim() == 2, "srd_ext::", op,
+              ": a must be (B, C, H, W) or (B, C), got shape ", shape_str(a));
+  check_float(op, "a", a, allow_half);
+  TORCH_CHECK(grad.sizes() == a.sizes() && z.sizes() == a.sizes(), "srd_ext::", op,
+              ": a, grad and pre_activation must have one shape, got ", shape_str(a), ", ",
+              shape_str(grad), " and ", shape_str(z));
+  check_same(op, "grad", grad, a, "a");
+  check_same(op, "pre_activation", z, a, "a");
+  if (extra.has_value()) {
+    const auto& e = *extra;
+    std::vector<int64_t> want{a.size(0)};
+    if (a.dim() == 4) {
+      want.push_back(a.size(2));
+      want.push_back(a.size(3));
+    }
+    TORCH_CHECK(e.sizes() == at::IntArrayRef(want), "srd_ext::", op, ": extra must have shape ",
+                a.dim() == 4 ? "(B, H, W)" : "(B,)", " matching a ", shape_str(a), ", got ",
+                shape_str(e));
+    check_same(op, "extra", e, a, "a");
+  }
+}
+
+inline int64_t bias_share_mode(const char* op, c10::string_view mode) {
+  if (mode == "none") return 0;
+  if (mode == "contribution") return 1;
+  if (mode == "input") return 2;
+  TORCH_CHECK(false, "srd_ext::", op, ": bias_share must be \"none\", \"contribution\" or \"input\", got \"",
+              std::string(mode), "\"");
+}
+
+}  // namespace srd_ext
