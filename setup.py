@@ -7,9 +7,14 @@ forces CPU-only. TORCH_CUDA_ARCH_LIST picks the target GPUs (default here: 9.0, 
 import glob
 import os
 
-import torch
+# torch infers the toolkit from `which nvcc`; where nvcc is only linked into /usr/local/bin that
+# gives /usr/local, which has no libcudart. Prefer the conventional toolkit folder.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
