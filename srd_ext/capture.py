@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Step", "Plan", "Instrument", "capture", "UnsupportedModelError", "SUPPORTED"]
+__all__ = ["Step", "Plan", "Instrument", "Recorder", "capture", "UnsupportedModelError", "SUPPORTED"]
 
 
 class UnsupportedModelError(TypeError):
@@ -170,7 +170,32 @@ class Instrument:
                             ceil_mode=p["ceil_mode"])
 
 
-def _maxpool_params(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> Dict[str, Any]:
+class Recorder(Instrument):
+    """Runs the model unchanged, recording each max-pool's argmax indices (which SRD's max-pool
+    rule needs) and, with ``masks=True``, each ReLU's on/off pattern ``z > 0`` (APOP)."""
+
+    def __init__(self, masks: bool = False):
+        self.record_masks = masks
+        self.indices: Dict[int, Tensor] = {}
+        self.masks: Dict[int, Tensor] = {}
+
+    def activation(self, step: Step, z: Tensor) -> Tensor:
+        if self.record_masks and step.activation.kind == "relu":
+            self.masks[step.index] = z > 0
+        return step.activation(z)
+
+    def maxpool(self, step: Step, x: Tensor) -> Tensor:
+        p = step.params
+        out, idx = F.max_pool2d(x, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
+                                ceil_mode=p["ceil_mode"], return_indices=True)
+        self.indices[step.index] = idx
+        return out
+
+
+def _maxpool_params(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                    return_indices=False) -> Dict[str, Any]:
+    if return_indices:
+        raise UnsupportedModelError("max_pool2d(return_indices=True) is not supported")
     pair = torch.nn.modules.utils._pair
     return {"kernel_size": pair(kernel_size), "stride": pair(stride if stride else kernel_size),
             "padding": pair(padding), "dilation": pair(dilation), "ceil_mode": bool(ceil_mode)}

@@ -15,27 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops, rules
-from .capture import Instrument, Plan, Step, capture
+from .capture import Plan, Recorder, Step, capture
 
 __all__ = ["Explainer", "explain", "erf", "INITS"]
 
 INITS = ("gradcam-contrast", "gradcam", "cam", "constant")
 Target = Union[None, int, Sequence[int], Tensor]
 Init = Union[str, Tensor]
-
-
-class _RecordIndices(Instrument):
-    """Runs the model unchanged, keeping each max-pool's argmax indices."""
-
-    def __init__(self):
-        self.indices: Dict[int, Tensor] = {}
-
-    def maxpool(self, step: Step, x: Tensor) -> Tensor:
-        p = step.params
-        out, idx = F.max_pool2d(x, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
-                                ceil_mode=p["ceil_mode"], return_indices=True)
-        self.indices[step.index] = idx
-        return out
 
 
 def _is_compiling() -> bool:
@@ -206,7 +192,7 @@ class Explainer:
 
     # -- passes -------------------------------------------------------------------------------
     def _forward(self, x: Tensor):
-        rec = _RecordIndices()
+        rec = Recorder()
         values = self.plan.forward(x, rec)
         return values, rec.indices
 
