@@ -1,0 +1,178 @@
+"""Models: small torchvision VGG / ResNet for the shapes benchmark (weights shipped with the
+package) and torchvision's ImageNet architectures (weights supplied by the user).
+
+All models return logits and expect ImageNet-normalized RGB input (``model_transform``);
+the shapes models take 112 x 112 images, the ImageNet ones 224 x 224.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.vgg import VGG, make_layers
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES
+
+__all__ = [
+    "SHAPES_MODELS",
+    "IMAGENET_MODELS",
+    "WEIGHTS_DIR",
+    "shapes_vgg",
+    "shapes_resnet",
+    "load_model",
+    "model_transform",
+    "model_input_size",
+    "class_names",
+]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+SHAPES_VGG_CFG = [16, "M", 32, "M", 64, "M", 128, "M", 128, "M"]
+SHAPES_RESNET_WIDTHS = (16, 32, 64, 128)
+SHAPES_RESNET_BLOCKS = (1, 1, 1, 1)
+
+SHAPES_MODELS = ("shapes-vgg", "shapes-resnet")
+IMAGENET_MODELS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "vgg11", "vgg13", "vgg16", "vgg19",
+    "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+)
+
+
+def shapes_vgg(num_classes: int = 10) -> VGG:
+    """torchvision ``VGG`` with a narrow feature stack, global average pooling and a small head."""
+    # The stock 25088->4096 head is built on the meta device: it is replaced right away.
+    with torch.device("meta"):
+        model = VGG(nn.Sequential(), num_classes=num_classes, init_weights=False)
+    model.features = make_layers(SHAPES_VGG_CFG, batch_norm=False)
+    model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    width = SHAPES_VGG_CFG[-2]
+    model.classifier = nn.Sequential(
+        nn.Linear(width, 128), nn.ReLU(True), nn.Dropout(0.2), nn.Linear(128, num_classes))
+    # torchvision's conv initialization; the Linear layers keep PyTorch's default, as
+    # VGG's N(0, 0.01) would starve this small head (and the convs) of gradient.
+    for m in model.features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def shapes_resnet(num_classes: int = 10) -> ResNet:
+    """torchvision ``ResNet`` with ``BasicBlock``s, narrowed to widths 16/32/64/128."""
+    with torch.device("meta"):
+        model = ResNet(BasicBlock, list(SHAPES_RESNET_BLOCKS), num_classes=num_classes)
+    w = SHAPES_RESNET_WIDTHS
+    model.inplanes = w[0]
+    model.conv1 = nn.Conv2d(3, w[0], kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(w[0])
+    model.layer1 = model._make_layer(BasicBlock, w[0], SHAPES_RESNET_BLOCKS[0])
+    model.layer2 = model._make_layer(BasicBlock, w[1], SHAPES_RESNET_BLOCKS[1], stride=2)
+    model.layer3 = model._make_layer(BasicBlock, w[2], SHAPES_RESNET_BLOCKS[2], stride=2)
+    model.layer4 = model._make_layer(BasicBlock, w[3], SHAPES_RESNET_BLOCKS[3], stride=2)
+    model.fc = nn.Linear(w[3], num_classes)
+    for m in model.modules():  # torchvision's ResNet initialization
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+_SHAPES_BUILDERS = {"shapes-vgg": shapes_vgg, "shapes-resnet": shapes_resnet}
+
+
+def _check_name(name: str) -> None:
+    if name not in SHAPES_MODELS and name not in IMAGENET_MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {SHAPES_MODELS + IMAGENET_MODELS}")
+
+
+def _read_state_dict(path: Union[str, os.PathLike], name: str) -> Dict[str, torch.Tensor]:
+    what = f"a state_dict of torchvision's {name}" if name in IMAGENET_MODELS else f"a state_dict of {name}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {str(path)!r} for {name!r} not found; expected {what} (torch.save(model.state_dict(), path))")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise RuntimeError(f"cannot read weights file {str(path)!r} for {name!r} ({type(e).__name__}: {reason}); "
+                           f"expected {what} saved with torch.save") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # common checkpoint layout
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise RuntimeError(f"weights file {str(path)!r} does not hold a state_dict (got {type(obj).__name__}); expected {what}")
+    return obj
+
+
+def _brief(keys: Sequence[str], n: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _load_into(model: nn.Module, sd: Dict[str, torch.Tensor], path, name: str) -> None:
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_brief(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_brief(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches (file vs model): {_brief(mismatched, 3)}")
+        raise RuntimeError(f"weights file {str(path)!r} does not fit {name!r}: " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+def load_model(name: str, weights: Optional[Union[str, os.PathLike]] = None,
+               device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Build ``name`` and load its weights; returns the model in eval mode on ``device``.
+
+    ``"shapes-vgg"`` / ``"shapes-resnet"`` load the weights shipped in ``srd_ext/weights``
+    unless ``weights`` is given. torchvision's ``resnet18..152``, ``vgg11..19`` and
+    ``vgg11_bn..vgg19_bn`` require ``weights``: a state_dict file (e.g. torchvision's
+    ImageNet checkpoint) for that architecture with 1000 classes.
+    """
+    _check_name(name)
+    if name in SHAPES_MODELS:
+        model = _SHAPES_BUILDERS[name](len(SHAPES_CLASSES))
+        path = WEIGHTS_DIR / f"{name}.pt" if weights is None else weights
+    else:
+        if weights is None:
+            raise ValueError(f"{name!r} needs weights: pass weights=<path to a state_dict file of "
+                             f"torchvision's {name}> (e.g. the ImageNet checkpoint from torchvision)")
+        path = weights
+        model = getattr(tvm, name)(weights=None)
+    _load_into(model, _read_state_dict(path, name), path, name)
+    return model.eval().to(device)
+
+
+def model_input_size(name: str) -> int:
+    _check_name(name)
+    return 112 if name in SHAPES_MODELS else 224
+
+
+def model_transform(name: str):
+    """Normalization the model expects on ``[0, 1]`` RGB tensors (ImageNet mean/std for all)."""
+    from torchvision import transforms
+
+    _check_name(name)
+    return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def class_names(name: str) -> Tuple[str, ...]:
+    """Class names of the model's outputs (ImageNet models: torchvision's category names)."""
+    _check_name(name)
+    if name in SHAPES_MODELS:
+        return SHAPES_CLASSES
+    return tuple(tvm.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
