@@ -1,15 +1,19 @@
-// CPU kernels of srd_ext::conv_tap_norms and its backward.
+// CPU kernels of srd_ext::conv_tap_norms and its backward. Two evaluation paths:
 //
-// Polyphase layout: the input pixels a tap reaches all lie on one of the sh*sw sub-lattices
-// (phases) x[:, :, py::sh, px::sw], and inside its phase image they form a rectangle. For stride 1
-// the single phase is x itself; otherwise x is split into its phases once (one copy of x). Work
-// items are (sample, phase, block of phase rows); for every tap of the phase, the block's rows
-// in the tap's rectangle are a contiguous run of the phase image, so W_t (C_out x C_in/groups,
-// per group) multiplies it in place as a strided GEMM operand, with no per-tap gather. Only
-// the block's pixels left or right of the tap's rectangle are computed in excess (edge columns);
-// the multiply-adds match the conv's, and only one tile of per-tap products is alive per thread.
-// Items cover disjoint input pixels, so the backward writes grad_x without races.
+// Product path (more than kGramMaxCg input channels per group). Polyphase layout: the input
+// pixels a tap reaches all lie on one of the sh*sw sub-lattices (phases) x[:, :, py::sh, px::sw],
+// and inside its phase they form a rectangle. Work items are runs of pixels of one phase (in
+// (b, y, x) order across the batch): the run is gathered pixel-major, (len, C_in), and one GEMM
+// against the phase's stacked tap matrices ((group, tap, o) rows x C_in/groups) gives the
+// products of every tap of the phase, which are reduced to norms at once and dropped. Only one
+// tile of inputs and products is alive per thread, and each input pixel is multiplied by the
+// taps of its phase, as in the conv itself (only the pairs cut off at the image border are
+// computed in excess). Float32 GEMMs run as 1x1 oneDNN convolutions when available (about twice
+// as fast as the BLAS sgemm on some CPUs), everything else through at::mm.
+//
+// Gram path (few input channels per group): see gram_forward below.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,8 +21,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../common.h"
 #include "tap_range.h"
@@ -27,32 +36,51 @@ namespace srd_ext {
 namespace cpu {
 namespace {
 
-// Bytes of phase-image columns (C_in x pixels) per work item: about a quarter of a typical L2,
-// so that the GEMM operand stays cached while every tap of the phase reuses it.
-constexpr int64_t kTileBytes = 256 * 1024;
-constexpr int64_t kMinTilePixels = 256, kMaxTilePixels = 4096;
+// The output holds kh*kw values per input pixel, so with large kernels it is big next to the
+// work, and the page faults of its first touch can cost as much as the norms themselves. For
+// large outputs, ask for transparent huge pages before that touch (what torch's allocator does
+// under THP_MEM_ALLOC_ENABLE=1); the advice is best effort.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t data = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (data + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (data + t.nbytes()) & ~(kHuge - 1);
+  if (t.nbytes() >= 4 * kHuge && end > begin)
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
+// Bytes of gathered inputs, and of tap products, per work item (one item per thread is alive).
+constexpr int64_t kTileBytes = 1 << 20;
+constexpr int64_t kMinTilePixels = 32, kReuseTilePixels = 256, kMaxTilePixels = 4096;
 
 struct TapRect {
-  int64_t phase = -1;  // -1: the tap reaches no output
+  int64_t phase = -1;                     // -1: the tap reaches no output
   int64_t y0 = 0, ny = 0, x0 = 0, nx = 0;  // rectangle in phase coordinates
 };
 
 struct Phase {
-  int64_t py, px, Hp, Wp, block_rows;
-  at::Tensor img;  // (B, C_in, Hp, Wp), contiguous
+  int64_t py, px, Hp, Wp;
   std::vector<int64_t> taps;
+  at::Tensor w;      // (groups*ntaps*Cog, Cg): rows ordered (group, tap of the phase, o)
+  int64_t row0 = 0;  // first row of `w` in the stacked (all phases) weight layout
+  int64_t M() const { return w.size(0); }
 };
 
-struct Item {
-  int64_t b, phase, r0, r1;  // phase rows [r0, r1)
+struct Chunk {
+  int64_t phase, q0, q1;  // phase pixels [q0, q1), flat over (b, yp, xp)
 };
 
 struct Plan {
-  int64_t B, C_in, H, W, C_out, groups, Cg, Cog, T, cap = 0;
+  int64_t B, C_in, H, W, C_out, groups, Cg, Cog, T, rows = 0, max_len = 0, max_M = 0;
   Geometry geo;
+  bool mkldnn = false;
   std::vector<TapRect> taps;
   std::vector<Phase> phases;
-  std::vector<Item> items;
+  std::vector<Chunk> chunks;
 };
 
 Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const Geometry& geo,
@@ -68,6 +96,8 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const Geometry& ge
   P.Cog = P.C_out / groups;
   P.T = geo.kh * geo.kw;
   P.geo = geo;
+  P.mkldnn = x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+             at::globalContext().userEnabledMkldnn();
   const int64_t Ho = geo.out_size(P.H, 0), Wo = geo.out_size(P.W, 1);
 
   std::vector<int64_t> phase_of(geo.sh * geo.sw, -1);
@@ -84,9 +114,6 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const Geometry& ge
       ph.px = px;
       ph.Hp = (P.H - py + geo.sh - 1) / geo.sh;
       ph.Wp = (P.W - px + geo.sw - 1) / geo.sw;
-      ph.img = (geo.sh == 1 && geo.sw == 1)
-                   ? x
-                   : x.slice(2, py, P.H, geo.sh).slice(3, px, P.W, geo.sw).contiguous();
       P.phases.push_back(std::move(ph));
     }
     TapRect& r = P.taps[t];
@@ -97,97 +124,395 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const Geometry& ge
     r.nx = rx.count;
     P.phases[r.phase].taps.push_back(t);
   }
-  if (P.phases.empty() || P.B == 0) return P;
+  if (P.B == 0 || P.C_in == 0 || P.C_out == 0) P.phases.clear();  // all norms are 0
 
-  const int64_t elem = x.element_size();
-  const int64_t tile = std::min(
-      kMaxTilePixels, std::max(kMinTilePixels, kTileBytes / (elem * std::max<int64_t>(1, P.C_in))));
-  // Enough items to give every thread a couple even when the batch is small.
-  const int64_t per_sample = static_cast<int64_t>(P.phases.size());
-  const int64_t want = (2 * at::get_num_threads() + P.B * per_sample - 1) / (P.B * per_sample);
+  // (T, groups, Cog, Cg): tap-major weight.
+  const auto wt = weight.permute({2, 3, 0, 1}).contiguous().view({P.T, groups, P.Cog, P.Cg});
+  int64_t total = 0;
   for (auto& ph : P.phases) {
-    int64_t rows = std::max<int64_t>(1, tile / ph.Wp);
-    rows = std::min(rows, std::max<int64_t>(1, (ph.Hp + want - 1) / want));
-    ph.block_rows = rows;
-    P.cap = std::max(P.cap, rows * ph.Wp);
+    const auto idx = at::tensor(ph.taps, at::TensorOptions().dtype(at::kLong));
+    ph.w = wt.index_select(0, idx).transpose(0, 1).contiguous().view({-1, P.Cg});
+    ph.row0 = P.rows;
+    P.rows += ph.M();
+    P.max_M = std::max(P.max_M, ph.M());
+    total += P.B * ph.Hp * ph.Wp;
   }
-  for (int64_t b = 0; b < P.B; ++b)
-    for (int64_t p = 0; p < per_sample; ++p) {
-      const Phase& ph = P.phases[p];
-      for (int64_t r0 = 0; r0 < ph.Hp; r0 += ph.block_rows)
-        P.items.push_back(Item{b, p, r0, std::min(ph.Hp, r0 + ph.block_rows)});
+  // Pixels per item: bounded tiles of inputs and products, and a few items per thread; but not
+  // so few pixels that re-reading the tap matrices for every item dominates (large C_in*C_out).
+  const int64_t elem = x.element_size(), threads = at::get_num_threads();
+  for (int64_t p = 0; p < static_cast<int64_t>(P.phases.size()); ++p) {
+    const Phase& ph = P.phases[p];
+    const int64_t n = P.B * ph.Hp * ph.Wp;
+    int64_t tile = kTileBytes / (elem * std::max(ph.M(), P.C_in));
+    tile = std::min(tile, (total + 4 * threads - 1) / (4 * threads));
+    tile = std::max(tile, std::min(kReuseTilePixels, (total + threads - 1) / threads));
+    tile = std::min(kMaxTilePixels, std::max(kMinTilePixels, tile));
+    for (int64_t q0 = 0; q0 < n; q0 += tile) {
+      P.chunks.push_back(Chunk{p, q0, std::min(n, q0 + tile)});
+      P.max_len = std::max(P.max_len, P.chunks.back().q1 - q0);
     }
+  }
   return P;
 }
 
-// Rows [k0, k1) of tap `r` inside phase rows [r0, r1); empty when k1 <= k0.
-inline void tap_rows(const TapRect& r, int64_t r0, int64_t r1, int64_t& k0, int64_t& k1) {
-  k0 = std::max(r0, r.y0);
-  k1 = std::min(r1, r.y0 + r.ny);
+// A run of a chunk's pixels inside one row of x: phase pixels [q, q + n) from phase position
+// (yp, xp); the first sits at offset `base` of an (H, W) plane of sample b, the others follow
+// with column step sw.
+struct Run {
+  int64_t b, base, q, n, yp, xp;
+};
+
+template <typename F>
+void for_row_runs(const Plan& P, const Phase& ph, int64_t q0, int64_t q1, const F& f) {
+  const int64_t HWp = ph.Hp * ph.Wp;
+  for (int64_t q = q0; q < q1;) {
+    const int64_t b = q / HWp, r = q % HWp, yp = r / ph.Wp, xp = r % ph.Wp;
+    const int64_t n = std::min(q1 - q, ph.Wp - xp);
+    f(Run{b, (yp * P.geo.sh + ph.py) * P.W + xp * P.geo.sw + ph.px, q, n, yp, xp});
+    q += n;
+  }
 }
 
-// Strided (rows, cols) matrix over raw memory with row stride ld, for the GEMM calls.
+// Channel block of the transposing copies below: each pixel's block fills whole cache lines of
+// the pixel-major side while the channel-major side is read or written as kBlock streams.
+constexpr int64_t kBlock = 16;
+
+// dst (len, C_in) <- the chunk's pixels of x, pixel-major.
 template <typename scalar_t>
-at::Tensor mat(const scalar_t* data, int64_t rows, int64_t cols, int64_t ld,
-               const at::TensorOptions& opt) {
-  return at::from_blob(const_cast<scalar_t*>(data), {rows, cols}, {ld, 1}, opt);
+void gather_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scalar_t* x,
+                   scalar_t* dst) {
+  const int64_t HW = P.H * P.W, sw = P.geo.sw, C = P.C_in;
+  for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
+    scalar_t* d = dst + (run.q - ch.q0) * C;
+    const scalar_t* s = x + run.b * C * HW + run.base;
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t cb = std::min(kBlock, C - c0);
+      for (int64_t l = 0; l < run.n; ++l)
+        for (int64_t c = c0; c < c0 + cb; ++c) d[l * C + c] = s[c * HW + l * sw];
+    }
+  });
 }
 
-// (T, C_out, C_in/groups): one contiguous weight matrix per tap (and row block per group).
-at::Tensor tap_major_weight(const at::Tensor& weight, const Plan& P) {
-  return weight.permute({2, 3, 0, 1}).contiguous().view({P.T, P.C_out, P.Cg});
+// The reverse: the chunk's pixels of x <- src (len, C_in). Chunks own disjoint pixels.
+template <typename scalar_t>
+void scatter_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scalar_t* src,
+                    scalar_t* x) {
+  const int64_t HW = P.H * P.W, sw = P.geo.sw, C = P.C_in;
+  for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
+    const scalar_t* s = src + (run.q - ch.q0) * C;
+    scalar_t* d = x + run.b * C * HW + run.base;
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t cb = std::min(kBlock, C - c0);
+      for (int64_t l = 0; l < run.n; ++l)
+        for (int64_t c = c0; c < c0 + cb; ++c) d[c * HW + l * sw] = s[l * C + c];
+    }
+  });
 }
 
-at::Tensor conv_tap_norms_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "conv_tap_norms";
-  const Geometry geo = check_tap_norms_args(op, x_in, weight_in, stride, padding, dilation, groups,
-                                            /*allow_half=*/false);
+// Calls f(b, k, t, q, i) for every pixel q of the chunk and every tap t of the phase (its k-th)
+// that reaches an output from it; i is the pixel's offset in an (H, W) plane of sample b.
+template <typename F>
+void for_valid_pairs(const Plan& P, const Phase& ph, const Chunk& ch, const F& f) {
+  const int64_t nt = static_cast<int64_t>(ph.taps.size()), sw = P.geo.sw;
+  for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
+    for (int64_t k = 0; k < nt; ++k) {
+      const int64_t t = ph.taps[k];
+      const TapRect& R = P.taps[t];
+      if (run.yp < R.y0 || run.yp >= R.y0 + R.ny) continue;
+      const int64_t l0 = std::max<int64_t>(0, R.x0 - run.xp);
+      const int64_t l1 = std::min(run.n, R.x0 + R.nx - run.xp);
+      for (int64_t l = l0; l < l1; ++l) f(run.b, k, t, run.q + l, run.base + l * sw);
+    }
+  });
+}
+
+// (len, K) pixel-major rows times a grouped 1x1 conv weight w (N, K/groups, 1, 1) as a oneDNN
+// convolution of the (1, K, 1, len) channels-last view; its output is (len, N) in memory.
+at::Tensor mkldnn_rows(const at::Tensor& rows, const at::Tensor& w, int64_t groups) {
+  const int64_t len = rows.size(0), K = rows.size(1), N = w.size(0);
+  const auto in = rows.view({1, 1, len, K}).permute({0, 3, 1, 2});
+  const auto y = at::mkldnn_convolution(in, w, c10::nullopt, {0, 0}, {1, 1}, {1, 1}, groups);
+  return y.permute({0, 2, 3, 1}).reshape({len, N}).contiguous();
+}
+
+// Y (len, M) = X (len, C_in) times the phase's tap matrices, block-diagonal over groups. The
+// at::mm path writes into `ybuf`; the oneDNN path returns its own output.
+at::Tensor tap_products(const Plan& P, const Phase& ph, const at::Tensor& X, void* ybuf) {
+  const int64_t len = X.size(0), M = ph.M(), Mg = M / P.groups;
+  if (P.mkldnn) return mkldnn_rows(X, ph.w.view({M, P.Cg, 1, 1}), P.groups);
+  auto Y = at::from_blob(ybuf, {len, M}, X.options());
+  for (int64_t g = 0; g < P.groups; ++g) {
+    auto yg = Y.narrow(1, g * Mg, Mg);
+    at::mm_out(yg, X.narrow(1, g * P.Cg, P.Cg), ph.w.narrow(0, g * Mg, Mg).t());
+  }
+  return Y;
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t sum_squares(const scalar_t* v, int64_t n) {
+  // Independent partial sums let the compiler vectorize without reassociation flags.
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t o = 0;
+  for (; o + 8 <= n; o += 8)
+    for (int k = 0; k < 8; ++k) s[k] += static_cast<acc_t>(v[o + k]) * static_cast<acc_t>(v[o + k]);
+  for (; o < n; ++o) s[0] += static_cast<acc_t>(v[o]) * static_cast<acc_t>(v[o]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+at::Tensor product_forward(const at::Tensor& x_in, const at::Tensor& weight, const Geometry& geo,
+                           int64_t groups) {
   const auto x = x_in.contiguous();
-  const Plan P = make_plan(x, weight_in, geo, groups);
-  auto out = at::zeros({P.B, P.T, P.H, P.W}, x.options());
-  if (P.items.empty()) return out;
-  const auto wt = tap_major_weight(weight_in, P);
+  const Plan P = make_plan(x, weight, geo, groups);
+  auto out = empty_output({P.B, P.T, P.H, P.W}, x.options()).zero_();
+  if (P.chunks.empty()) return out;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* pout = out.data_ptr<scalar_t>();
-    const auto opt = x.options();
-    const int64_t HW = P.H * P.W, sh = geo.sh, sw = geo.sw;
-    at::parallel_for(0, static_cast<int64_t>(P.items.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> ybuf(P.Cog * P.cap);
-      std::vector<acc_t> acc(P.cap);
-      for (int64_t it = begin; it < end; ++it) {
-        const Item& item = P.items[it];
-        const Phase& ph = P.phases[item.phase];
-        const int64_t HWp = ph.Hp * ph.Wp;
-        const scalar_t* xb = ph.img.data_ptr<scalar_t>() + item.b * P.C_in * HWp;
-        for (const int64_t t : ph.taps) {
-          const TapRect& r = P.taps[t];
-          int64_t k0, k1;
-          tap_rows(r, item.r0, item.r1, k0, k1);
-          if (k1 <= k0) continue;
-          const int64_t len = (k1 - k0) * ph.Wp;
-          std::fill(acc.begin(), acc.begin() + len, acc_t(0));
-          auto y = mat(ybuf.data(), P.Cog, len, len, opt);
-          for (int64_t g = 0; g < P.groups; ++g) {
-            at::mm_out(y, wt[t].narrow(0, g * P.Cog, P.Cog),
-                       mat(xb + g * P.Cg * HWp + k0 * ph.Wp, P.Cg, len, HWp, opt));
-            for (int64_t o = 0; o < P.Cog; ++o) {
-              const scalar_t* yo = ybuf.data() + o * len;
-              for (int64_t p = 0; p < len; ++p) {
-                const acc_t v = yo[p];
-                acc[p] += v * v;
+    const int64_t HW = P.H * P.W;
+    at::parallel_for(0, static_cast<int64_t>(P.chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> xbuf(P.max_len * P.C_in), ybuf(P.mkldnn ? 0 : P.max_len * P.max_M);
+      for (int64_t c = begin; c < end; ++c) {
+        const Chunk& ch = P.chunks[c];
+        const Phase& ph = P.phases[ch.phase];
+        const int64_t len = ch.q1 - ch.q0, M = ph.M(), Mg = M / P.groups;
+        gather_pixels(P, ph, ch, px, xbuf.data());
+        const auto Y = tap_products(P, ph, at::from_blob(xbuf.data(), {len, P.C_in}, x.options()),
+                                    ybuf.data());
+        const scalar_t* py = Y.data_ptr<scalar_t>();
+        for_valid_pairs(P, ph, ch, [&](int64_t b, int64_t k, int64_t t, int64_t q, int64_t i) {
+          const scalar_t* yq = py + (q - ch.q0) * M + k * P.Cog;
+          acc_t s = 0;
+          for (int64_t g = 0; g < P.groups; ++g)
+            s += sum_squares<scalar_t, acc_t>(yq + g * Mg, P.Cog);
+          pout[(b * P.T + t) * HW + i] = static_cast<scalar_t>(std::sqrt(s));
+        });
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> product_backward(const at::Tensor& dn_in, const at::Tensor& x_in,
+                                                    const at::Tensor& weight,
+                                                    const at::Tensor& n_in, const Geometry& geo,
+                                                    int64_t groups) {
+  const auto x = x_in.contiguous(), dn = dn_in.contiguous(), n = n_in.contiguous();
+  const Plan P = make_plan(x, weight, geo, groups);
+  const auto opt = x.options();
+  auto grad_x = at::zeros_like(x);
+  auto grad_w = at::zeros({P.T, P.C_out, P.Cg}, opt);  // tap-major
+  const int64_t nchunk = static_cast<int64_t>(P.chunks.size());
+  // Weight grads in the stacked layout, one partial per part of the chunk list, summed in a
+  // fixed order.
+  const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunk));
+  auto gw_parts = at::zeros({nparts, P.rows, P.Cg}, opt);
+  // Per phase, its tap matrices transposed per group as a 1x1 conv weight (groups*Cg, Mg, 1, 1).
+  std::vector<at::Tensor> w_back;
+  for (const Phase& ph : P.phases)
+    w_back.push_back(ph.w.view({P.groups, ph.M() / P.groups, P.Cg})
+                         .transpose(1, 2)
+                         .contiguous()
+                         .view({P.C_in, ph.M() / P.groups, 1, 1}));
+
+  if (nchunk > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_backward_cpu", [&] {
+      const scalar_t* px = x.data_ptr<scalar_t>();
+      const scalar_t* pdn = dn.data_ptr<scalar_t>();
+      const scalar_t* pn = n.data_ptr<scalar_t>();
+      scalar_t* pgx = grad_x.data_ptr<scalar_t>();
+      const int64_t HW = P.H * P.W;
+      at::parallel_for(0, nparts, 1, [&](int64_t pbegin, int64_t pend) {
+        std::vector<scalar_t> xbuf(P.max_len * P.C_in), gxbuf(P.max_len * P.C_in),
+            ybuf(P.mkldnn ? 0 : P.max_len * P.max_M), coef;
+        for (int64_t part = pbegin; part < pend; ++part) {
+          auto gw = gw_parts[part];
+          for (int64_t c = part * nchunk / nparts; c < (part + 1) * nchunk / nparts; ++c) {
+            const Chunk& ch = P.chunks[c];
+            const Phase& ph = P.phases[ch.phase];
+            const int64_t len = ch.q1 - ch.q0, M = ph.M(), Mg = M / P.groups;
+            const int64_t nt = static_cast<int64_t>(ph.taps.size());
+            // dY = Y * dn / n per (pixel, tap); 0 where the pair is invalid or n = 0.
+            coef.assign(len * nt, scalar_t(0));
+            bool any = false;
+            for_valid_pairs(P, ph, ch, [&](int64_t b, int64_t k, int64_t t, int64_t q, int64_t i) {
+              const int64_t e = (b * P.T + t) * HW + i;
+              const scalar_t v = pn[e] > 0 ? pdn[e] / pn[e] : scalar_t(0);
+              coef[(q - ch.q0) * nt + k] = v;
+              any = any || v != 0;
+            });
+            if (!any) continue;  // these pixels of grad_x stay zero
+            gather_pixels(P, ph, ch, px, xbuf.data());
+            const auto X = at::from_blob(xbuf.data(), {len, P.C_in}, opt);
+            auto Y = tap_products(P, ph, X, ybuf.data());
+            scalar_t* py = Y.data_ptr<scalar_t>();
+            for (int64_t q = 0; q < len; ++q)
+              for (int64_t g = 0; g < P.groups; ++g)
+                for (int64_t k = 0; k < nt; ++k) {
+                  scalar_t* y = py + q * M + g * Mg + k * P.Cog;
+                  const scalar_t s = coef[q * nt + k];
+                  for (int64_t o = 0; o < P.Cog; ++o) y[o] *= s;
+                }
+            // grad of X = dY times the transposed tap matrices; grad of the matrices = dY^T X.
+            const scalar_t* pgxr = gxbuf.data();
+            at::Tensor GX;
+            if (P.mkldnn) {
+              GX = mkldnn_rows(Y, w_back[ch.phase], P.groups);
+              pgxr = GX.data_ptr<scalar_t>();
+            } else {
+              GX = at::from_blob(gxbuf.data(), {len, P.C_in}, opt);
+              for (int64_t g = 0; g < P.groups; ++g) {
+                auto gxg = GX.narrow(1, g * P.Cg, P.Cg);
+                at::mm_out(gxg, Y.narrow(1, g * Mg, Mg), ph.w.narrow(0, g * Mg, Mg));
               }
             }
+            for (int64_t g = 0; g < P.groups; ++g)
+              gw.narrow(0, ph.row0 + g * Mg, Mg)
+                  .addmm_(Y.narrow(1, g * Mg, Mg).t(), X.narrow(1, g * P.Cg, P.Cg));
+            scatter_pixels(P, ph, ch, pgxr, pgx);
           }
-          scalar_t* dst = pout + (item.b * P.T + t) * HW;
-          for (int64_t k = k0; k < k1; ++k) {
-            const acc_t* a = acc.data() + (k - k0) * ph.Wp;
-            scalar_t* row = dst + (k * sh + ph.py) * P.W + ph.px;
-            for (int64_t l = r.x0; l < r.x0 + r.nx; ++l)
-              row[l * sw] = static_cast<scalar_t>(std::sqrt(a[l]));
+        }
+      });
+    });
+  }
+
+  const auto gw_sum = gw_parts.sum(0);
+  for (const Phase& ph : P.phases) {
+    // Stacked rows (group, tap, o) back to tap-major (tap, group*Cog + o).
+    const int64_t nt = static_cast<int64_t>(ph.taps.size());
+    const auto rows = gw_sum.narrow(0, ph.row0, ph.M())
+                          .view({P.groups, nt, P.Cog, P.Cg})
+                          .transpose(0, 1)
+                          .reshape({nt, P.C_out, P.Cg});
+    grad_w.index_copy_(0, at::tensor(ph.taps, at::TensorOptions().dtype(at::kLong)), rows);
+  }
+  return {grad_x,
+          grad_w.view({geo.kh, geo.kw, P.C_out, P.Cg}).permute({2, 3, 0, 1}).contiguous()};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gram path, for few input channels per group (an RGB stem, depthwise convs). There a product
+// W_t x_i holds many more values than x_i, so n^2 = sum_g x_g^T (W_tg^T W_tg) x_g is evaluated
+// directly, in double: Cg(Cg+1)/2 multiply-adds per group and (pixel, tap) pair and, unlike a
+// float GEMM, no loss of relative accuracy when the products nearly cancel.
+
+constexpr int64_t kGramMaxCg = 4;
+constexpr int64_t kLanes = 8;
+
+struct GramGeo {
+  int64_t B, C_in, H, W, groups, Cg, Cog, T;
+  Geometry geo;
+  std::vector<TapRange> ry, rx;  // per tap row ty / column tx
+  // Index of input row iy in the lattice of tap row ty, or -1.
+  int64_t lattice_row(int64_t ty, int64_t iy) const {
+    const TapRange& r = ry[ty];
+    if (r.count == 0 || iy < r.i0 || (iy - r.i0) % geo.sh != 0) return -1;
+    const int64_t k = (iy - r.i0) / geo.sh;
+    return k < r.count ? k : -1;
+  }
+};
+
+GramGeo make_gram_geo(const at::Tensor& x, const at::Tensor& weight, const Geometry& geo,
+                      int64_t groups) {
+  GramGeo G{x.size(0), x.size(1), x.size(2), x.size(3), groups, x.size(1) / groups,
+            weight.size(0) / groups, geo.kh * geo.kw, geo, {}, {}};
+  const int64_t Ho = geo.out_size(G.H, 0), Wo = geo.out_size(G.W, 1);
+  for (int64_t ty = 0; ty < geo.kh; ++ty)
+    G.ry.push_back(tap_range(G.H, Ho, geo.sh, geo.ph, geo.dh, ty));
+  for (int64_t tx = 0; tx < geo.kw; ++tx)
+    G.rx.push_back(tap_range(G.W, Wo, geo.sw, geo.pw, geo.dw, tx));
+  return G;
+}
+
+// (T, groups, Cog, Cg) tap-major weight, in double.
+at::Tensor tap_weight_double(const at::Tensor& weight, const GramGeo& G) {
+  return weight.permute({2, 3, 0, 1}).reshape({G.T, G.groups, G.Cog, G.Cg}).to(at::kDouble);
+}
+
+// One input row of every channel in double, split by column phase (ix mod sw) so that the
+// pixels one tap reaches, ix = i0 + l*sw, are contiguous: row[(c*sw + ix % sw)*Wph + ix / sw].
+template <typename scalar_t>
+void split_row(const scalar_t* xrow, int64_t C, int64_t HW, int64_t W, int64_t sw, int64_t Wph,
+               double* row) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t ph = 0; ph < sw; ++ph) {
+      double* dst = row + (c * sw + ph) * Wph;
+      const scalar_t* src = xrow + c * HW + ph;
+      const int64_t n = (W - ph + sw - 1) / sw;
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<double>(src[j * sw]);
+    }
+}
+
+at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const Geometry& geo,
+                        int64_t groups) {
+  const auto x = x_in.contiguous();
+  const GramGeo G = make_gram_geo(x, weight, geo, groups);
+  if (G.B * G.H * G.W == 0 || G.Cog == 0 || G.Cg == 0)
+    return at::zeros({G.B, G.T, G.H, G.W}, x.options());
+  // Written once, element by element (zeros included): a separate zero fill of the output
+  // would cost about as much as the norms.
+  auto out = empty_output({G.B, G.T, G.H, G.W}, x.options());
+  // n^2 = sum over channel pairs c <= d of A_cd x_c x_d: the Gram matrix's upper triangle with
+  // off-diagonal terms doubled, packed per (tap, group) in the order of the pair loop below.
+  const auto w = tap_weight_double(weight, G);
+  const auto gram = at::matmul(w.transpose(2, 3), w).contiguous();  // (T, groups, Cg, Cg)
+  const int64_t Cg = G.Cg, npair = Cg * (Cg + 1) / 2, HW = G.H * G.W, sw = geo.sw;
+  const int64_t Wph = (G.W + sw - 1) / sw;
+  std::vector<double> A(G.T * G.groups * npair);
+  {
+    const double* pg = gram.data_ptr<double>();
+    int64_t k = 0;
+    for (int64_t tg = 0; tg < G.T * G.groups; ++tg)
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t d = c; d < Cg; ++d) A[k++] = pg[(tg * Cg + c) * Cg + d] * (c == d ? 1 : 2);
+  }
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_cpu_gram", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t* pout = out.data_ptr<scalar_t>();
+    at::parallel_for(0, G.B * G.H, 1, [&](int64_t begin, int64_t end) {
+      // The product rows are padded so that a block of kLanes may read past a row's end.
+      const int64_t K = G.groups * npair, stride_k = sw * Wph;
+      std::vector<double> row(G.C_in * stride_k), prod(K * stride_k + kLanes);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / G.H, iy = r % G.H;
+        bool used = false;
+        for (int64_t ty = 0; ty < geo.kh && !used; ++ty) used = G.lattice_row(ty, iy) >= 0;
+        if (used) {
+          // Channel-pair products of the row, shared by every tap that reaches it.
+          split_row(px + b * G.C_in * HW + iy * G.W, G.C_in, HW, G.W, sw, Wph, row.data());
+          for (int64_t g = 0, k = 0; g < G.groups; ++g)
+            for (int64_t c = 0; c < Cg; ++c)
+              for (int64_t d = c; d < Cg; ++d, ++k) {
+                const double* xc = row.data() + (g * Cg + c) * stride_k;
+                const double* xd = row.data() + (g * Cg + d) * stride_k;
+                double* p = prod.data() + k * stride_k;
+                for (int64_t j = 0; j < stride_k; ++j) p[j] = xc[j] * xd[j];
+              }
+        }
+        for (int64_t ty = 0; ty < geo.kh; ++ty) {
+          const bool row_used = G.lattice_row(ty, iy) >= 0;
+          for (int64_t tx = 0; tx < geo.kw; ++tx) {
+            const TapRange& rx = G.rx[tx];
+            const int64_t t = ty * geo.kw + tx, off = (rx.i0 % sw) * Wph + rx.i0 / sw;
+            scalar_t* orow = pout + ((b * G.T + t) * G.H + iy) * G.W;
+            std::fill(orow, orow + G.W, scalar_t(0));
+            if (!row_used || rx.count == 0) continue;
+            const double* a = A.data() + t * K;
+            scalar_t* o = orow + rx.i0;
+            // Blocks of kLanes pixels accumulate in registers over all channel pairs.
+            for (int64_t l0 = 0; l0 < rx.count; l0 += kLanes) {
+              double acc[kLanes] = {};
+              for (int64_t k = 0; k < K; ++k) {
+                const double ak = a[k];
+                const double* p = prod.data() + k * stride_k + off + l0;
+                for (int64_t j = 0; j < kLanes; ++j) acc[j] += ak * p[j];
+              }
+              const int64_t nb = std::min(kLanes, rx.count - l0);
+              for (int64_t j = 0; j < nb; ++j)
+                o[(l0 + j) * sw] = std::sqrt(static_cast<scalar_t>(std::max(acc[j], 0.0)));
+            }
           }
         }
       }
@@ -196,112 +521,125 @@ at::Tensor conv_tap_norms_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cpu(
-    const at::Tensor& dn_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& n_in, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "conv_tap_norms_backward";
-  const Geometry geo = check_tap_norms_args(op, x_in, weight_in, stride, padding, dilation, groups,
-                                            /*allow_half=*/false);
-  const std::vector<int64_t> n_shape{x_in.size(0), geo.kh * geo.kw, x_in.size(2), x_in.size(3)};
-  TORCH_CHECK(n_in.sizes() == at::IntArrayRef(n_shape) && dn_in.sizes() == n_in.sizes(),
-              "srd_ext::", op, ": tap_norms and grad_tap_norms must be (B, kh*kw, H, W) = (",
-              n_shape[0], ", ", n_shape[1], ", ", n_shape[2], ", ", n_shape[3], ") for x ",
-              shape_str(x_in), " and weight ", shape_str(weight_in), ", got ", shape_str(n_in),
-              " and ", shape_str(dn_in));
-  check_same(op, "tap_norms", n_in, x_in, "x");
-  check_same(op, "grad_tap_norms", dn_in, x_in, "x");
-
+std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& dn_in, const at::Tensor& x_in,
+                                                 const at::Tensor& weight, const at::Tensor& n_in,
+                                                 const Geometry& geo, int64_t groups) {
   const auto x = x_in.contiguous(), dn = dn_in.contiguous(), n = n_in.contiguous();
-  const Plan P = make_plan(x, weight_in, geo, groups);
+  const GramGeo G = make_gram_geo(x, weight, geo, groups);
   auto grad_x = at::zeros_like(x);
-  const int64_t items = static_cast<int64_t>(P.items.size());
-  // grad_weight is reduced per chunk of items into its own partial, summed in a fixed order.
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  auto gw_parts = at::zeros({nchunks, P.T, P.C_out, P.Cg}, x.options());
-
-  if (items > 0 && P.C_in * P.C_out > 0) {
-    const auto wt = tap_major_weight(weight_in, P);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_backward_cpu", [&] {
+  const auto w = tap_weight_double(weight, G);
+  const int64_t Cg = G.Cg, HW = G.H * G.W, sw = geo.sw, rows = G.B * G.H;
+  const int64_t Wph = (G.W + sw - 1) / sw, msize = G.T * G.groups * Cg * Cg;
+  // Per input row, grad_x += c * G_t x with c = dn/n; per tap, M_t += c * x x^T, and in the end
+  // grad_W_t = W_t M_t. Rows are owned by one task each; M is reduced per part in a fixed order.
+  const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  std::vector<double> m_parts(nparts * msize, 0.0);
+  if (rows > 0 && G.Cog > 0 && Cg > 0) {
+    const auto gram = at::matmul(w.transpose(2, 3), w).contiguous();  // (T, groups, Cg, Cg)
+    const double* pg = gram.data_ptr<double>();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_backward_cpu_gram", [&] {
+      const scalar_t* px = x.data_ptr<scalar_t>();
       const scalar_t* pdn = dn.data_ptr<scalar_t>();
       const scalar_t* pn = n.data_ptr<scalar_t>();
       scalar_t* pgx = grad_x.data_ptr<scalar_t>();
-      const auto opt = x.options();
-      const int64_t HW = P.H * P.W, sh = geo.sh, sw = geo.sw;
-      at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
-        std::vector<scalar_t> ybuf(P.Cog * P.cap), gxbuf(P.C_in * P.cap), coef(P.cap);
-        for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
-          auto gw = gw_parts[chunk];
-          for (int64_t it = chunk * items / nchunks; it < (chunk + 1) * items / nchunks; ++it) {
-            const Item& item = P.items[it];
-            const Phase& ph = P.phases[item.phase];
-            const int64_t HWp = ph.Hp * ph.Wp, block = (item.r1 - item.r0) * ph.Wp;
-            const scalar_t* xb = ph.img.data_ptr<scalar_t>() + item.b * P.C_in * HWp;
-            // grad of this block of the phase image, (C_in, block).
-            auto gx = mat(gxbuf.data(), P.C_in, block, block, opt);
-            bool touched = false;
-            for (const int64_t t : ph.taps) {
-              const TapRect& r = P.taps[t];
-              int64_t k0, k1;
-              tap_rows(r, item.r0, item.r1, k0, k1);
-              if (k1 <= k0) continue;
-              const int64_t len = (k1 - k0) * ph.Wp;
-              // dY = Y * dn / n per pixel (0 off the tap's rectangle and where n = 0).
-              const scalar_t* dnt = pdn + (item.b * P.T + t) * HW;
-              const scalar_t* nt = pn + (item.b * P.T + t) * HW;
-              std::fill(coef.begin(), coef.begin() + len, scalar_t(0));
-              bool any = false;
-              for (int64_t k = k0; k < k1; ++k) {
-                const int64_t row = (k * sh + ph.py) * P.W + ph.px;
-                scalar_t* c = coef.data() + (k - k0) * ph.Wp;
-                for (int64_t l = r.x0; l < r.x0 + r.nx; ++l) {
-                  const int64_t i = row + l * sw;
-                  c[l] = nt[i] > 0 ? dnt[i] / nt[i] : scalar_t(0);
-                  any = any || c[l] != 0;
+      at::parallel_for(0, nparts, 1, [&](int64_t pbegin, int64_t pend) {
+        std::vector<double> row(G.C_in * sw * Wph), grow(G.C_in * sw * Wph), coef(Wph), cx(Wph);
+        for (int64_t part = pbegin; part < pend; ++part) {
+          double* m = m_parts.data() + part * msize;
+          for (int64_t r = part * rows / nparts; r < (part + 1) * rows / nparts; ++r) {
+            const int64_t b = r / G.H, iy = r % G.H;
+            bool loaded = false;
+            for (int64_t ty = 0; ty < geo.kh; ++ty) {
+              if (G.lattice_row(ty, iy) < 0) continue;
+              for (int64_t tx = 0; tx < geo.kw; ++tx) {
+                const TapRange& rx = G.rx[tx];
+                const int64_t t = ty * geo.kw + tx;
+                const int64_t e0 = (b * G.T + t) * HW + iy * G.W + rx.i0;
+                bool any = false;
+                for (int64_t l = 0; l < rx.count; ++l) {
+                  const scalar_t nv = pn[e0 + l * sw];
+                  coef[l] = nv > 0 ? static_cast<double>(pdn[e0 + l * sw]) / nv : 0.0;
+                  any = any || coef[l] != 0;
+                }
+                if (!any) continue;
+                if (!loaded) {
+                  split_row(px + b * G.C_in * HW + iy * G.W, G.C_in, HW, G.W, sw, Wph, row.data());
+                  std::fill(grow.begin(), grow.end(), 0.0);
+                  loaded = true;
+                }
+                const int64_t off = (rx.i0 % sw) * Wph + rx.i0 / sw;
+                for (int64_t g = 0; g < G.groups; ++g) {
+                  const double* gm = pg + (t * G.groups + g) * Cg * Cg;
+                  double* mt = m + (t * G.groups + g) * Cg * Cg;
+                  for (int64_t d = 0; d < Cg; ++d) {
+                    // cx = c * x_d on the tap's pixels; feeds both grad_x and M_t.
+                    const double* xd = row.data() + (g * Cg + d) * sw * Wph + off;
+                    for (int64_t l = 0; l < rx.count; ++l) cx[l] = coef[l] * xd[l];
+                    for (int64_t c = 0; c < Cg; ++c) {
+                      const double* xc = row.data() + (g * Cg + c) * sw * Wph + off;
+                      double* gxc = grow.data() + (g * Cg + c) * sw * Wph + off;
+                      const double a = gm[c * Cg + d];
+                      double acc = 0;
+                      for (int64_t l = 0; l < rx.count; ++l) {
+                        gxc[l] += a * cx[l];
+                        acc += cx[l] * xc[l];
+                      }
+                      mt[c * Cg + d] += acc;
+                    }
+                  }
                 }
               }
-              if (!any) continue;
-              if (!touched) {
-                gx.zero_();
-                touched = true;
-              }
-              auto y = mat(ybuf.data(), P.Cog, len, len, opt);
-              auto gwt = gw[t];
-              for (int64_t g = 0; g < P.groups; ++g) {
-                const auto w = wt[t].narrow(0, g * P.Cog, P.Cog);
-                const auto xg = mat(xb + g * P.Cg * HWp + k0 * ph.Wp, P.Cg, len, HWp, opt);
-                at::mm_out(y, w, xg);
-                for (int64_t o = 0; o < P.Cog; ++o) {
-                  scalar_t* yo = ybuf.data() + o * len;
-                  for (int64_t p = 0; p < len; ++p) yo[p] *= coef[p];
-                }
-                gx.narrow(0, g * P.Cg, P.Cg)
-                    .narrow(1, (k0 - item.r0) * ph.Wp, len)
-                    .addmm_(w.t(), y);
-                gwt.narrow(0, g * P.Cog, P.Cog).addmm_(y, xg.t());
-              }
             }
-            if (!touched) continue;
-            // Every input pixel belongs to exactly one item, so plain stores suffice.
-            for (int64_t c = 0; c < P.C_in; ++c) {
-              const scalar_t* src = gxbuf.data() + c * block;
-              scalar_t* dst = pgx + (item.b * P.C_in + c) * HW;
-              for (int64_t k = item.r0; k < item.r1; ++k) {
-                scalar_t* row = dst + (k * sh + ph.py) * P.W + ph.px;
-                const scalar_t* s = src + (k - item.r0) * ph.Wp;
-                for (int64_t l = 0; l < ph.Wp; ++l) row[l * sw] = s[l];
+            if (!loaded) continue;
+            for (int64_t c = 0; c < G.C_in; ++c)
+              for (int64_t ph = 0; ph < sw; ++ph) {
+                const double* src = grow.data() + (c * sw + ph) * Wph;
+                scalar_t* dst = pgx + (b * G.C_in + c) * HW + iy * G.W + ph;
+                for (int64_t j = 0; j < (G.W - ph + sw - 1) / sw; ++j)
+                  dst[j * sw] = static_cast<scalar_t>(src[j]);
               }
-            }
           }
         }
       });
     });
   }
-  auto grad_weight = gw_parts.sum(0)
-                         .view({geo.kh, geo.kw, P.C_out, P.Cg})
-                         .permute({2, 3, 0, 1})
-                         .contiguous();
-  return {grad_x, grad_weight};
+  auto msum = at::zeros({G.T, G.groups, Cg, Cg}, at::TensorOptions().dtype(at::kDouble));
+  double* ps = msum.data_ptr<double>();
+  for (int64_t part = 0; part < nparts; ++part)
+    for (int64_t k = 0; k < msize; ++k) ps[k] += m_parts[part * msize + k];
+  // (T, groups, Cog, Cg) -> (C_out, Cg, kh, kw)
+  const auto gw = at::matmul(w, msum)
+                      .view({geo.kh, geo.kw, G.groups * G.Cog, Cg})
+                      .permute({2, 3, 0, 1})
+                      .to(x.scalar_type())
+                      .contiguous();
+  return {grad_x, gw};
+}
+
+at::Tensor conv_tap_norms_cpu(const at::Tensor& x, const at::Tensor& weight,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
+  const Geometry geo = check_tap_norms_args("conv_tap_norms", x, weight, stride, padding, dilation,
+                                            groups, /*allow_half=*/false);
+  return x.size(1) / groups <= kGramMaxCg ? gram_forward(x, weight, geo, groups)
+                                          : product_forward(x, weight, geo, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cpu(
+    const at::Tensor& dn, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& n,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv_tap_norms_backward";
+  const Geometry geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,
+                                            /*allow_half=*/false);
+  const std::vector<int64_t> n_shape{x.size(0), geo.kh * geo.kw, x.size(2), x.size(3)};
+  TORCH_CHECK(n.sizes() == at::IntArrayRef(n_shape) && dn.sizes() == n.sizes(), "srd_ext::", op,
+              ": tap_norms and grad_tap_norms must be (B, kh*kw, H, W) = (", n_shape[0], ", ",
+              n_shape[1], ", ", n_shape[2], ", ", n_shape[3], ") for x ", shape_str(x),
+              " and weight ", shape_str(weight), ", got ", shape_str(n), " and ", shape_str(dn));
+  check_same(op, "tap_norms", n, x, "x");
+  check_same(op, "grad_tap_norms", dn, x, "x");
+  return x.size(1) / groups <= kGramMaxCg ? gram_backward(dn, x, weight, n, geo, groups)
+                                          : product_backward(dn, x, weight, n, geo, groups);
 }
 
 }  // namespace

@@ -64,48 +64,62 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
   auto v_hat = at::empty({N, T, C_out}, x.options());
   auto mu = at::empty({N, T}, x.options());
   if (N == 0) return {v_hat, mu};
-  // (T, C_out, C_in): the tap's weight matrix is contiguous.
-  const auto wt = weight_in.permute({2, 3, 0, 1}).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pfv_decompose_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  // Gather the input vector of every (tap, row), zero for invalid taps, so that all products
+  // come from one batched GEMM: Y[t] (N, C_out) = X[t] (N, C_in) W_t^T.
+  auto X = at::zeros({T, N, C_in}, x.options());
+  auto xnorm = at::zeros({N, T}, x.options().dtype(at::kDouble));
+  const auto wt = weight_in.permute({2, 3, 1, 0}).reshape({T, C_in, C_out});
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pfv_decompose_cpu_gather", [&] {
     const scalar_t* px = x.data_ptr<scalar_t>();
-    const scalar_t* pw = wt.data_ptr<scalar_t>();
-    const scalar_t* pb = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    scalar_t* pv = v_hat.data_ptr<scalar_t>();
-    scalar_t* pmu = mu.data_ptr<scalar_t>();
+    scalar_t* pX = X.data_ptr<scalar_t>();
+    double* pxn = xnorm.data_ptr<double>();
     const int64_t HW = H * W;
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> Y(T * C_out), xv(C_in), z(C_out), nt(T);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = pp[3 * r], oy = pp[3 * r + 1], ox = pp[3 * r + 2];
-        std::fill(z.begin(), z.end(), acc_t(0));
-        acc_t S = 0;
         for (int64_t t = 0; t < T; ++t) {
           const int64_t iy = oy * geo.sh - geo.ph + (t / geo.kw) * geo.dh;
           const int64_t ix = ox * geo.sw - geo.pw + (t % geo.kw) * geo.dw;
-          acc_t* y = Y.data() + t * C_out;
-          if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
-            std::fill(y, y + C_out, acc_t(0));
-            nt[t] = 0;
-            continue;
-          }
+          if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
           const scalar_t* xi = px + b * C_in * HW + iy * W + ix;
-          acc_t xn = 0;
+          scalar_t* dst = pX + (t * N + r) * C_in;
+          double xn = 0;
           for (int64_t c = 0; c < C_in; ++c) {
-            xv[c] = xi[c * HW];
-            xn += xv[c] * xv[c];
+            dst[c] = xi[c * HW];
+            xn += static_cast<double>(dst[c]) * static_cast<double>(dst[c]);
           }
+          pxn[r * T + t] = std::sqrt(xn);
+        }
+      }
+    });
+  });
+  const auto Y = at::bmm(X, wt).contiguous();  // (T, N, C_out)
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pfv_decompose_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* py = Y.data_ptr<scalar_t>();
+    const double* pxn = xnorm.data_ptr<double>();
+    const scalar_t* pb = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pv = v_hat.data_ptr<scalar_t>();
+    scalar_t* pmu = mu.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(C_out), nt(T);
+      for (int64_t r = begin; r < end; ++r) {
+        // Invalid taps have Y = 0 and x = 0, hence n_t = 0 in every mode.
+        std::fill(z.begin(), z.end(), acc_t(0));
+        acc_t S = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t* y = py + (t * N + r) * C_out;
           acc_t yn = 0;
           for (int64_t o = 0; o < C_out; ++o) {
-            const scalar_t* w = pw + (t * C_out + o) * C_in;
-            acc_t s = 0;
-            for (int64_t c = 0; c < C_in; ++c) s += static_cast<acc_t>(w[c]) * xv[c];
-            y[o] = s;
-            yn += s * s;
-            z[o] += s;
+            const acc_t v = y[o];
+            yn += v * v;
+            z[o] += v;
           }
-          nt[t] = mode == 1 ? std::sqrt(yn) : mode == 2 ? std::sqrt(xn) : acc_t(0);
+          nt[t] = mode == 1   ? std::sqrt(yn)
+                  : mode == 2 ? static_cast<acc_t>(pxn[r * T + t])
+                              : acc_t(0);
           S += nt[t];
         }
         if (pb)
@@ -114,11 +128,12 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
         for (int64_t o = 0; o < C_out; ++o) zn += z[o] * z[o];
         for (int64_t t = 0; t < T; ++t) {
           const acc_t share = S > 0 ? nt[t] / S : acc_t(0);
-          const acc_t* y = Y.data() + t * C_out;
+          const scalar_t* y = py + (t * N + r) * C_out;
           scalar_t* v = pv + (r * T + t) * C_out;
           acc_t dot = 0;
           for (int64_t o = 0; o < C_out; ++o) {
-            const acc_t vo = y[o] + (pb ? static_cast<acc_t>(pb[o]) * share : acc_t(0));
+            const acc_t vo =
+                static_cast<acc_t>(y[o]) + (pb ? static_cast<acc_t>(pb[o]) * share : acc_t(0));
             v[o] = static_cast<scalar_t>(vo);
             dot += vo * z[o];
           }
