@@ -17,6 +17,11 @@ $(VENV)/.deps: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# Optional comparison libraries: a failed install only makes their tests skip.
+$(VENV)/.extras: $(VENV)/.deps requirements-extras.txt
+	$(PY) -m pip install -q -r requirements-extras.txt || echo "optional test extras could not be installed; their tests will skip"
+	touch $@
+
 $(VENV)/.ext: $(VENV)/.deps $(CSRC) setup.py pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
@@ -36,7 +41,7 @@ test-cpp: build/cpp/.configured $(CSRC)
 	cmake --build build/cpp -j $(MAX_JOBS)
 	ctest --test-dir build/cpp --output-on-failure
 
-test-py: install
+test-py: install $(VENV)/.extras
 	$(PY) -m pytest -q tests
 
 test: install test-cpp test-py
