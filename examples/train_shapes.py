@@ -3,11 +3,24 @@
     python examples/train_shapes.py                      # both models, default settings
     python examples/train_shapes.py --model shapes-vgg --epochs 20 --out /tmp/weights
 
-Training is seeded and deterministic on CPU (same seed and thread count -> same weights).
-It prints validation accuracy after each epoch and the test accuracy (752 images) at the
-end, and writes ``<out>/<model>.pt`` (float32 state_dict).
+Training is seeded and deterministic on CPU: the same seed and ``--threads`` give
+bit-identical weights (a different thread count changes float summation order, hence the
+weights slightly). It prints validation accuracy after each epoch and the test accuracy
+(752 images) at the end, and writes ``<out>/<model>.pt`` (float32 state_dict).
 
-TIMING
+The shipped weights were made with ``--threads 1`` and otherwise default settings
+(10000 training images; shapes-vgg 24 epochs, shapes-resnet 30 epochs), on a 2-core CPU
+that was shared with other jobs (load average 3-12; with that load one thread was several
+times faster than two):
+
+    model          test acc (752)   weights   training wall time (loaded 2-core CPU)
+    shapes-vgg     98.7 %           1.1 MB    54 min
+    shapes-resnet  98.7 %           1.3 MB    35 min
+
+On the same machine idle, 2 threads train about 300 (vgg) / 1000 (resnet) images/s, i.e.
+roughly 14 and 6 minutes (estimated); generating the 10000 training images takes about
+40 s. Both models pass 98 % validation accuracy well before the last epoch (vgg: epoch 9,
+resnet: epoch 17), so ``--epochs`` can be cut for a quick run.
 """
 from __future__ import annotations
 
@@ -20,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from srd_ext.data import generate, normalize
+from srd_ext.data import DEFAULT_SIZES, generate, normalize
 from srd_ext.models import WEIGHTS_DIR, shapes_resnet, shapes_vgg
 
 BUILDERS = {"shapes-vgg": shapes_vgg, "shapes-resnet": shapes_resnet}
@@ -94,9 +107,9 @@ def main():
     p.add_argument("--epochs", type=int, default=None, help="default: per model")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per model)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=10000)
+    p.add_argument("--train-size", type=int, default=DEFAULT_SIZES["train"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy CPU)")
     p.add_argument("--out", default=str(WEIGHTS_DIR))
     args = p.parse_args()
 

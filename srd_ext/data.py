@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import colorsys
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SPLITS",
+    "DEFAULT_SIZES",
     "ShapesDataset",
     "generate",
     "render",
@@ -49,7 +50,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
-DEFAULT_SIZES = {"train": 8000, "val": 500, "test": 752}
+DEFAULT_SIZES = {"train": 10000, "val": 500, "test": 752}  # train: what train_shapes.py uses
 
 _SS = 4  # supersampling factor of the antialiased rasterizer
 
