@@ -60,6 +60,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return _normalize(x)
 
 
+# Internal name, since generate()'s `normalize` argument shadows the public one.
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
@@ -163,7 +164,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     if kind == 0:  # stripes
         b = rng.uniform(0, 2 * np.pi)
         freq = rng.uniform(3, 14)
-        tex = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (np.cos(b) * xx + np.sin(b) * yy) + rng.uniform(0, 2 * np.pi))
+        phase = rng.uniform(0, 2 * np.pi)
+        tex = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (np.cos(b) * xx + np.sin(b) * yy) + phase)
         if rng.random() < 0.5:
             tex = (tex > 0.5).astype(np.float32)
     elif kind == 1:

@@ -95,18 +95,20 @@ def _check_name(name: str) -> None:
 
 def _read_state_dict(path: Union[str, os.PathLike], name: str) -> Dict[str, torch.Tensor]:
     what = f"a state_dict of torchvision's {name}" if name in IMAGENET_MODELS else f"a state_dict of {name}"
+    where = f"weights file {str(path)!r}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {str(path)!r} for {name!r} not found; expected {what} (torch.save(model.state_dict(), path))")
+        raise FileNotFoundError(f"{where} for {name!r} not found; expected {what} "
+                                f"(torch.save(model.state_dict(), path))")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise RuntimeError(f"cannot read weights file {str(path)!r} for {name!r} ({type(e).__name__}: {reason}); "
+        raise RuntimeError(f"cannot read {where} for {name!r} ({type(e).__name__}: {reason}); "
                            f"expected {what} saved with torch.save") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # common checkpoint layout
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RuntimeError(f"weights file {str(path)!r} does not hold a state_dict (got {type(obj).__name__}); expected {what}")
+        raise RuntimeError(f"{where} does not hold a state_dict (got {type(obj).__name__}); expected {what}")
     return obj
 
 

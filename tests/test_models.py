@@ -81,7 +81,8 @@ def test_load_model_mismatched_state_dict(tmp_path):
         load_model("shapes-vgg", weights=other)
     wrong_classes = tmp_path / "vgg5.pt"
     torch.save(shapes_vgg(num_classes=5).state_dict(), wrong_classes)
-    with pytest.raises(RuntimeError, match=r"shape mismatches.*classifier\.3\.weight \(5, 128\) vs \(10, 128\)"):
+    expected = r"shape mismatches.*classifier\.3\.weight \(5, 128\) vs \(10, 128\)"
+    with pytest.raises(RuntimeError, match=expected):
         load_model("shapes-vgg", weights=wrong_classes)
     with pytest.raises(RuntimeError, match="does not fit 'resnet18'"):
         load_model("resnet18", weights=other)
