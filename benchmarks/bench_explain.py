@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 
 import torch
 import torchvision
+
+from peak_memory import CHILD_ENV, peak_growth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("grad", "srd-input", "srd-high", "srd-low")
@@ -88,15 +89,15 @@ def peak_memory_child(name, method, device, batch):
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    import srd_ext  # noqa: F401  (library loaded before the baseline is read)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    small = torch.randn(1, 3, 64, 64, device=device)
+    make_runner(model, method, small)()  # libraries, thread pools and first-call caches
+    peak, _ = peak_growth(run)
+    return peak / 2 ** 20
 
 
 def peak_memory(name, method, device, batch):
     out = subprocess.run([sys.executable, __file__, "--child", name, method, device, str(batch)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=CHILD_ENV)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from srd_ext import ops
+
+from peak_memory import CHILD_ENV, peak_growth
 
 # ------------------------------------------------------------------------------------------------
 # Workloads
@@ -174,11 +175,6 @@ def peak_fns(layer, x, w):
     }
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
-
-
 def _peak_child(spec: str) -> None:
     """Subprocess body: peak resident-memory growth (bytes) over one call, printed as JSON."""
     args = json.loads(spec)
@@ -188,29 +184,14 @@ def _peak_child(spec: str) -> None:
     with torch.no_grad():
         peak_fns(small, *layer_inputs(small, 1, "cpu"))[args["fn"]]()  # load libraries, thread pools
         x, w = layer_inputs(layer, args["batch"], "cpu")
-        fn = peak_fns(layer, x, w)[args["fn"]]
-        try:
-            # Reset the high-water mark so that import-time peaks do not hide the call's.
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _rss_kib("VmRSS")
-            out = fn()
-            after = _rss_kib("VmHWM")
-        except OSError:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            out = fn()
-            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_bytes": max(0, after - before) * 1024,
-                      "out_bytes": out.numel() * out.element_size()}))
+        peak, out = peak_growth(peak_fns(layer, x, w)[args["fn"]])
+    print(json.dumps({"peak_bytes": peak, "out_bytes": out.numel() * out.element_size()}))
 
 
 def peak_cpu(fn_name, layer, batch) -> int:
     spec = json.dumps({"fn": fn_name, "layer": list(layer), "batch": batch, "threads": torch.get_num_threads()})
-    # A fixed mmap threshold makes glibc return every large block on free (no reuse of resident
-    # heap), so resident memory follows the live tensors.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_peak", spec],
-                         capture_output=True, text=True, check=True, env=env)
+                         capture_output=True, text=True, check=True, env=CHILD_ENV)
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
