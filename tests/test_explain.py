@@ -22,7 +22,7 @@ def _input(size, batch=1, seed=0):
 
 
 def _rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("bias_share", ["contribution", "input", "none"])
