@@ -148,7 +148,7 @@ class Explainer:
         want = (math.ceil(h / 8), math.ceil(w / 8))
         best = None
         for s in self.plan.steps[: self.encoder_index + 1]:
-            if s.kind == "act" and tuple(values[s.index].shape[-2:]) == want:
+            if s.kind == "act" and tuple(values[s.inputs[0]].shape[-2:]) == want:  # z's shape = a's
                 best = s.index
         if best is None:
             raise ValueError(f"no activation layer has 1/8 of the input resolution {want} "
@@ -194,10 +194,22 @@ class Explainer:
     def _forward(self, x: Tensor):
         rec = Recorder()
         values = self.plan.forward(x, rec)
+        # ReLU outputs inside the encoder are recomputed from their pre-activation when the
+        # backward reaches them: the forward then holds one tensor per layer, not two.
+        for s in self.plan.steps[: self.encoder_index]:
+            if s.kind == "act" and s.activation.kind == "relu":
+                values[s.index] = None
         return values, rec.indices
 
+    def _value(self, values, i: int) -> Tensor:
+        v = values[i]
+        if v is None:  # a dropped ReLU output
+            s = self.plan.steps[i]
+            v = values[i] = s.activation(self._value(values, s.inputs[0]))
+        return v
+
     def _backward(self, values, indices, seeds: Dict[int, Tensor], wanted: Iterable[int],
-                  mode: str = "srd", relevance_seed: bool = True) -> Dict[int, Tensor]:
+                  mode: str = "srd", free: bool = False) -> Dict[int, Tensor]:
         """Walk the steps in reverse from the seeds.
 
         mode "srd": seeds are relevance maps (B, H, W) at activation steps; returns the relevance
@@ -215,6 +227,7 @@ class Explainer:
             store[i] = t if i not in store else store[i] + t
 
         start = max(seeds)
+        prev = None
         for i, t in seeds.items():
             (extra if mode == "srd" else field)[i] = t
         for s in reversed(steps[lowest:start + 1]):
@@ -225,10 +238,13 @@ class Explainer:
                 out[i] = field[i]
                 if i == lowest:
                     break
+            if free and prev is not None:
+                values[prev] = None  # no lower step reads it: free it as a gradient pass would
+            prev = i
             g = field.pop(i, None)
             k = s.kind
             if k == "act":
-                a, z = values[i], values[s.inputs[0]]
+                a, z = self._value(values, i), self._value(values, s.inputs[0])
                 if mode == "grad":
                     add(field, s.inputs[0], g * s.activation.derivative(z, a))
                     continue
@@ -243,12 +259,12 @@ class Explainer:
             elif k == "input":
                 if mode == "srd":
                     e = extra.pop(i, None)
-                    r = (values[i] * g).sum(1) if g is not None else 0
+                    r = (self._value(values, i) * g).sum(1) if g is not None else 0
                     out[i] = r + e if e is not None else r
                 break
             elif k == "conv":
                 weight, bias = rules.fold_batchnorm(s)
-                x = values[s.inputs[0]]
+                x = self._value(values, s.inputs[0])
                 add(field, s.inputs[0], rules.conv_vjp(g, s, weight, x.shape))
                 if mode == "srd":
                     rb = rules.conv_bias_relevance(g, x, s, weight, bias, self.bias_share)
@@ -256,23 +272,23 @@ class Explainer:
                         self._hand_bias(field, extra, s.inputs[0], rb, values, add)
             elif k == "bn":
                 scale, shift = rules.bn_affine(s.module)
-                x = values[s.inputs[0]]
+                x = self._value(values, s.inputs[0])
                 add(field, s.inputs[0], g * scale.view(1, -1, 1, 1))
                 if mode == "srd":
                     rb = rules.bn_bias_relevance(g, x, scale, shift, self.bias_share)
                     if rb is not None:
                         self._hand_bias(field, extra, s.inputs[0], rb, values, add)
             elif k == "maxpool":
-                add(field, s.inputs[0], rules.maxpool_vjp(g, indices[i], values[s.inputs[0]].shape))
+                add(field, s.inputs[0], rules.maxpool_vjp(g, indices[i], self._value(values, s.inputs[0]).shape))
             elif k == "avgpool":
-                add(field, s.inputs[0], rules.avgpool_vjp(g, values[s.inputs[0]], s.params))
+                add(field, s.inputs[0], rules.avgpool_vjp(g, self._value(values, s.inputs[0]), s.params))
             elif k == "adaptive_avgpool":
-                add(field, s.inputs[0], rules.adaptive_avgpool_vjp(g, values[s.inputs[0]]))
+                add(field, s.inputs[0], rules.adaptive_avgpool_vjp(g, self._value(values, s.inputs[0])))
             elif k == "add":
                 for j in s.inputs:
                     add(field, j, g)
             elif k == "reshape":
-                add(field, s.inputs[0], g.reshape(values[s.inputs[0]].shape))
+                add(field, s.inputs[0], g.reshape(self._value(values, s.inputs[0]).shape))
             elif k in ("identity", "output"):
                 add(field, s.inputs[0], g)
             elif k == "linear":
@@ -290,7 +306,7 @@ class Explainer:
         if self.plan.steps[j].kind in ("act", "input"):
             add(extra, j, rb)
         else:
-            add(field, j, rules.relevance_to_field(rb, values[j]))
+            add(field, j, rules.relevance_to_field(rb, self._value(values, j)))
 
     def initial_relevance(self, values, indices, target: Tensor, init: Init) -> Tensor:
         """Relevance (B, H_L, W_L) at the encoder output (Eq. 4 and the alternatives)."""
@@ -360,10 +376,10 @@ class Explainer:
         t = self._targets(target, values[self.plan.output_index])
         idx = [self._resolve_high(values) if n == "high" else self._resolve(n) for n in names]
         if x.shape[0] == 0:  # an empty batch: empty maps of each layer's size
-            maps = {i: x.new_zeros((0,) + tuple(values[i].shape[-2:])) for i in idx}
+            maps = {i: x.new_zeros((0,) + tuple(self._value(values, i).shape[-2:])) for i in idx}
         else:
             r0 = self.initial_relevance(values, indices, t, self.init if init is None else init)
-            maps = self._backward(values, indices, {self.encoder_index: r0}, idx)
+            maps = self._backward(values, indices, {self.encoder_index: r0}, idx, free=True)
         result = {}
         for n, i in zip(names, idx):
             m = maps[i]
@@ -400,7 +416,7 @@ class Explainer:
         i = self._resolve_high(values) if layer == "high" else self._resolve(layer)
         if self.plan.steps[i].kind != "act":
             raise ValueError(f"erf needs an activation layer, got {layer!r}")
-        a = values[i]
+        a = self._value(values, i)
         h, w = a.shape[-2:]
         py, px = position
         if not (0 <= py < h and 0 <= px < w):
