@@ -1,0 +1,417 @@
+"""Explanation manipulation attack (paper Sec. 4.3, Figure 4; Dombrowski et al. 2019).
+
+For random (original, target) image pairs, a perturbation of the original is optimized so that
+its explanation moves toward the target image's while the logits stay put:
+
+    L = l1 * MSE(h(x_adv), h(x_target)) + l2 * MSE(F(x_adv), F(x_org)),  l1 = 1e11, l2 = 1e6
+
+    python benchmarks/manipulation.py --model shapes-vgg --pairs 100 --out results/manipulation
+
+Conventions (Dombrowski et al.'s code):
+
+- Maps are absolute (|h|) and divided by their sum inside the loss; l1 and l2 are relative to
+  maps normalized to sum 1 and to the mean squared error over pixels / logits. (With Adam only
+  the ratio l1 / l2 and the terms' relative scales matter.)
+- h(x_target) and F(x_org) come from the original network. The attack's gradients are taken
+  through a deep copy whose ReLUs are Softplus(beta) (``--beta`` 30): on a ReLU network the
+  gradient of a gradient map w.r.t. the input vanishes almost everywhere. Gradient-type maps are
+  computed there with ``create_graph=True`` (integrated gradients with ``--attack-ig-steps``;
+  guided backprop through a Softplus whose backward passes only positive gradients).
+- SRD (``init="constant"``, input layer) is differentiated on the original network: the
+  extension's capture supports no Softplus, and SRD's map is not piecewise constant in x on a
+  ReLU network (its sharing ratios depend on the activations), so its gradient is informative.
+- LRP z+ has no differentiable implementation here: it is evaluated but not attacked (its row
+  is marked "skipped").
+- Adam (lr 1e-3) on x_adv in [0, 1] pixel space (the model's normalization is applied inside);
+  after each step every RGB change is clamped to 8/255 and the image to [0, 1]. The attack stops
+  once MSE(x_org, x_adv) >= 1e-3 or after ``--steps``. Note: in [0, 1] pixel space the 8/255
+  bound caps that MSE at (8/255)^2 = 9.8e-4 < 1e-3, so the MSE stop only fires with
+  ``--mse-space model`` (the MSE of the normalized inputs).
+- The explanation is always evaluated on the original network: ``srd_ext.baselines`` (captum)
+  for the baselines, ``srd_ext.Explainer`` for SRD. Explanations are for the original image's
+  predicted class (x_target: its own predicted class).
+
+Reports, per method, the mean and standard deviation over pairs of SSIM and PCC between
+h(x_org) and h(x_adv) (``metrics.ssim`` / ``metrics.pcc`` on max-normalized maps): lower means
+a more successful manipulation. Writes ``<out>/<tag>.md``, ``<tag>.csv`` and ``<tag>.png``
+(one pair: images, original / target / manipulated map per method).
+
+Default ``--steps`` 50 (Adam moves a pixel by about lr = 1e-3 per step, so 50 steps can reach
+the 8/255 bound). Measured attack cost per step and pair (1 thread, the two models running side
+by side on 2 shared CPU cores), seconds: shapes-vgg gradient 0.030, gradinput 0.025, guided
+backprop 0.056, integrated gradients (8 steps) 0.21, SRD 0.029 (0.35 for all); shapes-resnet
+0.023, 0.019, 0.025, 0.090, 0.052 (0.21). 100 pairs x 50 steps: about 30 min for shapes-vgg and
+18 min for shapes-resnet plus the evaluation maps, i.e. both models within an hour even one after
+the other.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from collections import Counter
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from srd_ext import Explainer, baselines, data, metrics, models
+
+METHODS = ("gradient", "gradinput", "guidedbackprop", "integratedgradients", "lrp-zplus", "srd")
+LABELS = {"gradient": "Gradient", "gradinput": "GradInput", "guidedbackprop": "GuidedBackprop",
+          "integratedgradients": "InteGrad", "lrp-zplus": "LRP z+", "srd": "SRD"}
+BASELINE = {"gradient": "saliency", "gradinput": "grad-input", "guidedbackprop": "guided-backprop",
+            "integratedgradients": "integrated-gradients", "lrp-zplus": "lrp-z+"}
+NOT_ATTACKED = {"lrp-zplus": "no differentiable LRP z+ implementation: evaluated, not attacked"}
+
+L1, L2 = 1e11, 1e6
+LR = 1e-3
+EPS = 8 / 255
+MSE_STOP = 1e-3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--weights", help="state_dict file (default for shapes models: the shipped weights)")
+    ap.add_argument("--data", default="shapes", help="'shapes' or an image folder (ImageFolder layout)")
+    ap.add_argument("--pairs", type=int, default=100)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--steps", type=int, default=50, help="max optimization steps per pair")
+    ap.add_argument("--beta", type=float, default=30.0, help="Softplus beta of the attack copy")
+    ap.add_argument("--attack-ig-steps", type=int, default=8, help="IG steps inside the attack")
+    ap.add_argument("--mse-space", choices=("pixel", "model"), default="pixel")
+    ap.add_argument("--pool", type=int, help="draw pairs from the first N images (default: all; "
+                    "shapes: the 752 test images)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/manipulation")
+    ap.add_argument("--tag", help="output file stem (default: model[_random])")
+    ap.add_argument("--no-progress", action="store_true")
+    # test hooks: random weights and a small image size (numbers mean nothing)
+    ap.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# model, data
+# ----------------------------------------------------------------------------------------------
+def build_model(args) -> nn.Module:
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        builders = {"shapes-vgg": models.shapes_vgg, "shapes-resnet": models.shapes_resnet}
+        if args.model in builders:
+            m = builders[args.model]()
+        else:
+            import torchvision
+            m = getattr(torchvision.models, args.model)(weights=None)
+        return m.eval().to(args.device)
+    return models.load_model(args.model, args.weights, device=args.device)
+
+
+def load_pairs(args) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pairs, 2, 3, H, W) images in [0, 1] and the drawn dataset indices (pairs, 2)."""
+    rng = np.random.default_rng(args.seed)
+    if args.data == "shapes":
+        pool = args.pool or data.DEFAULT_SIZES["test"]
+        size = args.image_size or (models.model_input_size(args.model)
+                                   if args.model in models.SHAPES_MODELS else 112)
+        load = lambda i: data.generate("test", 1, image_size=size, start=int(i), normalize=False)[0][0]
+    else:
+        size = args.image_size or 224
+        ds = data.image_folder(args.data, resize=size * 256 // 224, crop=size, normalize=False)
+        pool = min(args.pool, len(ds)) if args.pool else len(ds)
+        load = lambda i: ds[int(i)][0]
+    if pool < 2:
+        raise ValueError("need at least 2 images to draw pairs from")
+    idx = np.stack([rng.choice(pool, 2, replace=False) for _ in range(args.pairs)])
+    imgs = torch.stack([torch.stack([load(i) for i in p]) for p in idx])
+    return imgs.to(args.device), torch.from_numpy(idx)
+
+
+def to_model(x01: torch.Tensor) -> torch.Tensor:
+    return data.normalize(x01)
+
+
+# ----------------------------------------------------------------------------------------------
+# differentiable explanations on a softplus copy
+# ----------------------------------------------------------------------------------------------
+class _GuidedSoftplusFn(torch.autograd.Function):
+    """Softplus forward; guided backward (only positive gradients pass), written with
+    differentiable ops so that create_graph=True gives its derivative w.r.t. the input."""
+
+    @staticmethod
+    def forward(ctx, z, beta):
+        ctx.save_for_backward(z)
+        ctx.beta = beta
+        return F.softplus(z, beta=beta)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        return g.clamp(min=0) * torch.sigmoid(ctx.beta * z), None
+
+
+class GuidedSoftplus(nn.Module):
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, z):
+        return _GuidedSoftplusFn.apply(z, self.beta)
+
+
+def smooth_copy(model: nn.Module, beta: float, guided: bool = False) -> nn.Module:
+    """Deep copy of ``model`` (fx-traced, one module per ReLU call) with every ReLU replaced by
+    Softplus(beta) (or its guided version); parameters frozen, the model itself untouched."""
+    gm, _ = baselines._fx_adapt(model)
+    for name, m in list(gm.named_modules()):
+        if type(m) is nn.ReLU:
+            parent, _, leaf = name.rpartition(".")
+            new = GuidedSoftplus(beta) if guided else nn.Softplus(beta=beta)
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+    gm.recompile()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm.eval()
+
+
+def _input_grad(net, x, t):
+    out = net(x)
+    g, = torch.autograd.grad(out.gather(1, t[:, None]).sum(), x, create_graph=True)
+    return g, out
+
+
+def attack_map_fn(method: str, model: nn.Module, args) -> Callable:
+    """``fn(x, t) -> (map (B, H, W), logits)``, differentiable w.r.t. the model input x."""
+    if method == "srd":
+        ex = Explainer(model, init="constant")
+        net = smooth_copy(model, args.beta)
+        return lambda x, t: (ex.explain(x, t), net(x))
+    net = smooth_copy(model, args.beta, guided=method == "guidedbackprop")
+    if method == "gradient":
+        def fn(x, t):
+            g, out = _input_grad(net, x, t)
+            return g.abs().amax(1), out
+    elif method == "gradinput":
+        def fn(x, t):
+            g, out = _input_grad(net, x, t)
+            return (g * x).sum(1), out
+    elif method == "guidedbackprop":
+        plain = smooth_copy(model, args.beta)  # logits: the guided copy's forward is the same
+
+        def fn(x, t):
+            g, _ = _input_grad(net, x, t)
+            return g.sum(1), plain(x)
+    elif method == "integratedgradients":
+        n = args.attack_ig_steps
+        alphas = (torch.arange(n, device=args.device, dtype=torch.float32) + 0.5) / n  # midpoints
+
+        def fn(x, t):
+            b = x.shape[0]
+            xs = (alphas.view(n, 1, 1, 1, 1) * x.unsqueeze(0)).reshape(n * b, *x.shape[1:])
+            out = net(xs)
+            g, = torch.autograd.grad(out.gather(1, t.repeat(n)[:, None]).sum(), xs, create_graph=True)
+            g = g.view(n, b, *x.shape[1:]).mean(0)
+            return (g * x).sum(1), net(x)
+    else:
+        raise KeyError(method)
+    return fn
+
+
+def eval_map_fn(method: str, model: nn.Module) -> Callable:
+    """``fn(x, t) -> (B, H, W)`` detached map on the original network."""
+    if method == "srd":
+        ex = Explainer(model, init="constant")
+
+        def fn(x, t):
+            with torch.no_grad():
+                return ex.explain(x, t)
+        return fn
+    m = baselines.get(BASELINE[method])
+    return lambda x, t: m(model, x, t)
+
+
+def sum_normalized(h: torch.Tensor) -> torch.Tensor:
+    h = h.abs()
+    return h / h.flatten(1).sum(1).clamp_min(1e-30).view(-1, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# attack
+# ----------------------------------------------------------------------------------------------
+def attack(fn, x_org01, h_target, logits_org, t, args) -> Tuple[torch.Tensor, int, str]:
+    """Returns x_adv in [0, 1], the steps taken and the stop reason ("mse" or "steps")."""
+    x_adv = x_org01.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x_adv], lr=LR)
+    target_n = sum_normalized(h_target)
+    for step in range(1, args.steps + 1):
+        h, logits = fn(to_model(x_adv), t)
+        loss = L1 * F.mse_loss(sum_normalized(h), target_n) + L2 * F.mse_loss(logits, logits_org)
+        # grad w.r.t. x_adv only: backward() would fill .grad of the user's parameters (SRD)
+        x_adv.grad, = torch.autograd.grad(loss, x_adv)
+        opt.step()
+        with torch.no_grad():
+            x_adv.copy_((x_org01 + (x_adv - x_org01).clamp(-EPS, EPS)).clamp(0, 1))
+            a, b = (x_org01, x_adv) if args.mse_space == "pixel" else (to_model(x_org01), to_model(x_adv))
+            if F.mse_loss(b, a).item() >= MSE_STOP:
+                return x_adv.detach(), step, "mse"
+    return x_adv.detach(), args.steps, "steps"
+
+
+def run(args, model) -> Dict:
+    imgs, idx = load_pairs(args)
+    with torch.no_grad():
+        logits = model(to_model(imgs.flatten(0, 1))).view(args.pairs, 2, -1)
+    preds = logits.argmax(-1)
+    res = {m: {"ssim": [], "pcc": [], "steps": [], "reasons": Counter(), "attack_s": 0.0,
+               "total_s": 0.0, "example": None} for m in args.methods}
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=args.pairs * len(args.methods), desc="manipulation", file=sys.stderr)
+    for method in args.methods:
+        ev = eval_map_fn(method, model)
+        fn = None if method in NOT_ATTACKED else attack_map_fn(method, model, args)
+        for p in range(args.pairs):
+            t_pair = time.perf_counter()
+            x_org01, x_tgt01 = imgs[p, 0:1], imgs[p, 1:2]
+            t_org, t_tgt = preds[p, 0:1], preds[p, 1:2]
+            h_org = ev(to_model(x_org01), t_org).abs()
+            h_tgt = ev(to_model(x_tgt01), t_tgt).abs()
+            if fn is None:
+                x_adv, steps, reason = x_org01, 0, "skipped"
+            else:
+                t0 = time.perf_counter()
+                x_adv, steps, reason = attack(fn, x_org01, h_tgt, logits[p, 0:1], t_org, args)
+                res[method]["attack_s"] += time.perf_counter() - t0
+            h_adv = ev(to_model(x_adv), t_org).abs()
+            r = res[method]
+            r["total_s"] += time.perf_counter() - t_pair
+            r["ssim"].append(metrics.ssim(h_org, h_adv).item())
+            r["pcc"].append(metrics.pcc(h_org, h_adv).item())
+            r["steps"].append(steps)
+            r["reasons"][reason] += 1
+            if p == 0:
+                r["example"] = (h_org[0].cpu(), h_tgt[0].cpu(), h_adv[0].cpu())
+            if progress is not None:
+                progress.update()
+    if progress is not None:
+        progress.close()
+    return {"results": res, "images": imgs[0].cpu(), "indices": idx}
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------------
+def summarize(res) -> List[Dict]:
+    rows = []
+    for m, r in res.items():
+        ssim, pcc = np.array(r["ssim"]), np.array(r["pcc"])
+        n_steps = int(np.sum(r["steps"]))
+        rows.append({
+            "method": m, "label": LABELS[m], "pairs": len(ssim),
+            "ssim_mean": ssim.mean(), "ssim_std": ssim.std(ddof=1) if len(ssim) > 1 else 0.0,
+            "pcc_mean": pcc.mean(), "pcc_std": pcc.std(ddof=1) if len(pcc) > 1 else 0.0,
+            "steps_mean": float(np.mean(r["steps"])),
+            "s_per_step": r["attack_s"] / n_steps if n_steps else float("nan"),
+            "s_per_pair": r["total_s"] / max(len(ssim), 1),
+            "stop": dict(r["reasons"]), "note": NOT_ATTACKED.get(m, ""),
+        })
+    return rows
+
+
+def write_outputs(args, out, rows) -> Dict[str, str]:
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or args.model + ("_random" if args.random_init else "")
+    paths = {k: os.path.join(args.out, f"{tag}.{k}") for k in ("md", "csv", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "pairs", "ssim_mean", "ssim_std", "pcc_mean", "pcc_std", "steps_mean",
+                    "seconds_per_step", "seconds_per_pair", "stop_reasons", "note"])
+        for r in rows:
+            if r["note"]:  # not attacked: no scores
+                w.writerow([r["method"], r["pairs"]] + [""] * 7 + [r["note"]])
+                continue
+            w.writerow([r["method"], r["pairs"], f"{r['ssim_mean']:.4f}", f"{r['ssim_std']:.4f}",
+                        f"{r['pcc_mean']:.4f}", f"{r['pcc_std']:.4f}", f"{r['steps_mean']:.1f}",
+                        f"{r['s_per_step']:.4f}", f"{r['s_per_pair']:.3f}",
+                        ";".join(f"{k}={v}" for k, v in sorted(r["stop"].items())), r["note"]])
+    lines = [f"# Explanation manipulation: {args.model}" + (" (random weights)" if args.random_init else ""),
+             "", f"{args.pairs} pairs, data {args.data}, seed {args.seed}, max steps {args.steps}, "
+             f"l1 {L1:g}, l2 {L2:g} (maps normalized to sum 1, MSE), Adam lr {LR:g}, "
+             f"|delta| <= 8/255, MSE stop {MSE_STOP:g} ({args.mse_space} space), "
+             f"Softplus beta {args.beta:g}, attack IG steps {args.attack_ig_steps}.",
+             "SSIM / PCC between h(x_org) and h(x_adv) on the original network (lower: manipulated more).",
+             "", "| Method | SSIM | PCC | steps | s/step | s/pair | stop |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        stop = ", ".join(f"{k} {v}" for k, v in sorted(r["stop"].items()))
+        if r["note"]:
+            lines.append(f"| {r['label']} | — | — | — | — | {r['s_per_pair']:.2f} | {stop} |")
+            continue
+        lines.append(f"| {r['label']} | {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} | "
+                     f"{r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['steps_mean']:.1f} | "
+                     f"{r['s_per_step']:.3f} | {r['s_per_pair']:.2f} | {stop} |")
+    notes = [f"- {LABELS[r['method']]}: {r['note']}" for r in rows if r["note"]]
+    if notes:
+        lines += ["", *notes]
+    with open(paths["md"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    figure(out, paths["png"])
+    return paths
+
+
+def figure(out, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, imgs = out["results"], out["images"]
+    methods = list(res)
+    cols = ["original image", "target image", "original map", "target map", "manipulated map"]
+    fig, axes = plt.subplots(len(methods), 5, figsize=(10, 2.1 * len(methods)), squeeze=False)
+    for i, m in enumerate(methods):
+        h_org, h_tgt, h_adv = (metrics.normalize(h[None])[0].numpy() for h in res[m]["example"])
+        panels = [imgs[0].permute(1, 2, 0).numpy(), imgs[1].permute(1, 2, 0).numpy(), h_org, h_tgt, h_adv]
+        for j, (ax, im) in enumerate(zip(axes[i], panels)):
+            ax.imshow(im, cmap=None if j < 2 else "hot", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(cols[j], fontsize=9)
+        axes[i, 0].set_ylabel(LABELS[m], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> Dict[str, str]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(args)
+    out = run(args, model)
+    rows = summarize(out["results"])
+    paths = write_outputs(args, out, rows)
+    print(f"max steps {args.steps}")
+    for r in rows:
+        if r["note"]:
+            print(f"{r['label']:>15}  skipped: {r['note']}")
+            continue
+        stop = ", ".join(f"{k}: {v}" for k, v in sorted(r["stop"].items()))
+        print(f"{r['label']:>15}  SSIM {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f}  "
+              f"PCC {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f}  mean steps {r['steps_mean']:.1f}  "
+              f"{r['s_per_step']:.3f} s/step  {r['s_per_pair']:.2f} s/pair  stop: {stop}")
+    print("wrote " + ", ".join(paths.values()))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
