@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops, rules
-from .capture import Plan, Recorder, Step, capture
+from .capture import Plan, Recorder, capture
 
 __all__ = ["Explainer", "explain", "erf", "INITS"]
 
@@ -65,7 +65,6 @@ class Explainer:
 
     # -- layer names ------------------------------------------------------------------------
     def _default_encoder(self) -> int:
-        out = self.plan.output_index
         # The last activation that every path to the logits passes through and whose output
         # is still spatial: found on a forward-free walk from the output.
         for s in reversed(self.plan.steps):

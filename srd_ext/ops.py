@@ -11,7 +11,7 @@ Shapes follow the op schemas in ``csrc/schemas.cpp``:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

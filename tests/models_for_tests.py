@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 from torchvision.models import ResNet, VGG
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 from torchvision.models.vgg import make_layers
 
 
