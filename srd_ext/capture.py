@@ -29,7 +29,7 @@ class UnsupportedModelError(TypeError):
 
 
 SUPPORTED = (
-    "Conv2d (zero padding), BatchNorm2d (eval), ReLU, LeakyReLU, ELU, SiLU, GELU, Tanh, MaxPool2d, "
+    "Conv2d (zero padding), BatchNorm2d (eval), ReLU, LeakyReLU, ELU, SiLU, GELU, Tanh, Softplus, MaxPool2d, "
     "AvgPool2d, AdaptiveAvgPool2d, residual add, Flatten/flatten/view/reshape, Dropout, Identity, "
     "Linear"
 )
@@ -48,6 +48,8 @@ class Activation:
     negative_slope: float = 0.01
     alpha: float = 1.0
     approximate: str = "none"
+    beta: float = 1.0
+    threshold: float = 20.0
 
     def __call__(self, z: Tensor) -> Tensor:
         if self.kind == "relu":
@@ -62,6 +64,8 @@ class Activation:
             return F.gelu(z, approximate=self.approximate)
         if self.kind == "tanh":
             return torch.tanh(z)
+        if self.kind == "softplus":
+            return F.softplus(z, self.beta, self.threshold)
         raise AssertionError(self.kind)
 
     def derivative(self, z: Tensor, a: Tensor) -> Tensor:
@@ -83,6 +87,8 @@ class Activation:
             return 0.5 * (1 + torch.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
         if self.kind == "tanh":
             return 1 - a * a
+        if self.kind == "softplus":  # linear above the threshold, as F.softplus
+            return torch.where(z * self.beta > self.threshold, torch.ones_like(z), torch.sigmoid(z * self.beta))
         raise AssertionError(self.kind)
 
 
@@ -99,6 +105,8 @@ def _module_activation(m: nn.Module) -> Optional[Activation]:
         return Activation("gelu", approximate=m.approximate)
     if isinstance(m, nn.Tanh):
         return Activation("tanh")
+    if isinstance(m, nn.Softplus):
+        return Activation("softplus", beta=m.beta, threshold=m.threshold)
     return None
 
 

@@ -193,7 +193,7 @@ def test_gradcam_contrast_matches_autograd():
     torch.testing.assert_close(r0, expect.detach())
 
 
-@pytest.mark.parametrize("act", [nn.LeakyReLU(0.1), nn.ELU(), nn.SiLU(), nn.GELU(), nn.Tanh()])
+@pytest.mark.parametrize("act", [nn.LeakyReLU(0.1), nn.ELU(), nn.SiLU(), nn.GELU(), nn.Tanh(), nn.Softplus(beta=5)])
 def test_other_activations_conserve_and_match_reference(act):
     model = tiny_vgg(seed=6).double()
     for name, m in list(model.features.named_children()):
@@ -253,3 +253,17 @@ def test_empty_batch():
     model = tiny_vgg(seed=1)
     out = srd_ext.explain(model, torch.zeros(0, 3, 16, 16), layer="input")
     assert out.shape == (0, 16, 16)
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.LeakyReLU(0.2), nn.ELU(0.7), nn.SiLU(), nn.GELU(),
+                                    nn.GELU(approximate="tanh"), nn.Tanh(), nn.Softplus(beta=3, threshold=4)])
+def test_activation_derivatives_match_autograd(module):
+    """The head gradient (Eq. 4) uses each activation's derivative."""
+    from srd_ext.capture import _module_activation
+
+    act = _module_activation(module)
+    z = torch.linspace(-3, 3, 601, dtype=torch.float64).requires_grad_(True)
+    a = module(z)
+    (expected,) = torch.autograd.grad(a.sum(), z)
+    torch.testing.assert_close(act.derivative(z.detach(), a.detach()), expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(act(z.detach()), a.detach())
