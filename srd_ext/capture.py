@@ -220,10 +220,9 @@ def _avgpool_params(kernel_size, stride=None, padding=0, ceil_mode=False, count_
 class Plan:
     """A captured model: steps in topological order and the forward that runs them."""
 
-    def __init__(self, model: nn.Module, steps: List[Step], node_index: Dict[str, int]):
+    def __init__(self, model: nn.Module, steps: List[Step]):
         self.model = model
         self.steps = steps
-        self._node_index = node_index
         self.input_index = next(s.index for s in steps if s.kind == "input")
         self.output_index = next(s.index for s in steps if s.kind == "output")
         users: List[List[int]] = [[] for _ in steps]
@@ -496,7 +495,7 @@ def capture(model: nn.Module) -> Plan:
         steps.append(Step(index=idx, kind=kind, name=node.name, path=path, inputs=ins, node=node,
                           **step_kwargs))
 
-    plan = Plan(model, steps, index)
+    plan = Plan(model, steps)
     _fold_batchnorms(plan)
     return plan
 

@@ -17,19 +17,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from srd_ext.capture import Instrument, capture
-
-
-class _Indices(Instrument):
-    def __init__(self):
-        self.indices = {}
-
-    def maxpool(self, step, x):
-        p = step.params
-        out, idx = F.max_pool2d(x, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
-                                ceil_mode=p["ceil_mode"], return_indices=True)
-        self.indices[step.index] = idx
-        return out
+from srd_ext.capture import Recorder, capture
 
 
 def _folded(step):
@@ -55,7 +43,7 @@ class ReferenceSRD:
         self.plan = capture(model)
         self.steps = self.plan.steps
         self.mode = bias_share
-        rec = _Indices()
+        rec = Recorder()  # the model's own forward, with the max-pool indices
         with torch.no_grad():
             self.values = [v.detach().double() if torch.is_tensor(v) else v
                            for v in self.plan.forward(x.double(), rec)]
