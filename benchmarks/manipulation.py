@@ -15,13 +15,15 @@ Conventions (Dombrowski et al.'s code):
 - h(x_target) and F(x_org) come from the original network. The attack's gradients are taken
   through a deep copy whose ReLUs are Softplus(beta) (``--beta`` 30): on a ReLU network the
   gradient of a gradient map w.r.t. the input vanishes almost everywhere. Gradient-type maps are
-  computed there with ``create_graph=True`` (integrated gradients with ``--attack-ig-steps``;
-  guided backprop through a Softplus whose backward passes only positive gradients).
-- SRD (``init="constant"``, input layer) is differentiated on the original network: the
-  extension's capture supports no Softplus, and SRD's map is not piecewise constant in x on a
-  ReLU network (its sharing ratios depend on the activations), so its gradient is informative.
-- LRP z+ has no differentiable implementation here: it is evaluated but not attacked (its row
-  is marked "skipped").
+  computed there with ``create_graph=True`` (integrated gradients with ``--attack-ig-steps``).
+- SRD (``init="constant"``, input layer) is differentiated on the softplus copy too, through the
+  extension's ops and their autograd formulas (the capture handles Softplus like any activation).
+- LRP z+ (captum's rules, as ``baselines``) has no derivative in captum: captum keeps detached
+  activations and rescales gradients in hooks. The attack uses :class:`LRPZPlus`, the same
+  rules written so that the map has a derivative, on the softplus copy; on the ReLU network it
+  reproduces captum's map (tested). Guided backprop (only positive gradients through each
+  Softplus) is built the same way, :class:`GuidedBackprop`, so that its second derivative
+  follows the network's real forward pass.
 - Adam (lr 1e-3) on x_adv in [0, 1] pixel space (the model's normalization is applied inside);
   after each step every RGB change is clamped to 8/255 and the image to [0, 1]. The attack stops
   once MSE(x_org, x_adv) >= 1e-3 or after ``--steps``. Note: in [0, 1] pixel space the 8/255
@@ -66,7 +68,6 @@ LABELS = {"gradient": "Gradient", "gradinput": "GradInput", "guidedbackprop": "G
           "integratedgradients": "InteGrad", "lrp-zplus": "LRP z+", "srd": "SRD"}
 BASELINE = {"gradient": "saliency", "gradinput": "grad-input", "guidedbackprop": "guided-backprop",
             "integratedgradients": "integrated-gradients", "lrp-zplus": "lrp-z+"}
-NOT_ATTACKED = {"lrp-zplus": "no differentiable LRP z+ implementation: evaluated, not attacked"}
 
 L1, L2 = 1e11, 1e6
 LR = 1e-3
@@ -143,12 +144,78 @@ def to_model(x01: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # differentiable explanations on a softplus copy
 # ----------------------------------------------------------------------------------------------
-class _GuidedSoftplusFn(torch.autograd.Function):
-    """Softplus forward; guided backward (only positive gradients pass), written with
-    differentiable ops so that create_graph=True gives its derivative w.r.t. the input."""
+def smooth_copy(model: nn.Module, beta: float) -> torch.fx.GraphModule:
+    """Deep copy of ``model`` (fx-traced, one module per ReLU call) with every ReLU replaced by
+    Softplus(beta); parameters frozen, the model itself untouched."""
+    return _softplus(baselines._fx_adapt(model)[0], beta)
+
+
+def _softplus(gm: torch.fx.GraphModule, beta: float) -> torch.fx.GraphModule:
+    for name, m in list(gm.named_modules()):
+        if type(m) is nn.ReLU and beta:
+            parent, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, nn.Softplus(beta=beta))
+    gm.recompile()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm.eval()
+
+
+# Modified-backward maps (guided backprop, LRP) that can themselves be differentiated.
+#
+# Written as hooks or as custom autograd Functions on the network, a modified backward rule is
+# also what a second derivative would use for the forward pass itself, which is then wrong.
+# So the graph is run twice side by side: a "real" chain (the network's values, plain autograd)
+# and a "relevance" chain whose gradient is the modified backward. The relevance chain reads the
+# real chain's values where the rule needs them, so the second derivative flows through real
+# operations only.
+def run_two_chains(gm: torch.fx.GraphModule, x_real: torch.Tensor, x_rel: torch.Tensor,
+                   module_rule: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Evaluates ``gm`` on (real, relevance) pairs. ``module_rule(module, real_args, rel_args)``
+    returns the pair for a module call, or None for the default (the module on both chains);
+    functions and methods are applied to both chains."""
+    from torch.fx.node import map_arg
+
+    mods = dict(gm.named_modules())
+    env: Dict[torch.fx.Node, Tuple] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = (x_real, x_rel)
+            continue
+        if n.op == "output":
+            return map_arg(n.args[0], lambda a: env[a][0]), map_arg(n.args[0], lambda a: env[a][1])
+        ra, rk = map_arg((n.args, n.kwargs), lambda a: env[a][0])
+        la, lk = map_arg((n.args, n.kwargs), lambda a: env[a][1])
+        if n.op == "call_module":
+            m = mods[n.target]
+            pair = module_rule(m, ra, la)
+            env[n] = pair if pair is not None else (m(*ra, **rk), m(*la, **lk))
+        elif n.op == "call_function":
+            env[n] = (n.target(*ra, **rk), n.target(*la, **lk))
+        elif n.op == "call_method":
+            env[n] = (getattr(ra[0], n.target)(*ra[1:], **rk), getattr(la[0], n.target)(*la[1:], **lk))
+        elif n.op == "get_attr":
+            v = _fetch_attr(gm, n.target)
+            env[n] = (v, v)
+        else:
+            raise NotImplementedError(n.op)
+    raise RuntimeError("graph without output")
+
+
+def _fetch_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _GuidedFn(torch.autograd.Function):
+    """Relevance-chain activation of guided backprop: value softplus(z_real); backward passes
+    only positive gradients, times the real derivative sigmoid(beta z_real), to the relevance
+    input (none to the real chain)."""
 
     @staticmethod
-    def forward(ctx, z, beta):
+    def forward(ctx, u, z, beta):
         ctx.save_for_backward(z)
         ctx.beta = beta
         return F.softplus(z, beta=beta)
@@ -156,31 +223,74 @@ class _GuidedSoftplusFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (z,) = ctx.saved_tensors
-        return g.clamp(min=0) * torch.sigmoid(ctx.beta * z), None
+        return g.clamp(min=0) * torch.sigmoid(ctx.beta * z), None, None
 
 
-class GuidedSoftplus(nn.Module):
-    def __init__(self, beta: float):
-        super().__init__()
-        self.beta = beta
+class GuidedBackprop:
+    """Guided backprop (signed channel sum) of the softplus copy, differentiable w.r.t. x."""
 
-    def forward(self, z):
-        return _GuidedSoftplusFn.apply(z, self.beta)
+    def __init__(self, model: nn.Module, beta: float):
+        self.gm, self.beta = smooth_copy(model, beta), beta
+
+    def _rule(self, m, ra, la):
+        if isinstance(m, nn.Softplus):
+            return m(*ra), _GuidedFn.apply(la[0], ra[0], self.beta)
+        return None
+
+    def __call__(self, x, t, create_graph=False):
+        with torch.enable_grad():
+            xr = x if x.requires_grad else x.detach().requires_grad_(True)
+            u = xr.detach().requires_grad_(True)  # same values, own graph
+            out, rel = run_two_chains(self.gm, xr, u, self._rule)
+            g, = torch.autograd.grad(rel.gather(1, t[:, None]).sum(), u, create_graph=create_graph)
+        return g.sum(1), out
 
 
-def smooth_copy(model: nn.Module, beta: float, guided: bool = False) -> nn.Module:
-    """Deep copy of ``model`` (fx-traced, one module per ReLU call) with every ReLU replaced by
-    Softplus(beta) (or its guided version); parameters frozen, the model itself untouched."""
-    gm, _ = baselines._fx_adapt(model)
-    for name, m in list(gm.named_modules()):
-        if type(m) is nn.ReLU:
-            parent, _, leaf = name.rpartition(".")
-            new = GuidedSoftplus(beta) if guided else nn.Softplus(beta=beta)
-            setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
-    gm.recompile()
-    for p in gm.parameters():
-        p.requires_grad_(False)
-    return gm.eval()
+# LRP z+ (captum's rules, as ``baselines``). captum keeps detached activations and rescales
+# gradients in hooks, so its map has no derivative w.r.t. x. Here each rule layer with inputs a
+# maps the relevance chain u -> rho(a * u) / stab(rho(a)) (rho: the layer with the rule's
+# weights). Its vector-Jacobian product is captum's rule a * J_rho^T (g / stab(rho(a))), the
+# chain stays at u = 1, and activations pass u through (relevance is not gated).
+_STAB = 1e-9  # captum's stabilizer for every rule
+
+
+def _stab(z):
+    return z + torch.where(z >= 0, _STAB, -_STAB)
+
+
+class LRPZPlus:
+    """LRP z+ map (signed channel sum) and logits; on the softplus copy when beta > 0. On a
+    ReLU network (beta 0) it equals ``baselines.get("lrp-z+")``."""
+
+    def __init__(self, model: nn.Module, beta: float = 0.0):
+        from captum.attr._utils.custom_modules import Addition_Module
+
+        self.gm = _softplus(baselines._lrp_model(model)[0], beta)
+        self.rules = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                      nn.BatchNorm2d, Addition_Module)
+
+    @staticmethod
+    def _rho(m):
+        if isinstance(m, nn.Conv2d):  # z+: positive weights, zero bias
+            w = m.weight.clamp(min=0)
+            return lambda a: m._conv_forward(a, w, None)
+        return m
+
+    def _rule(self, m, ra, la):
+        if isinstance(m, self.rules):
+            rho = self._rho(m)
+            return m(*ra), rho(*(a * u for a, u in zip(ra, la))) / _stab(rho(*ra))
+        if isinstance(m, (nn.ReLU, nn.Softplus)):
+            return m(*ra), la[0]
+        return None
+
+    def __call__(self, x, t, create_graph=False):
+        with torch.enable_grad():
+            xr = x if x.requires_grad else x.detach().requires_grad_(True)
+            u = torch.ones_like(xr, requires_grad=True)
+            out, rel = run_two_chains(self.gm, xr, u, self._rule)
+            g, = torch.autograd.grad(rel.gather(1, t[:, None]).sum(), u, create_graph=create_graph)
+        return (g * out.gather(1, t[:, None]).view(-1, 1, 1, 1)).sum(1), out
 
 
 def _input_grad(net, x, t):
@@ -192,10 +302,17 @@ def _input_grad(net, x, t):
 def attack_map_fn(method: str, model: nn.Module, args) -> Callable:
     """``fn(x, t) -> (map (B, H, W), logits)``, differentiable w.r.t. the model input x."""
     if method == "srd":
-        ex = Explainer(model, init="constant")
-        net = smooth_copy(model, args.beta)
-        return lambda x, t: (ex.explain(x, t), net(x))
-    net = smooth_copy(model, args.beta, guided=method == "guidedbackprop")
+        # SRD of the softplus copy: the extension's ops, differentiated through their autograd
+        # formulas; its forward gives the logits
+        ex = Explainer(smooth_copy(model, args.beta), init="constant")
+        return lambda x, t: ex.explain(x, t, return_logits=True)
+    if method == "lrp-zplus":
+        lrp = LRPZPlus(model, args.beta)
+        return lambda x, t: lrp(x, t, create_graph=True)
+    if method == "guidedbackprop":
+        gbp = GuidedBackprop(model, args.beta)
+        return lambda x, t: gbp(x, t, create_graph=True)
+    net = smooth_copy(model, args.beta)
     if method == "gradient":
         def fn(x, t):
             g, out = _input_grad(net, x, t)
@@ -204,12 +321,6 @@ def attack_map_fn(method: str, model: nn.Module, args) -> Callable:
         def fn(x, t):
             g, out = _input_grad(net, x, t)
             return (g * x).sum(1), out
-    elif method == "guidedbackprop":
-        plain = smooth_copy(model, args.beta)  # logits: the guided copy's forward is the same
-
-        def fn(x, t):
-            g, _ = _input_grad(net, x, t)
-            return g.sum(1), plain(x)
     elif method == "integratedgradients":
         n = args.attack_ig_steps
         alphas = (torch.arange(n, device=args.device, dtype=torch.float32) + 0.5) / n  # midpoints
@@ -279,19 +390,16 @@ def run(args, model) -> Dict:
         progress = tqdm(total=args.pairs * len(args.methods), desc="manipulation", file=sys.stderr)
     for method in args.methods:
         ev = eval_map_fn(method, model)
-        fn = None if method in NOT_ATTACKED else attack_map_fn(method, model, args)
+        fn = attack_map_fn(method, model, args)
         for p in range(args.pairs):
             t_pair = time.perf_counter()
             x_org01, x_tgt01 = imgs[p, 0:1], imgs[p, 1:2]
             t_org, t_tgt = preds[p, 0:1], preds[p, 1:2]
             h_org = ev(to_model(x_org01), t_org).abs()
             h_tgt = ev(to_model(x_tgt01), t_tgt).abs()
-            if fn is None:
-                x_adv, steps, reason = x_org01, 0, "skipped"
-            else:
-                t0 = time.perf_counter()
-                x_adv, steps, reason = attack(fn, x_org01, h_tgt, logits[p, 0:1], t_org, args)
-                res[method]["attack_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            x_adv, steps, reason = attack(fn, x_org01, h_tgt, logits[p, 0:1], t_org, args)
+            res[method]["attack_s"] += time.perf_counter() - t0
             h_adv = ev(to_model(x_adv), t_org).abs()
             r = res[method]
             r["total_s"] += time.perf_counter() - t_pair
@@ -323,7 +431,7 @@ def summarize(res) -> List[Dict]:
             "steps_mean": float(np.mean(r["steps"])),
             "s_per_step": r["attack_s"] / n_steps if n_steps else float("nan"),
             "s_per_pair": r["total_s"] / max(len(ssim), 1),
-            "stop": dict(r["reasons"]), "note": NOT_ATTACKED.get(m, ""),
+            "stop": dict(r["reasons"]),
         })
     return rows
 
@@ -335,15 +443,12 @@ def write_outputs(args, out, rows) -> Dict[str, str]:
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "pairs", "ssim_mean", "ssim_std", "pcc_mean", "pcc_std", "steps_mean",
-                    "seconds_per_step", "seconds_per_pair", "stop_reasons", "note"])
+                    "seconds_per_step", "seconds_per_pair", "stop_reasons"])
         for r in rows:
-            if r["note"]:  # not attacked: no scores
-                w.writerow([r["method"], r["pairs"]] + [""] * 7 + [r["note"]])
-                continue
             w.writerow([r["method"], r["pairs"], f"{r['ssim_mean']:.4f}", f"{r['ssim_std']:.4f}",
                         f"{r['pcc_mean']:.4f}", f"{r['pcc_std']:.4f}", f"{r['steps_mean']:.1f}",
                         f"{r['s_per_step']:.4f}", f"{r['s_per_pair']:.3f}",
-                        ";".join(f"{k}={v}" for k, v in sorted(r["stop"].items())), r["note"]])
+                        ";".join(f"{k}={v}" for k, v in sorted(r["stop"].items()))])
     lines = [f"# Explanation manipulation: {args.model}" + (" (random weights)" if args.random_init else ""),
              "", f"{args.pairs} pairs, data {args.data}, seed {args.seed}, max steps {args.steps}, "
              f"l1 {L1:g}, l2 {L2:g} (maps normalized to sum 1, MSE), Adam lr {LR:g}, "
@@ -353,15 +458,9 @@ def write_outputs(args, out, rows) -> Dict[str, str]:
              "", "| Method | SSIM | PCC | steps | s/step | s/pair | stop |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         stop = ", ".join(f"{k} {v}" for k, v in sorted(r["stop"].items()))
-        if r["note"]:
-            lines.append(f"| {r['label']} | — | — | — | — | {r['s_per_pair']:.2f} | {stop} |")
-            continue
         lines.append(f"| {r['label']} | {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} | "
                      f"{r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['steps_mean']:.1f} | "
                      f"{r['s_per_step']:.3f} | {r['s_per_pair']:.2f} | {stop} |")
-    notes = [f"- {LABELS[r['method']]}: {r['note']}" for r in rows if r["note"]]
-    if notes:
-        lines += ["", *notes]
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     figure(out, paths["png"])
@@ -402,9 +501,6 @@ def main(argv=None) -> Dict[str, str]:
     paths = write_outputs(args, out, rows)
     print(f"max steps {args.steps}")
     for r in rows:
-        if r["note"]:
-            print(f"{r['label']:>15}  skipped: {r['note']}")
-            continue
         stop = ", ".join(f"{k}: {v}" for k, v in sorted(r["stop"].items()))
         print(f"{r['label']:>15}  SSIM {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f}  "
               f"PCC {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f}  mean steps {r['steps_mean']:.1f}  "

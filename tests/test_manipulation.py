@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from srd_ext import Explainer
+from srd_ext import Explainer, baselines
 
 from models_for_tests import tiny_resnet, tiny_vgg
 
@@ -21,17 +21,7 @@ def load_manipulation():
     return mod
 
 
-def test_srd_map_gradient_matches_finite_differences():
-    model = tiny_vgg(cfg=(3, "M", 4)).double()
-    ex = Explainer(model, init="constant")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
-    w = torch.randn(1, 6, 6, generator=g, dtype=torch.float64)
-    target = int(model(x).argmax(1))
-
-    def f(z):
-        return (w * ex.explain(z, target)).sum()
-
+def _check_directional_derivatives(f, x, g):
     xr = x.clone().requires_grad_(True)
     grad, = torch.autograd.grad(f(xr), xr)
     assert grad.abs().sum() > 0
@@ -41,6 +31,47 @@ def test_srd_map_gradient_matches_finite_differences():
             v = torch.randn(x.shape, generator=g, dtype=torch.float64)
             fd = (f(x + eps * v) - f(x - eps * v)) / (2 * eps)
             torch.testing.assert_close((grad * v).sum(), fd, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["relu", "softplus-copy"])
+def test_srd_map_gradient_matches_finite_differences(smooth):
+    mod = load_manipulation()
+    model = tiny_vgg(cfg=(3, "M", 4)).double()
+    ex = Explainer(mod.smooth_copy(model, 5.0) if smooth else model, init="constant")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(1, 6, 6, generator=g, dtype=torch.float64)
+    target = int(model(x).argmax(1))
+    _check_directional_derivatives(lambda z: (w * ex.explain(z, target)).sum(), x, g)
+
+
+@pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
+def test_differentiable_lrp_equals_captum(build):
+    pytest.importorskip("captum")
+    mod = load_manipulation()
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(3, 3, 32, 32)
+    t = model(x).argmax(1)
+    ref = baselines.get("lrp-z+")(model, x, t)
+    mine, logits = mod.LRPZPlus(model)(x, t)
+    torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_vgg(cfg=(3, "M", 4)), lambda: tiny_resnet()],
+                         ids=["vgg", "resnet"])
+def test_lrp_softplus_copy_gradient_matches_finite_differences(build):
+    pytest.importorskip("captum")
+    mod = load_manipulation()
+    torch.manual_seed(0)
+    model = build().double().eval()
+    lrp = mod.LRPZPlus(model, beta=5.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(1, 8, 8, generator=g, dtype=torch.float64)
+    t = model(x).argmax(1)
+    _check_directional_derivatives(lambda z: (w * lrp(z, t, create_graph=True)[0]).sum(), x, g)
 
 
 def test_attack_end_to_end(tmp_path):
@@ -77,3 +108,22 @@ def test_attack_leaves_model_unchanged(build):
     assert [m.training for m in model.modules()] == training
     assert [p.requires_grad for p in model.parameters()] == grads
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_vgg(cfg=(3, "M", 4)), lambda: tiny_resnet()],
+                         ids=["vgg", "resnet"])
+def test_guided_backprop_copy(build):
+    pytest.importorskip("captum")
+    mod = load_manipulation()
+    torch.manual_seed(0)
+    model = build().double().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    t = model(x).argmax(1)
+    # a very sharp softplus is the ReLU network: captum's guided backprop
+    sharp, _ = mod.GuidedBackprop(model, beta=1e4)(x, t)
+    torch.testing.assert_close(sharp, baselines.get("guided-backprop")(model, x, t),
+                               rtol=1e-3, atol=1e-5, check_dtype=False)
+    gbp = mod.GuidedBackprop(model, beta=5.0)
+    w = torch.randn(2, 8, 8, generator=g, dtype=torch.float64)
+    _check_directional_derivatives(lambda z: (w * gbp(z, t, create_graph=True)[0]).sum(), x, g)
