@@ -1,7 +1,6 @@
 """Baselines of the paper's comparison (srd_ext.baselines) and the evaluation script."""
 import copy
 import csv
-import importlib.util
 import os
 import sys
 
@@ -16,8 +15,8 @@ pytest.importorskip("pytorch_grad_cam")
 from srd_ext import baselines  # noqa: E402
 
 from models_for_tests import tiny_resnet, tiny_vgg  # noqa: E402
+from scripts import load_script  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VGG_CFG = (4, "M", 8, "M", 8, "M", 8, "M", 8, "M")  # ReLUs at 1, 1/2, ..., 1/16 of the input
 
 
@@ -218,11 +217,7 @@ def test_lrp_copy_is_the_same_function_and_conserves():
 
 
 def load_eval_table():
-    path = os.path.join(HERE, "..", "benchmarks", "eval_table.py")
-    spec = importlib.util.spec_from_file_location("eval_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/eval_table.py")
 
 
 def test_eval_table_end_to_end(tmp_path):

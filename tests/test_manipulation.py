@@ -1,6 +1,5 @@
 """Manipulation benchmark: differentiability of SRD maps and the attack script end to end."""
 import copy
-import importlib.util
 import os
 
 import pytest
@@ -9,16 +8,12 @@ import torch
 from srd_ext import Explainer, baselines
 
 from models_for_tests import tiny_resnet, tiny_vgg
+from scripts import load_script
 
-HERE = os.path.dirname(__file__)
 
 
 def load_manipulation():
-    path = os.path.join(HERE, "..", "benchmarks", "manipulation.py")
-    spec = importlib.util.spec_from_file_location("manipulation", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/manipulation.py")
 
 
 def _check_directional_derivatives(f, x, g):

@@ -1,14 +1,11 @@
-import importlib.util
-import pathlib
 import warnings
 
 import pytest
 import torch
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "srd_ext" / "metrics.py"
-_spec = importlib.util.spec_from_file_location("srd_ext_metrics_under_test", _PATH)
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
+from scripts import load_script
+
+M = load_script("srd_ext/metrics.py", "srd_ext_metrics_under_test")
 
 
 def _gen(seed=0):

@@ -5,8 +5,6 @@ The compiled-step test compiles the step with Inductor (C++ kernels on CPU): abo
 default under /tmp) holds it.
 """
 import copy
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,10 +13,9 @@ from torchvision.models.vgg import VGG, make_layers
 
 from srd_ext.data import render
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "train_right_reasons.py"
-_spec = importlib.util.spec_from_file_location("train_right_reasons", _PATH)
-rr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rr)
+from scripts import load_script
+
+rr = load_script("examples/train_right_reasons.py")
 
 
 def small_vgg(num_classes: int = 10) -> VGG:
