@@ -1,7 +1,6 @@
 """Baselines of the paper's comparison (srd_ext.baselines) and the evaluation script."""
 import copy
 import csv
-import os
 import sys
 
 import pytest
