@@ -382,7 +382,8 @@ def run(args, model) -> Dict:
     with torch.no_grad():
         logits = model(to_model(imgs.flatten(0, 1))).view(args.pairs, 2, -1)
     preds = logits.argmax(-1)
-    res = {m: {"ssim": [], "pcc": [], "steps": [], "reasons": Counter(), "attack_s": 0.0,
+    res = {m: {"ssim": [], "pcc": [], "toward": [], "kept": [], "steps": [], "reasons": Counter(),
+               "attack_s": 0.0,
                "total_s": 0.0, "example": None} for m in args.methods}
     progress = None
     if not args.no_progress:
@@ -405,6 +406,13 @@ def run(args, model) -> Dict:
             r["total_s"] += time.perf_counter() - t_pair
             r["ssim"].append(metrics.ssim(h_org, h_adv).item())
             r["pcc"].append(metrics.pcc(h_org, h_adv).item())
+            # how far the attack got: distance to the target map, after / before (original
+            # network); and whether the predicted class survived
+            tn = sum_normalized(h_tgt)
+            r["toward"].append((F.mse_loss(sum_normalized(h_adv), tn)
+                                / F.mse_loss(sum_normalized(h_org), tn).clamp_min(1e-30)).item())
+            with torch.no_grad():
+                r["kept"].append(bool(model(to_model(x_adv)).argmax(1) == t_org))
             r["steps"].append(steps)
             r["reasons"][reason] += 1
             if p == 0:
@@ -428,6 +436,7 @@ def summarize(res) -> List[Dict]:
             "method": m, "label": LABELS[m], "pairs": len(ssim),
             "ssim_mean": ssim.mean(), "ssim_std": ssim.std(ddof=1) if len(ssim) > 1 else 0.0,
             "pcc_mean": pcc.mean(), "pcc_std": pcc.std(ddof=1) if len(pcc) > 1 else 0.0,
+            "toward": float(np.mean(r["toward"])), "kept": float(np.mean(r["kept"])),
             "steps_mean": float(np.mean(r["steps"])),
             "s_per_step": r["attack_s"] / n_steps if n_steps else float("nan"),
             "s_per_pair": r["total_s"] / max(len(ssim), 1),
@@ -442,11 +451,13 @@ def write_outputs(args, out, rows) -> Dict[str, str]:
     paths = {k: os.path.join(args.out, f"{tag}.{k}") for k in ("md", "csv", "png")}
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "pairs", "ssim_mean", "ssim_std", "pcc_mean", "pcc_std", "steps_mean",
+        w.writerow(["method", "pairs", "ssim_mean", "ssim_std", "pcc_mean", "pcc_std",
+                    "target_distance_ratio", "class_kept", "steps_mean",
                     "seconds_per_step", "seconds_per_pair", "stop_reasons"])
         for r in rows:
             w.writerow([r["method"], r["pairs"], f"{r['ssim_mean']:.4f}", f"{r['ssim_std']:.4f}",
-                        f"{r['pcc_mean']:.4f}", f"{r['pcc_std']:.4f}", f"{r['steps_mean']:.1f}",
+                        f"{r['pcc_mean']:.4f}", f"{r['pcc_std']:.4f}", f"{r['toward']:.4f}",
+                        f"{r['kept']:.3f}", f"{r['steps_mean']:.1f}",
                         f"{r['s_per_step']:.4f}", f"{r['s_per_pair']:.3f}",
                         ";".join(f"{k}={v}" for k, v in sorted(r["stop"].items()))])
     lines = [f"# Explanation manipulation: {args.model}" + (" (random weights)" if args.random_init else ""),
@@ -454,12 +465,17 @@ def write_outputs(args, out, rows) -> Dict[str, str]:
              f"l1 {L1:g}, l2 {L2:g} (maps normalized to sum 1, MSE), Adam lr {LR:g}, "
              f"|delta| <= 8/255, MSE stop {MSE_STOP:g} ({args.mse_space} space), "
              f"Softplus beta {args.beta:g}, attack IG steps {args.attack_ig_steps}.",
-             "SSIM / PCC between h(x_org) and h(x_adv) on the original network (lower: manipulated more).",
-             "", "| Method | SSIM | PCC | steps | s/step | s/pair | stop |", "|---|---|---|---|---|---|---|"]
+             "SSIM / PCC between h(x_org) and h(x_adv) on the original network (lower: manipulated "
+             "more). to target: MSE(h(x_adv), h(x_target)) / MSE(h(x_org), h(x_target)) on "
+             "sum-normalized maps, mean over pairs (below 1: moved toward the target map). "
+             "class kept: fraction of pairs whose x_adv keeps x_org's predicted class.",
+             "", "| Method | SSIM | PCC | to target | class kept | steps | s/step | s/pair | stop |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stop = ", ".join(f"{k} {v}" for k, v in sorted(r["stop"].items()))
         lines.append(f"| {r['label']} | {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} | "
-                     f"{r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['steps_mean']:.1f} | "
+                     f"{r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['toward']:.3f} | "
+                     f"{r['kept']:.2f} | {r['steps_mean']:.1f} | "
                      f"{r['s_per_step']:.3f} | {r['s_per_pair']:.2f} | {stop} |")
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -503,7 +519,8 @@ def main(argv=None) -> Dict[str, str]:
     for r in rows:
         stop = ", ".join(f"{k}: {v}" for k, v in sorted(r["stop"].items()))
         print(f"{r['label']:>15}  SSIM {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f}  "
-              f"PCC {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f}  mean steps {r['steps_mean']:.1f}  "
+              f"PCC {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f}  to target {r['toward']:.3f}  "
+              f"class kept {r['kept']:.2f}  mean steps {r['steps_mean']:.1f}  "
               f"{r['s_per_step']:.3f} s/step  {r['s_per_pair']:.2f} s/pair  stop: {stop}")
     print("wrote " + ", ".join(paths.values()))
     return paths
