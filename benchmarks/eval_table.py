@@ -33,12 +33,10 @@ an hour on 2 CPU cores; see the timing table each run writes):
   shared with other jobs two threads waiting on each other ran 4x slower than one. Two
   evaluations (one per model) can run side by side, one core each.
 
-Measured cost (1 thread on a 2-core machine loaded by other jobs, the process getting about half
-a core; seconds per image, all 17 methods): shapes-vgg: explanations 1.9 (ScoreCAM 0.60,
-AblationCAM 0.48, IG 0.38, FullGrad 0.16, SmoothGrad 0.12, the others <= 0.03 each), fidelity
-0.8 (0.52 of it the shared forwards), stability with 3 copies 5.4; shapes-resnet: 0.7, 0.5 and
-1.8. For n = 752 with stability on 200 images: about 52 min wall (27 min of CPU) for
-shapes-vgg and 21 min wall for shapes-resnet.
+Measured wall time with the defaults, n = 752, 1 thread on a 2-core machine running other jobs:
+shapes-vgg 1644 s (1594 s of CPU), shapes-resnet 1128 s (the per-method split is in each
+report's timing table). Stability costs about one explanation per copy: SRD-input with 10 copies
+on all 752 shapes-vgg images took 10.1x its explanation time.
 
 The target is the ground-truth label (``--target pred``: the predicted class). Every random draw
 is seeded by ``--seed``. ``--random-init`` builds the architecture with random weights (smoke
