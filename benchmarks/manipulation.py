@@ -39,12 +39,10 @@ a more successful manipulation. Writes ``<out>/<tag>.md``, ``<tag>.csv`` and ``<
 (one pair: images, original / target / manipulated map per method).
 
 Default ``--steps`` 50 (Adam moves a pixel by about lr = 1e-3 per step, so 50 steps can reach
-the 8/255 bound). Measured attack cost per step and pair (1 thread, the two models running side
-by side on 2 shared CPU cores), seconds: shapes-vgg gradient 0.030, gradinput 0.025, guided
-backprop 0.056, integrated gradients (8 steps) 0.21, SRD 0.029 (0.35 for all); shapes-resnet
-0.023, 0.019, 0.025, 0.090, 0.052 (0.21). 100 pairs x 50 steps: about 30 min for shapes-vgg and
-18 min for shapes-resnet plus the evaluation maps, i.e. both models within an hour even one after
-the other.
+the 8/255 bound). Measured with the defaults, 100 pairs, 1 thread on a shared 2-core machine:
+shapes-vgg 19.5 min (seconds per attack step: gradient 0.017, gradinput 0.017, guided backprop
+0.025, integrated gradients (8 steps) 0.114, LRP z+ 0.027, SRD 0.025), shapes-resnet 9.3 min
+(0.008, 0.008, 0.013, 0.046, 0.013, 0.019).
 """
 from __future__ import annotations
 
