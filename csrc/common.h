@@ -102,6 +102,12 @@ inline Geometry check_scatter_args(const char* op, const at::Tensor& tap_norms,
   return g;
 }
 
+// Shape of activation_share's per-pixel tensors (relevance, extra): (B, H, W) or (B,).
+inline std::vector<int64_t> pixel_shape(const at::Tensor& a) {
+  if (a.dim() == 4) return {a.size(0), a.size(2), a.size(3)};
+  return {a.size(0)};
+}
+
 // Checks of activation_share's inputs (a, grad, pre_activation same shape; extra one per pixel).
 inline void check_activation_share_args(const char* op, const at::Tensor& a, const at::Tensor& grad,
                                         const at::Tensor& z, const c10::optional<at::Tensor>& extra,
@@ -116,16 +122,67 @@ inline void check_activation_share_args(const char* op, const at::Tensor& a, con
   check_same(op, "pre_activation", z, a, "a");
   if (extra.has_value()) {
     const auto& e = *extra;
-    std::vector<int64_t> want{a.size(0)};
-    if (a.dim() == 4) {
-      want.push_back(a.size(2));
-      want.push_back(a.size(3));
-    }
+    const auto want = pixel_shape(a);
     TORCH_CHECK(e.sizes() == at::IntArrayRef(want), "srd_ext::", op, ": extra must have shape ",
                 a.dim() == 4 ? "(B, H, W)" : "(B,)", " matching a ", shape_str(a), ", got ",
                 shape_str(e));
     check_same(op, "extra", e, a, "a");
   }
+}
+
+// Checks of the backward ops' extra inputs (the forward inputs are checked as above).
+inline void check_activation_share_backward_args(const char* op, const at::Tensor& grad_relevance,
+                                                 const at::Tensor& grad_g, const at::Tensor& a,
+                                                 const at::Tensor& grad, const at::Tensor& z,
+                                                 const at::Tensor& relevance, bool allow_half) {
+  check_activation_share_args(op, a, grad, z, c10::nullopt, allow_half);
+  const auto want = pixel_shape(a);
+  TORCH_CHECK(grad_relevance.sizes() == at::IntArrayRef(want) &&
+                  relevance.sizes() == at::IntArrayRef(want),
+              "srd_ext::", op, ": grad_relevance and relevance must have shape ",
+              a.dim() == 4 ? "(B, H, W)" : "(B,)", " matching a ", shape_str(a), ", got ",
+              shape_str(grad_relevance), " and ", shape_str(relevance));
+  TORCH_CHECK(grad_g.sizes() == a.sizes(), "srd_ext::", op, ": grad_g must have the shape of a ",
+              shape_str(a), ", got ", shape_str(grad_g));
+  check_same(op, "grad_relevance", grad_relevance, a, "a");
+  check_same(op, "grad_g", grad_g, a, "a");
+  check_same(op, "relevance", relevance, a, "a");
+}
+
+inline Geometry check_tap_norms_backward_args(const char* op, const at::Tensor& grad_tap_norms,
+                                              const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& tap_norms, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                                              int64_t groups, bool allow_half) {
+  const Geometry geo =
+      check_tap_norms_args(op, x, weight, stride, padding, dilation, groups, allow_half);
+  const std::vector<int64_t> want{x.size(0), geo.kh * geo.kw, x.size(2), x.size(3)};
+  TORCH_CHECK(grad_tap_norms.sizes() == at::IntArrayRef(want) &&
+                  tap_norms.sizes() == at::IntArrayRef(want),
+              "srd_ext::", op, ": grad_tap_norms and tap_norms must have shape (B, kh*kw, H, W) = (",
+              want[0], ", ", want[1], ", ", want[2], ", ", want[3], ") for x ", shape_str(x),
+              " and weight ", shape_str(weight), ", got ", shape_str(grad_tap_norms), " and ",
+              shape_str(tap_norms));
+  check_same(op, "grad_tap_norms", grad_tap_norms, x, "x");
+  check_same(op, "tap_norms", tap_norms, x, "x");
+  return geo;
+}
+
+inline Geometry check_scatter_backward_args(const char* op, const at::Tensor& grad_relevance,
+                                            const at::Tensor& tap_norms, const at::Tensor& bias_dot,
+                                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                                            bool allow_half) {
+  const Geometry geo = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding,
+                                          dilation, allow_half);
+  TORCH_CHECK(grad_relevance.dim() == 3 && grad_relevance.size(0) == tap_norms.size(0) &&
+                  grad_relevance.size(1) == tap_norms.size(2) &&
+                  grad_relevance.size(2) == tap_norms.size(3),
+              "srd_ext::", op, ": grad_relevance must have shape (B, H_in, W_in) = (",
+              tap_norms.size(0), ", ", tap_norms.size(2), ", ", tap_norms.size(3),
+              ") for tap_norms ", shape_str(tap_norms), ", got ", shape_str(grad_relevance));
+  check_same(op, "grad_relevance", grad_relevance, tap_norms, "tap_norms");
+  return geo;
 }
 
 inline int64_t bias_share_mode(const char* op, c10::string_view mode) {

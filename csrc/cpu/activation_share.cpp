@@ -27,15 +27,6 @@ Layout layout_of(const at::Tensor& a) {
   return Layout{a.size(0), a.size(1), a.dim() == 4 ? a.size(2) * a.size(3) : 1};
 }
 
-std::vector<int64_t> pixel_shape(const at::Tensor& a) {
-  std::vector<int64_t> s{a.size(0)};
-  if (a.dim() == 4) {
-    s.push_back(a.size(2));
-    s.push_back(a.size(3));
-  }
-  return s;
-}
-
 // Runs f(b, p0, p1) over blocks of pixels of every sample, in parallel.
 template <typename F>
 void for_pixel_blocks(const Layout& L, const F& f) {
@@ -108,16 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> activation_share_back
   // Nested ATen calls must not record autograd history (inputs may require grad).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const char* op = "activation_share_backward";
-  check_activation_share_args(op, a_in, grad_in, z_in, c10::nullopt, /*allow_half=*/false);
+  check_activation_share_backward_args(op, dR_in, dg_in, a_in, grad_in, z_in, R_in,
+                                       /*allow_half=*/false);
   const auto want = pixel_shape(a_in);
-  TORCH_CHECK(R_in.sizes() == at::IntArrayRef(want) && dR_in.sizes() == at::IntArrayRef(want),
-              "srd_ext::", op, ": relevance and grad_relevance must have the per-pixel shape of a ",
-              shape_str(a_in), ", got ", shape_str(R_in), " and ", shape_str(dR_in));
-  TORCH_CHECK(dg_in.sizes() == a_in.sizes(), "srd_ext::", op, ": grad_g must have the shape of a ",
-              shape_str(a_in), ", got ", shape_str(dg_in));
-  check_same(op, "relevance", R_in, a_in, "a");
-  check_same(op, "grad_relevance", dR_in, a_in, "a");
-  check_same(op, "grad_g", dg_in, a_in, "a");
 
   const auto dR = dR_in.contiguous(), dg = dg_in.contiguous(), a = a_in.contiguous(),
              grad = grad_in.contiguous(), z = z_in.contiguous(), R = R_in.contiguous();

@@ -127,13 +127,8 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cpu(
   // Nested ATen calls must not record autograd history (inputs may require grad).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const char* op = "bias_share_scatter_backward";
-  const Geometry geo = check_scatter_args(op, n_in, d_in, kernel_size, stride, padding, dilation,
-                                          /*allow_half=*/false);
-  const std::vector<int64_t> r_shape{n_in.size(0), n_in.size(2), n_in.size(3)};
-  TORCH_CHECK(dR_in.sizes() == at::IntArrayRef(r_shape), "srd_ext::", op,
-              ": grad_relevance must be (B, H_in, W_in) = (", r_shape[0], ", ", r_shape[1], ", ",
-              r_shape[2], ") for tap_norms ", shape_str(n_in), ", got ", shape_str(dR_in));
-  check_same(op, "grad_relevance", dR_in, n_in, "tap_norms");
+  const Geometry geo = check_scatter_backward_args(op, dR_in, n_in, d_in, kernel_size, stride,
+                                                   padding, dilation, /*allow_half=*/false);
 
   const auto dR = dR_in.contiguous(), n = n_in.contiguous(), d = d_in.contiguous();
   const Dims D = make_dims(n, geo);

@@ -629,15 +629,8 @@ std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cpu(
     const at::Tensor& dn, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& n,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv_tap_norms_backward";
-  const Geometry geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,
-                                            /*allow_half=*/false);
-  const std::vector<int64_t> n_shape{x.size(0), geo.kh * geo.kw, x.size(2), x.size(3)};
-  TORCH_CHECK(n.sizes() == at::IntArrayRef(n_shape) && dn.sizes() == n.sizes(), "srd_ext::", op,
-              ": tap_norms and grad_tap_norms must be (B, kh*kw, H, W) = (", n_shape[0], ", ",
-              n_shape[1], ", ", n_shape[2], ", ", n_shape[3], ") for x ", shape_str(x),
-              " and weight ", shape_str(weight), ", got ", shape_str(n), " and ", shape_str(dn));
-  check_same(op, "tap_norms", n, x, "x");
-  check_same(op, "grad_tap_norms", dn, x, "x");
+  const Geometry geo = check_tap_norms_backward_args(op, dn, x, weight, n, stride, padding,
+                                                     dilation, groups, /*allow_half=*/false);
   return x.size(1) / groups <= kGramMaxCg ? gram_backward(dn, x, weight, n, geo, groups)
                                           : product_backward(dn, x, weight, n, geo, groups);
 }

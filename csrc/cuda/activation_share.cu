@@ -91,12 +91,6 @@ __global__ void activation_share_backward_kernel(
   }
 }
 
-// Shape of the per-pixel tensors (relevance, extra): (B, H, W) or (B,).
-std::vector<int64_t> pixel_shape(const at::Tensor& a) {
-  if (a.dim() == 4) return {a.size(0), a.size(2), a.size(3)};
-  return {a.size(0)};
-}
-
 int64_t pixels_per_sample(const at::Tensor& a) { return a.dim() == 4 ? a.size(2) * a.size(3) : 1; }
 
 std::tuple<at::Tensor, at::Tensor> activation_share_cuda(const at::Tensor& a,
@@ -137,18 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> activation_share_back
   // Nested ATen calls must not record autograd history (inputs may require grad).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const char* op = "activation_share_backward";
-  check_activation_share_args(op, a, grad, pre_activation, c10::nullopt, /*allow_half=*/true);
+  check_activation_share_backward_args(op, grad_relevance, grad_g, a, grad, pre_activation,
+                                       relevance, /*allow_half=*/true);
   const auto pshape = pixel_shape(a);
-  TORCH_CHECK(grad_relevance.sizes() == at::IntArrayRef(pshape) &&
-                  relevance.sizes() == at::IntArrayRef(pshape),
-              "srd_ext::", op, ": grad_relevance and relevance must have shape ",
-              a.dim() == 4 ? "(B, H, W)" : "(B,)", " matching a ", shape_str(a), ", got ",
-              shape_str(grad_relevance), " and ", shape_str(relevance));
-  TORCH_CHECK(grad_g.sizes() == a.sizes(), "srd_ext::", op, ": grad_g must have the shape of a ",
-              shape_str(a), ", got ", shape_str(grad_g));
-  check_same(op, "grad_relevance", grad_relevance, a, "a");
-  check_same(op, "grad_g", grad_g, a, "a");
-  check_same(op, "relevance", relevance, a, "a");
   check_cuda(op, "a", a);  // the other tensors were checked to share a's device
   const c10::cuda::CUDAGuard guard(a.device());
 

@@ -151,14 +151,8 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cuda(
   // Nested ATen calls must not record autograd history (inputs may require grad).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const char* op = "bias_share_scatter_backward";
-  const auto geo = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding, dilation,
-                                      /*allow_half=*/true);
-  TORCH_CHECK(grad_relevance.dim() == 3 && grad_relevance.size(0) == tap_norms.size(0) &&
-                  grad_relevance.size(1) == tap_norms.size(2) &&
-                  grad_relevance.size(2) == tap_norms.size(3),
-              "srd_ext::", op, ": grad_relevance must have shape (", tap_norms.size(0), ", ",
-              tap_norms.size(2), ", ", tap_norms.size(3), "), got ", shape_str(grad_relevance));
-  check_same(op, "grad_relevance", grad_relevance, tap_norms, "tap_norms");
+  const auto geo = check_scatter_backward_args(op, grad_relevance, tap_norms, bias_dot, kernel_size,
+                                               stride, padding, dilation, /*allow_half=*/true);
   check_cuda(op, "tap_norms", tap_norms);
   const c10::cuda::CUDAGuard guard(tap_norms.device());
 

@@ -243,18 +243,10 @@ std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cuda(
   // Nested ATen calls must not record autograd history (inputs may require grad).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const char* op = "conv_tap_norms_backward";
-  const auto geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,
-                                        /*allow_half=*/true);
+  const auto geo = check_tap_norms_backward_args(op, grad_tap_norms, x, weight, tap_norms, stride,
+                                                 padding, dilation, groups, /*allow_half=*/true);
   const int64_t B = x.size(0), c_in = x.size(1), c_out = weight.size(0), cg = weight.size(1);
   const int64_t cog = c_out / groups, T = geo.kh * geo.kw;
-  const std::vector<int64_t> nshape{B, T, x.size(2), x.size(3)};
-  TORCH_CHECK(grad_tap_norms.sizes() == at::IntArrayRef(nshape) &&
-                  tap_norms.sizes() == at::IntArrayRef(nshape),
-              "srd_ext::", op, ": grad_tap_norms and tap_norms must have shape (", B, ", ", T, ", ",
-              x.size(2), ", ", x.size(3), "), got ", shape_str(grad_tap_norms), " and ",
-              shape_str(tap_norms));
-  check_same(op, "grad_tap_norms", grad_tap_norms, x, "x");
-  check_same(op, "tap_norms", tap_norms, x, "x");
   check_cuda(op, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
 
