@@ -96,7 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     # test hooks: random weights and a small image size (numbers mean nothing)
     ap.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for name in ("pairs", "steps", "attack_ig_steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.beta > 0:
+        ap.error(f"--beta must be > 0, got {args.beta}")
+    if args.pool is not None and args.pool < 2:
+        ap.error(f"--pool must be >= 2 (pairs of distinct images), got {args.pool}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------

@@ -122,3 +122,29 @@ def test_guided_backprop_copy(build):
     gbp = mod.GuidedBackprop(model, beta=5.0)
     w = torch.randn(2, 8, 8, generator=g, dtype=torch.float64)
     _check_directional_derivatives(lambda z: (w * gbp(z, t, create_graph=True)[0]).sum(), x, g)
+
+
+def test_attack_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    mod = load_manipulation()
+    rng = torch.Generator().manual_seed(3)
+    for k, cls in enumerate(["a", "a", "b", "b"]):
+        (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
+        px = (torch.rand(40, 48, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(tmp_path / "imgs" / cls / f"{k}.png")
+    paths = mod.main(["--model", "resnet18", "--random-init", "--data", str(tmp_path / "imgs"),
+                      "--image-size", "32", "--pairs", "2", "--steps", "2", "--methods", "srd",
+                      "gradient", "--out", str(tmp_path / "out"), "--no-progress"])
+    with open(paths["csv"]) as f:
+        rows = f.read().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["srd", "gradient"]
+    assert all("nan" not in r for r in rows[1:])
+
+
+@pytest.mark.parametrize("argv", [["--pairs", "0"], ["--steps", "0"], ["--beta", "0"], ["--pool", "1"]])
+def test_bad_arguments_are_named(argv, capsys):
+    mod = load_manipulation()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--model", "shapes-vgg", *argv])
+    assert argv[0] in capsys.readouterr().err
