@@ -102,7 +102,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="results/eval")
     ap.add_argument("--tag", help="output file name stem (default: model[_random][_data])")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    minimum = {"n": 1, "batch_size": 1, "fidelity_runs": 2, "stability_samples": 0, "start": 0,
+               "pointing_tolerance": 0, "ig_steps": 1, "smoothgrad_samples": 1, "examples": 0,
+               "threads": 0}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.stability_n < -1:
+        ap.error(f"--stability-n must be >= 0 or -1 (all images), got {args.stability_n}")
+    if args.fidelity_subset is not None and args.fidelity_subset < 1:
+        ap.error(f"--fidelity-subset must be >= 1, got {args.fidelity_subset}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------

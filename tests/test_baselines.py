@@ -244,3 +244,12 @@ def test_eval_table_end_to_end(tmp_path):
             assert v == v, (r["method"], k)
             assert int(r[k + "_n"]) == 3
     assert rows[1]["map_size"] == "4x4" and rows[2]["map_size"] == "14x14"
+
+
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--batch-size", "0"], ["--fidelity-runs", "1"],
+                                  ["--stability-samples", "-1"], ["--stability-n", "-2"]])
+def test_eval_table_bad_arguments_are_named(argv, capsys):
+    mod = load_eval_table()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--model", "shapes-vgg", *argv])
+    assert argv[0] in capsys.readouterr().err
