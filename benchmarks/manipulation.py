@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import operator
 import os
 import sys
 import time
@@ -158,7 +159,7 @@ def smooth_copy(model: nn.Module, beta: float) -> torch.fx.GraphModule:
 
 def _softplus(gm: torch.fx.GraphModule, beta: float) -> torch.fx.GraphModule:
     for name, m in list(gm.named_modules()):
-        if type(m) is nn.ReLU and beta:
+        if beta and type(m) is nn.ReLU:
             parent, _, leaf = name.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, leaf, nn.Softplus(beta=beta))
     gm.recompile()
@@ -201,18 +202,11 @@ def run_two_chains(gm: torch.fx.GraphModule, x_real: torch.Tensor, x_rel: torch.
         elif n.op == "call_method":
             env[n] = (getattr(ra[0], n.target)(*ra[1:], **rk), getattr(la[0], n.target)(*la[1:], **lk))
         elif n.op == "get_attr":
-            v = _fetch_attr(gm, n.target)
+            v = operator.attrgetter(n.target)(gm)
             env[n] = (v, v)
         else:
             raise NotImplementedError(n.op)
     raise RuntimeError("graph without output")
-
-
-def _fetch_attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _GuidedFn(torch.autograd.Function):
@@ -389,8 +383,7 @@ def run(args, model) -> Dict:
         logits = model(to_model(imgs.flatten(0, 1))).view(args.pairs, 2, -1)
     preds = logits.argmax(-1)
     res = {m: {"ssim": [], "pcc": [], "toward": [], "kept": [], "steps": [], "reasons": Counter(),
-               "attack_s": 0.0,
-               "total_s": 0.0, "example": None} for m in args.methods}
+               "attack_s": 0.0, "total_s": 0.0, "example": None} for m in args.methods}
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
