@@ -11,7 +11,6 @@ from models_for_tests import tiny_resnet, tiny_vgg
 from scripts import load_script
 
 
-
 def load_manipulation():
     return load_script("benchmarks/manipulation.py")
 
