@@ -2,12 +2,15 @@
 package) and torchvision's ImageNet architectures (weights supplied by the user).
 
 All models return logits and expect ImageNet-normalized RGB input (``model_transform``);
-the shapes models take 112 x 112 images, the ImageNet ones 224 x 224.
+the shapes models take 112 x 112 images, the ImageNet ones 224 x 224. ``transforms_for(name)``
+gives each model's whole preprocessing of a photo (resize the shorter side, centre crop,
+normalize) as an :class:`ImageTransform`, which also says where the crop lies in the photo.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,6 +30,8 @@ __all__ = [
     "load_model",
     "model_transform",
     "model_input_size",
+    "ImageTransform",
+    "transforms_for",
     "class_names",
 ]
 
@@ -170,6 +175,105 @@ def model_transform(name: str):
 
     _check_name(name)
     return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """A model's preprocessing of one photo: the shorter side resized to ``resize`` pixels
+    (aspect ratio kept), a ``crop`` x ``crop`` centre crop (``crop=None``: no crop, the whole
+    resized photo), scaling to ``[0, 1]`` and normalization with ``mean``/``std``.
+
+    Called on a PIL image or a (C, H, W) / (B, C, H, W) uint8 or float tensor, it returns the
+    float32 tensor the model takes, computed with ``torchvision.transforms.functional`` in the
+    order and with the arguments of torchvision's ``ImageClassification`` preset (what
+    ``Weights.transforms()`` returns), so that ``transforms_for("resnet50")(img)`` equals
+    ``ResNet50_Weights.IMAGENET1K_V1.transforms()(img)``. Override a step with
+    ``dataclasses.replace(t, resize=..., crop=...)``.
+    """
+
+    resize: int
+    crop: Optional[int]
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"  # a torchvision InterpolationMode value
+
+    def __post_init__(self):
+        from torchvision.transforms import InterpolationMode
+
+        if not isinstance(self.resize, int) or self.resize < 1:
+            raise ValueError(f"resize must be a positive int (pixels of the shorter side), got {self.resize!r}")
+        if self.crop is not None and (not isinstance(self.crop, int) or self.crop < 1):
+            raise ValueError(f"crop must be a positive int (side of the square centre crop) or None, "
+                             f"got {self.crop!r}")
+        if self.crop is not None and self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) is larger than resize ({self.resize}): the crop would "
+                             f"reach past the resized photo; use a crop <= resize")
+        modes = [m.value for m in InterpolationMode]
+        if self.interpolation not in modes:
+            raise ValueError(f"interpolation must be one of {modes}, got {self.interpolation!r}")
+
+    @classmethod
+    def from_torchvision(cls, t) -> "ImageTransform":
+        """The same preprocessing as torchvision's ``ImageClassification`` preset ``t``."""
+        for attr in ("resize_size", "crop_size", "mean", "std", "interpolation"):
+            if not hasattr(t, attr):
+                raise TypeError(f"expected torchvision's ImageClassification preset (Weights.transforms()), "
+                                f"got {type(t).__name__} without {attr!r}")
+        if len(t.resize_size) != 1 or len(t.crop_size) != 1:
+            raise ValueError(f"expected one resize and one crop size, got resize_size={t.resize_size}, "
+                             f"crop_size={t.crop_size}")
+        return cls(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
+                   std=tuple(t.std), interpolation=t.interpolation.value)
+
+    def resized_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """(width, height) of a ``size`` = (width, height) photo after the resize step (as
+        torchvision computes it: the longer side is truncated, not rounded)."""
+        w, h = size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.resize * long / short)
+        return (self.resize, new_long) if w <= h else (new_long, self.resize)
+
+    def box(self, size: Tuple[int, int]) -> Tuple[float, float, float, float]:
+        """The part of a ``size`` = (width, height) photo that the model sees, as
+        (left, top, right, bottom) in the photo's pixel coordinates (floats: edges, not centres)."""
+        w, h = size
+        nw, nh = self.resized_size(size)
+        if self.crop is None:
+            return (0.0, 0.0, float(w), float(h))
+        left = int(round((nw - self.crop) / 2.0))
+        top = int(round((nh - self.crop) / 2.0))
+        return (left * w / nw, top * h / nh, (left + self.crop) * w / nw, (top + self.crop) * h / nh)
+
+    def __call__(self, img) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        if self.crop is not None:
+            img = TF.center_crop(img, [self.crop])
+        if not isinstance(img, torch.Tensor):
+            img = TF.pil_to_tensor(img)
+        img = TF.convert_image_dtype(img, torch.float)
+        return TF.normalize(img, mean=list(self.mean), std=list(self.std))
+
+
+def transforms_for(name: str, tv_weights: str = "IMAGENET1K_V1") -> ImageTransform:
+    """The preprocessing ``name`` expects of a photo (see :class:`ImageTransform`).
+
+    Shapes models: shorter side to 112, 112 x 112 centre crop, ImageNet mean/std (the training
+    images are 112 x 112, so they pass unchanged apart from the normalization). torchvision
+    models: the ``transforms()`` of their weights ``tv_weights`` (default ``"IMAGENET1K_V1"``,
+    resize 256 and crop 224; ResNet-50/101/152's ``"IMAGENET1K_V2"`` resizes to 232).
+    """
+    _check_name(name)
+    if name in SHAPES_MODELS:
+        size = model_input_size(name)
+        return ImageTransform(resize=size, crop=size)
+    enum = tvm.get_model_weights(name)
+    names = [w.name for w in enum]
+    if tv_weights not in names:
+        raise ValueError(f"torchvision has no weights {tv_weights!r} for {name!r}; choose from {names}")
+    return ImageTransform.from_torchvision(enum[tv_weights].transforms())
 
 
 def class_names(name: str) -> Tuple[str, ...]:
