@@ -1,148 +1,558 @@
-"""``srd-explain``: SRD heatmaps for image files and folders.
+"""``srd-explain``: SRD relevance maps for image files and folders.
 
-    srd-explain IMAGE_OR_DIR... --model NAME [--weights FILE] [--target N]
-                [--layer input|high|low|NAME] [--out DIR] [--device cpu|cuda] [--batch-size N]
-                [--overwrite]
+    srd-explain IMAGE_OR_DIR... --model NAME [--weights FILE] [--tv-weights NAME] [--target N]
+                [--layer LAYER[,LAYER...]] [--resize N] [--crop N|none] [--format png|npy|both]
+                [--panel] [--report] [--out DIR] [--device cpu|cuda] [--batch-size N] [--overwrite]
 
-Writes, per image, ``<out>/<name>.png`` (heatmap over the image) and ``<out>/<name>.npy`` (the raw
-relevance map at the chosen layer's resolution). Folders are searched recursively; their
-structure is kept under ``--out``. Unreadable files are reported by name and skipped; nothing is
-written next to the inputs; existing outputs are kept unless ``--overwrite``.
+Each photo is preprocessed as the model expects (``srd_ext.models.transforms_for``: shorter side
+resized, centre crop, normalization; ``--resize``/``--crop`` override), explained, and the map is
+placed back on the part of the photo the model saw. Per input ``<name>.<ext>`` and layer ``L``
+it writes, under ``--out`` (folders keep their structure below ``--out/<folder name>``):
+
+- ``<name>.<ext>.srd-L.png``: the map over the photo, at the photo's own size (``viz.overlay``);
+- ``<name>.<ext>.srd-L.npy``: the map in the photo's coordinates, (H, W) float32, 0 outside the crop;
+- ``<name>.<ext>.srd-L.panel.png`` with ``--panel``: image, map with colorbar, overlay, titled
+  with the class and its probability;
+
+and with ``--report`` one self-contained HTML page, ``--out/report.html``.
+
+Nothing is lost: the source's extension stays in the output names; outputs that would still
+collide (same file name from two folders) get a ``~2``, ``~3`` suffix, decided before any write;
+an output is never written over an input, even with ``--overwrite``; existing outputs are kept
+unless ``--overwrite``; every file is written to a temporary file and renamed into place. Every
+input ends written, skipped or failed, each skip and failure with its reason.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
+import html
+import io
 import os
+import re
 import sys
-from typing import List, Optional, Tuple
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FORMATS = ("png", "npy", "both")
+REPORT_NAME = "report.html"
+# Names this tool writes: found in a folder, they are earlier results, not photos.
+OUTPUT_NAME = re.compile(r"\.srd-[^/\\]+\.(png|npy)$")
+THUMB = 256  # longer side of the report's pictures, in pixels
 
 
-def find_images(paths: List[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
-    """(file, output stem relative to --out) for every input, and the paths that do not exist."""
-    found, missing = [], []
+class UsageError(Exception):
+    """A command-line mistake: reported in one line, exit status 2, nothing written."""
+
+
+@dataclasses.dataclass
+class Item:
+    """One input file and what became of it."""
+
+    path: str  # as found (the argument, or joined from the folder walk)
+    stem: str  # output path relative to --out, without the ".srd-<layer>..." suffix
+    status: str = "todo"  # todo, written, skipped, failed
+    reason: str = ""
+    outputs: Dict[str, str] = dataclasses.field(default_factory=dict)  # kind -> path
+
+
+# ------------------------------------------------------------------------------- planning
+def find_inputs(paths: Sequence[str]) -> Tuple[List[Item], List[str]]:
+    """Items for every file given or found in a given folder (searched recursively; image
+    extensions and files without extension), and notes on folders without images."""
+    items, notes = [], []
     for p in paths:
         if os.path.isdir(p):
-            base = os.path.basename(os.path.normpath(p))
-            for root, _, files in sorted(os.walk(p)):
+            base = os.path.basename(os.path.abspath(p))
+            n = len(items)
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
                 for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTENSIONS) or not os.path.splitext(f)[1]:
-                        full = os.path.join(root, f)
-                        rel = os.path.relpath(full, p)
-                        found.append((full, os.path.join(base, os.path.splitext(rel)[0])))
+                    if f.startswith(".") and f.endswith(".tmp"):
+                        continue  # a temporary file of an interrupted write
+                    if not (f.lower().endswith(IMAGE_EXTENSIONS) or not os.path.splitext(f)[1]):
+                        continue
+                    full = os.path.join(root, f)
+                    item = Item(full, os.path.join(base, os.path.relpath(full, p)))
+                    if OUTPUT_NAME.search(f):
+                        item.status, item.reason = "skipped", (
+                            "named like an srd-explain output (*.srd-<layer>.png/.npy) in a searched "
+                            "folder; pass it by name to explain it")
+                    items.append(item)
+            if len(items) == n:
+                notes.append(f"no image files in folder {p}")
         elif os.path.isfile(p):
-            found.append((p, os.path.splitext(os.path.basename(p))[0]))
+            items.append(Item(p, os.path.basename(p)))
         else:
-            missing.append(p)
-    return found, missing
+            items.append(Item(p, os.path.basename(p), "failed", "no such file or folder"))
+    return items, notes
 
 
-def overlay(image: Image.Image, relevance: np.ndarray) -> Image.Image:
-    """Heatmap (red: positive, blue: negative relevance) blended over the image."""
-    from matplotlib import colormaps
-
-    r = relevance / (np.abs(relevance).max() or 1.0)
-    heat = Image.fromarray((colormaps["bwr"]((r + 1) / 2)[..., :3] * 255).astype(np.uint8))
-    heat = heat.resize(image.size, Image.BILINEAR)
-    return Image.blend(image.convert("RGB"), heat, 0.55)
+def _layer_tag(layer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", layer)
 
 
+def _key(path: str) -> str:
+    # Names that differ only in case are one file on some file systems: treat them as one.
+    return os.path.normcase(os.path.abspath(path)).casefold()
+
+
+def _identity(path: str) -> Optional[Tuple[int, int]]:
+    """(device, inode) of the file ``path`` leads to (through links), None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def input_identities(items: List[Item]) -> Dict[Tuple[int, int], str]:
+    """The files read as inputs (also those skipped), by identity."""
+    ids = {}
+    for it in items:
+        i = _identity(it.path) if it.status != "failed" else None
+        if i is not None:
+            ids.setdefault(i, it.path)
+    return ids
+
+
+def plan_outputs(items: List[Item], out: str, layers: Sequence[str], fmt: str, panel: bool,
+                 overwrite: bool) -> List[str]:
+    """Decide every output path before anything is written, and mark the items to skip (the
+    same file twice, an output that is an input, outputs that exist without ``overwrite``).
+    Returns notes about outputs given a ``~N`` suffix."""
+    kinds = []
+    for layer in layers:
+        tag = _layer_tag(layer)
+        if fmt in ("png", "both"):
+            kinds.append((f"png:{layer}", f".srd-{tag}.png"))
+        if fmt in ("npy", "both"):
+            kinds.append((f"npy:{layer}", f".srd-{tag}.npy"))
+        if panel:
+            kinds.append((f"panel:{layer}", f".srd-{tag}.panel.png"))
+    inputs = input_identities(items)
+
+    first: Dict[Tuple[int, int], Item] = {}
+    for it in items:
+        if it.status != "todo":
+            continue
+        i = _identity(it.path)
+        if i in first:
+            it.status, it.reason = "skipped", f"same file as {first[i].path}, which is explained once"
+        elif i is not None:
+            first[i] = it
+
+    notes, taken = [], set()
+    for it in items:
+        if it.status != "todo":
+            continue
+        stem, n = it.stem, 1
+        while True:
+            outs = {k: os.path.join(out, stem + suffix) for k, suffix in kinds}
+            if not any(_key(p) in taken for p in outs.values()):
+                break
+            n += 1
+            stem = f"{it.stem}~{n}"
+        if n > 1:
+            notes.append(f"{it.path}: outputs named {stem}.srd-* ({it.stem}.srd-* are another input's)")
+        it.stem, it.outputs = stem, outs
+        taken.update(_key(p) for p in outs.values())
+
+        # An output that exists and is (a link to) an input file is never written, even with
+        # --overwrite. One that does not exist cannot be an input: inputs exist.
+        hit = next(((p, inputs[_identity(p)]) for p in outs.values() if _identity(p) in inputs), None)
+        if hit is not None:
+            it.status, it.reason = "skipped", (
+                f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
+                f"even with --overwrite); choose another --out")
+        elif not overwrite:
+            existing = [p for p in outs.values() if os.path.lexists(p)]
+            if existing:
+                more = f" and {len(existing) - 1} more of its outputs" if len(existing) > 1 else ""
+                it.status, it.reason = "skipped", f"{existing[0]}{more} exist(s) (--overwrite replaces them)"
+    return notes
+
+
+# ------------------------------------------------------------------------------- writing
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+class Staged:
+    """Files written in full to temporary names next to their destinations, and renamed into
+    place only once all of them are written: an interrupted run leaves whole files, never part
+    of one. Without ``overwrite`` a file is put in place with a hard link, which fails if the
+    destination appeared since the run was planned."""
+
+    def __init__(self, overwrite: bool):
+        self.overwrite = overwrite
+        self.pending: List[Tuple[str, str]] = []
+        self.mode = 0o666 & ~_umask()
+
+    def add(self, path: str, data: bytes) -> None:
+        d = os.path.dirname(path) or "."
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        self.pending.append((tmp, path))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, self.mode)
+
+    def commit(self) -> None:
+        for tmp, path in self.pending:
+            if self.overwrite:
+                os.replace(tmp, path)
+                continue
+            try:
+                os.link(tmp, path)  # atomic, and fails if path appeared meanwhile
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared during the run; not replaced") from None
+            except OSError:  # no hard links on this file system
+                if os.path.lexists(path):
+                    raise FileExistsError(f"{path} appeared during the run; not replaced") from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+        self.pending = []
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        self.pending = []
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def read_photo(path: str) -> Image.Image:
+    """The photo as people see it (EXIF orientation applied), RGB; 16-bit greyscale scaled."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+            im = Image.fromarray((a / top * 255).round().clip(0, 255).astype(np.uint8), "L")
+        return im.convert("RGB")
+
+
+# ------------------------------------------------------------------------------- report
+def _data_uri(img: Image.Image, fmt: str = "JPEG") -> str:
+    img = img.copy()
+    img.thumbnail((THUMB, THUMB), Image.LANCZOS)
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=85)
+        mime = "image/jpeg"
+    else:
+        img.save(buf, format="PNG")
+        mime = "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+REPORT_CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; background: #fff; }
+h1 { font-size: 1.3em; margin: 0 0 .3em 0; }
+p.meta { margin: .2em 0; font-size: .9em; color: #444; }
+table.grid { border-collapse: collapse; margin-top: 1em; }
+table.grid th, table.grid td { border: 1px solid #ddd; padding: 6px; vertical-align: top; }
+table.grid th { background: #f4f4f4; font-size: .85em; }
+td.pic img { display: block; max-width: 256px; max-height: 256px; }
+td.pic a { font-size: .8em; }
+td.name { font-size: .8em; min-width: 10em; max-width: 16em; overflow-wrap: anywhere; }
+td.name .cls { font-size: 1.1em; margin-top: .6em; }
+td.name .cls b { display: block; }
+.legend { display: flex; align-items: center; gap: .5em; font-size: .85em; margin-top: .6em; }
+table.skips td { font-size: .85em; padding: 2px 8px; }
+"""
+
+
+def write_report(path: str, rows: List[dict], items: List[Item], layers: Sequence[str], header: Dict[str, str],
+                 overwrite: bool) -> None:
+    from . import viz
+
+    e = html.escape
+    counts = {s: sum(it.status == s for it in items) for s in ("written", "skipped", "failed")}
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>srd-explain report</title>", f"<style>{REPORT_CSS}</style></head><body>",
+             "<h1>srd-explain report</h1>"]
+    for k, v in header.items():
+        parts.append(f'<p class="meta"><b>{e(k)}:</b> {e(v)}</p>')
+    parts.append(f'<p class="meta"><b>inputs:</b> {len(items)}: {counts["written"]} written, '
+                 f'{counts["skipped"]} skipped, {counts["failed"]} failed</p>')
+    parts.append('<div class="legend"><span>against the class</span>'
+                 f'<img alt="colour scale" src="{_data_uri(viz.colorbar_image(), "PNG")}">'
+                 "<span>for the class; transparent: no relevance; dimmed: outside the crop the "
+                 "model saw</span></div>")
+    parts.append('<table class="grid"><tr><th>file and class</th><th>photo</th>'
+                 + "".join(f"<th>SRD-{e(layer)}</th>" for layer in layers) + "</tr>")
+    for r in rows:
+        classes = "".join(f"<b>{e(line)}</b>" for line in r["classes"])
+        cells = [f'<td class="name" title="{e(r["path"])}">{e(r["name"])}<br>{r["size"][0]}&times;{r["size"][1]} px'
+                 f'<div class="cls">{classes}</div></td>',
+                 f'<td class="pic"><img alt="photo" src="{r["photo"]}"></td>']
+        for layer in layers:
+            link = r["links"].get(layer)
+            img = f'<img alt="SRD-{e(layer)}" src="{r["overlays"][layer]}">'
+            cells.append(f'<td class="pic">{img}' + (f'<a href="{e(link)}">full size</a>' if link else "")
+                         + "</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    others = [it for it in items if it.status in ("skipped", "failed")]
+    if others:
+        parts.append("<h2>Skipped and failed</h2><table class=\"skips\">")
+        for it in others:
+            parts.append(f"<tr><td>{e(it.status)}</td><td>{e(it.path)}</td><td>{e(it.reason)}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    staged = Staged(overwrite)
+    try:
+        staged.add(path, "\n".join(parts).encode("utf-8"))
+        staged.commit()
+    finally:
+        staged.discard()
+
+
+# ------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="srd-explain", description="SRD heatmaps for images.")
+    ap = argparse.ArgumentParser(
+        prog="srd-explain", description="SRD relevance maps for image files and folders.",
+        epilog="Outputs per input NAME.EXT and layer L: NAME.EXT.srd-L.png (overlay at the photo's "
+               "size), NAME.EXT.srd-L.npy (map in the photo's coordinates), NAME.EXT.srd-L.panel.png "
+               "(--panel); --report adds OUT/report.html.")
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     ap.add_argument("--model", required=True, help="shapes-vgg, shapes-resnet, resnet18..152, vgg11..19[_bn]")
     ap.add_argument("--weights", default=None, help="state_dict file (required for torchvision models)")
+    ap.add_argument("--tv-weights", default=None, metavar="NAME",
+                    help="torchvision models: the torchvision weights whose transforms() to use "
+                         "(default IMAGENET1K_V1; IMAGENET1K_V2 for ResNet-50/101/152's V2 checkpoints)")
     ap.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
-    ap.add_argument("--layer", default="input", help="input, high, low or a module path (default: input)")
+    ap.add_argument("--layer", action="append", default=None, metavar="LAYER[,LAYER...]",
+                    help="input, high, low or a module path; repeat or separate by commas for several "
+                         "(default: input)")
+    ap.add_argument("--resize", type=int, default=None, metavar="N",
+                    help="resize the shorter side to N pixels (default: the model's transforms)")
+    ap.add_argument("--crop", default=None, metavar="N|none",
+                    help="centre crop of N x N pixels, or none for the whole resized photo "
+                         "(default: the model's transforms)")
+    ap.add_argument("--format", default="both", choices=FORMATS, help="files per input (default: both)")
+    ap.add_argument("--panel", action="store_true", help="also write image | map + colorbar | overlay panels")
+    ap.add_argument("--report", action="store_true", help=f"also write OUT/{REPORT_NAME}, one self-contained page")
     ap.add_argument("--out", default="srd_out")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
     return ap
+
+
+def _layers(arg: Optional[List[str]]) -> List[str]:
+    if not arg:
+        return ["input"]
+    layers = []
+    for a in arg:
+        for layer in a.split(","):
+            layer = layer.strip()
+            if not layer:
+                raise UsageError(f"--layer {a!r} has an empty layer name; give names such as input,high,low")
+            if layer not in layers:
+                layers.append(layer)
+    return layers
+
+
+def _transform(args):
+    from . import models
+
+    if args.model in models.SHAPES_MODELS:
+        if args.tv_weights is not None:
+            raise UsageError(f"--tv-weights applies to torchvision models; {args.model} has its own transforms")
+        t = models.transforms_for(args.model)
+    else:
+        t = models.transforms_for(args.model, args.tv_weights or "IMAGENET1K_V1")
+    changes = {}
+    if args.resize is not None:
+        if args.resize < 1:
+            raise UsageError(f"--resize must be a positive number of pixels, got {args.resize}")
+        changes["resize"] = args.resize
+    if args.crop is not None:
+        if args.crop.lower() == "none":
+            changes["crop"] = None
+        else:
+            try:
+                changes["crop"] = int(args.crop)
+            except ValueError:
+                raise UsageError(f"--crop must be a number of pixels or 'none', got {args.crop!r}") from None
+            if changes["crop"] < 1:
+                raise UsageError(f"--crop must be a positive number of pixels or 'none', got {args.crop}")
+    try:
+        return dataclasses.replace(t, **changes)
+    except ValueError as e:
+        raise UsageError(f"--resize/--crop: {e} (the model's transforms: resize {t.resize}, crop {t.crop})") from None
+
+
+def _describe(t) -> str:
+    crop = "no crop" if t.crop is None else f"centre crop {t.crop}x{t.crop}"
+    return (f"shorter side resized to {t.resize} ({t.interpolation}), {crop}, "
+            f"mean {tuple(round(v, 3) for v in t.mean)}, std {tuple(round(v, 3) for v in t.std)}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"srd-explain: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     import srd_ext
-    from srd_ext import models
+    from srd_ext import models, viz
 
     if args.batch_size < 1:
-        print("srd-explain: --batch-size must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("srd-explain: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
+    layers = _layers(args.layer)
     try:
+        transform = _transform(args)
         model = models.load_model(args.model, args.weights, device=args.device)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        print(f"srd-explain: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     names = models.class_names(args.model)
     if args.target is not None and not 0 <= args.target < len(names):
-        print(f"srd-explain: --target must be in 0..{len(names) - 1}", file=sys.stderr)
-        return 2
-    size = models.model_input_size(args.model)
-    normalize = models.model_transform(args.model)
+        raise UsageError(f"--target must be in 0..{len(names) - 1} ({args.model} has {len(names)} classes), "
+                         f"got {args.target}")
     explainer = srd_ext.Explainer(model)
+    side = transform.crop or transform.resize
+    try:  # unknown layers fail here, before anything is read or written
+        with torch.no_grad():
+            explainer.explain(torch.zeros(0, 3, side, side, device=args.device), None, layer=layers)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--layer: {e}") from None
 
-    files, missing = find_images(args.inputs)
-    failures = [f"{p}: no such file or folder" for p in missing]
-    todo = []
-    for path, stem in files:
-        out_png = os.path.join(args.out, stem + ".png")
-        out_npy = os.path.join(args.out, stem + ".npy")
-        if not args.overwrite and (os.path.exists(out_png) or os.path.exists(out_npy)):
-            print(f"srd-explain: {out_png} exists, skipped (use --overwrite)", file=sys.stderr)
-            continue
-        todo.append((path, out_png, out_npy))
+    items, notes = find_inputs(args.inputs)
+    notes += plan_outputs(items, args.out, layers, args.format, args.panel, args.overwrite)
+    report_path = os.path.join(args.out, REPORT_NAME)
+    if args.report:
+        clash = input_identities(items).get(_identity(report_path))
+        if clash is not None:
+            raise UsageError(f"the report {report_path} would replace the input {clash}; choose another --out")
+        if os.path.lexists(report_path) and not args.overwrite:
+            raise UsageError(f"{report_path} exists; pass --overwrite to replace it or choose another --out")
+    for n in notes:
+        print(f"srd-explain: note: {n}", file=sys.stderr)
+    for it in items:
+        if it.status in ("skipped", "failed"):
+            print(f"srd-explain: {it.status} {it.path}: {it.reason}", file=sys.stderr)
 
-    written = 0
+    todo = [it for it in items if it.status == "todo"]
+    rows = []
     bar = tqdm(total=len(todo), desc="srd-explain", unit="img", file=sys.stderr, disable=len(todo) < 2)
-    for start in range(0, len(todo), args.batch_size):
-        batch, images, outs = [], [], []
-        for path, out_png, out_npy in todo[start:start + args.batch_size]:
-            try:
-                with Image.open(path) as im:
-                    img = im.convert("RGB")
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                failures.append(f"{path}: not a readable image ({type(e).__name__})")
-                bar.update(1)
-                continue
-            img = img.resize((size, size), Image.BILINEAR)
-            t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-            batch.append(normalize(t))
-            images.append(img)
-            outs.append((out_png, out_npy))
-        if not batch:
-            continue
-        x = torch.stack(batch).to(args.device)
+
+    def fail(it: Item, reason: str) -> None:
+        it.status, it.reason = "failed", reason
+        bar.write(f"srd-explain: failed {it.path}: {reason}", file=sys.stderr)
+        bar.update(1)
+
+    def finish(it: Item, photo: Image.Image, maps: Dict[str, torch.Tensor], k: int, probs: torch.Tensor) -> None:
+        box = transform.box(photo.size)
+        title = viz.class_title(names, probs, args.target)
+        report = {"name": it.stem, "path": it.path, "size": photo.size, "overlays": {}, "links": {},
+                  "classes": viz.class_title(names, probs, args.target, sep="\n").split("\n")}
+        staged = Staged(args.overwrite)
         try:
-            with torch.no_grad():
-                maps, logits = explainer.explain(x, args.target, layer=args.layer, return_logits=True)
-        except ValueError as e:  # e.g. an unknown --layer
-            bar.close()
-            print(f"srd-explain: {e}", file=sys.stderr)
-            return 2
-        pred = logits.argmax(1).tolist()
-        for img, m, (out_png, out_npy), p in zip(images, maps.cpu().numpy(), outs, pred):
-            os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
-            np.save(out_npy, m)
-            overlay(img, m).save(out_png)
-            written += 1
-            bar.set_postfix_str(f"{os.path.basename(out_png)}: {names[p]}")
-            bar.update(1)
+            for layer in layers:
+                on_photo = viz.to_photo(maps[layer][k].float().cpu().numpy(), photo.size, box)
+                scale = viz.robust_scale(on_photo)
+                over = viz.overlay(photo, on_photo, scale, box)
+                if f"png:{layer}" in it.outputs:
+                    staged.add(it.outputs[f"png:{layer}"], viz.png_bytes(over))
+                    report["links"][layer] = os.path.relpath(it.outputs[f"png:{layer}"], args.out)
+                if f"npy:{layer}" in it.outputs:
+                    staged.add(it.outputs[f"npy:{layer}"], _npy_bytes(on_photo))
+                if f"panel:{layer}" in it.outputs:
+                    fig = viz.panel(photo, on_photo, f"{os.path.basename(it.path)}, SRD-{layer}: {title}",
+                                    scale=scale, box=box)
+                    staged.add(it.outputs[f"panel:{layer}"], viz.png_bytes(fig))
+                if args.report:
+                    report["overlays"][layer] = _data_uri(over)
+            staged.commit()
+        except OSError as e:
+            fail(it, f"could not write its outputs ({type(e).__name__}: {e})")
+            return
+        finally:
+            staged.discard()
+        it.status = "written"
+        if args.report:
+            report["photo"] = _data_uri(photo)
+            rows.append(report)
+        bar.update(1)
+
+    for start in range(0, len(todo), args.batch_size):
+        loaded = []
+        for it in todo[start:start + args.batch_size]:
+            bar.set_postfix_str(os.path.basename(it.path))
+            try:
+                photo = read_photo(it.path)
+                loaded.append((it, photo, transform(photo)))
+            except Exception as e:  # one bad file must not end the run
+                fail(it, f"not a readable image ({type(e).__name__}: {str(e)[:120]})")
+        groups: Dict[tuple, list] = {}
+        for entry in loaded:  # without a crop, photos of different shapes go in separate batches
+            groups.setdefault(tuple(entry[2].shape), []).append(entry)
+        for group in groups.values():
+            x = torch.stack([g[2] for g in group]).to(args.device)
+            try:
+                with torch.no_grad():
+                    maps, logits = explainer.explain(x, args.target, layer=layers, return_logits=True)
+            except Exception as e:
+                for it, _, _ in group:
+                    fail(it, f"explanation failed ({type(e).__name__}: {str(e)[:200]})")
+                continue
+            probs = logits.float().softmax(1).cpu()
+            for k, (it, photo, _) in enumerate(group):
+                bar.set_postfix_str(os.path.basename(it.path))
+                finish(it, photo, maps, k, probs[k])
     bar.close()
-    for f in failures:
-        print(f"srd-explain: skipped {f}", file=sys.stderr)
-    print(f"srd-explain: wrote {written} explanation(s) to {args.out}; {len(failures)} skipped")
-    return 1 if failures else 0
+
+    counts = {s: sum(it.status == s for it in items) for s in ("written", "skipped", "failed")}
+    if sum(counts.values()) != len(items):  # cannot happen; a bug if it does
+        raise RuntimeError(f"srd-explain lost track of inputs: {counts} for {len(items)} inputs")
+    code = 1 if counts["failed"] else 0
+    report_written = False
+    if args.report:
+        header = {"model": args.model + (f" ({args.weights})" if args.weights else ""),
+                  "preprocessing": _describe(transform),
+                  "explained class": "predicted" if args.target is None else f"{args.target} ({names[args.target]})",
+                  "layers": ", ".join(layers)}
+        try:
+            write_report(report_path, rows, items, layers, header, args.overwrite)
+            report_written = True
+        except OSError as e:
+            print(f"srd-explain: could not write the report {report_path}: {e}", file=sys.stderr)
+            code = 1
+    print(f"srd-explain: {len(items)} input(s): {counts['written']} written, {counts['skipped']} skipped, "
+          f"{counts['failed']} failed; outputs in {args.out}"
+          + (f"; report {report_path}" if report_written else ""))
+    return code
 
 
 if __name__ == "__main__":
