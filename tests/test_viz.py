@@ -120,3 +120,24 @@ def test_colorbar_image_runs_from_blue_to_red():
     a = np.asarray(viz.colorbar_image(100, 4)).astype(int)
     assert a[0, 0, 2] > a[0, 0, 0] and a[0, -1, 0] > a[0, -1, 2]
     assert (a[0, 50] >= 250).all()  # the middle is 0: white shows through
+
+
+def test_demo_draws_with_viz(tmp_path, monkeypatch):
+    from scripts import load_script
+
+    from srd_ext import models
+
+    if not (models.WEIGHTS_DIR / "shapes-vgg.pt").exists():
+        pytest.skip("shipped weights missing")
+    demo = load_script("examples/demo.py", "demo_under_test")
+    calls = []
+    real = viz.draw
+    monkeypatch.setattr(viz, "draw", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr("sys.argv", ["demo.py", "--n", "2", "--out", str(tmp_path / "demo.png")])
+    demo.main()
+    assert len(calls) == 2 * 6  # 2 images x (2 models x 3 layers), all drawn by srd_ext.viz
+    assert Image.open(tmp_path / "demo.png").size[0] > 500
+    monkeypatch.setattr("sys.argv", ["demo.py", "--photos", str(tmp_path / "photos")])
+    demo.main()
+    sizes = sorted(Image.open(p).size for p in (tmp_path / "photos").iterdir())
+    assert sizes == sorted((w, h) for w, h, _, _ in demo.PHOTOS)
