@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--format", default="both", choices=FORMATS, help="files per input (default: both)")
     ap.add_argument("--panel", action="store_true", help="also write image | map + colorbar | overlay panels")
     ap.add_argument("--report", action="store_true", help=f"also write OUT/{REPORT_NAME}, one self-contained page")
-    ap.add_argument("--out", default="srd_out")
+    ap.add_argument("--out", default="srd_out", metavar="DIR", help="output folder (default: srd_out)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
@@ -430,6 +430,8 @@ def _run(args) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     layers = _layers(args.layer)
     try:
         transform = _transform(args)

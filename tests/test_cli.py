@@ -358,6 +358,8 @@ def test_usage_errors_write_nothing(tmp_path, capsys):
         code, _, err = run(capsys, p, "--model", "shapes-vgg", "--out", out, *extra)
         assert code == 2 and message in err, (extra, err)
         assert not out.exists()
+    code, _, err = run(capsys, p, "--model", "shapes-vgg", "--out", p)
+    assert code == 2 and "is a file; give a folder" in err
     assert run(capsys, p, "--model", "resnet18", "--out", out)[0] == 2
     bad = tmp_path / "w.pt"
     bad.write_bytes(b"garbage")
