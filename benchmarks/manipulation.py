@@ -305,7 +305,7 @@ def attack_map_fn(method: str, model: nn.Module, args) -> Callable:
         # SRD of the softplus copy: the extension's ops, differentiated through their autograd
         # formulas; its forward gives the logits
         ex = Explainer(smooth_copy(model, args.beta), init="constant")
-        return lambda x, t: ex.explain(x, t, return_logits=True)
+        return lambda x, t: ex.explain(x, t, return_logits=True, create_graph=True)
     if method == "lrp-zplus":
         lrp = LRPZPlus(model, args.beta)
         return lambda x, t: lrp(x, t, create_graph=True)
@@ -342,10 +342,7 @@ def eval_map_fn(method: str, model: nn.Module) -> Callable:
     if method == "srd":
         ex = Explainer(model, init="constant")
 
-        def fn(x, t):
-            with torch.no_grad():
-                return ex.explain(x, t)
-        return fn
+        return lambda x, t: ex.explain(x, t)
     m = baselines.get(BASELINE[method])
     return lambda x, t: m(model, x, t)
 

@@ -148,13 +148,14 @@ def make_step(model: torch.nn.Module, lam: float, layer: str
             loss = ce
         else:
             # The explainer's forward gives the logits too: one forward for both terms.
-            R, logits = explainer.explain(x, y, layer=layer, return_logits=True)
+            R, logits = explainer.explain(x, y, layer=layer, return_logits=True, create_graph=True)
             ce = F.cross_entropy(logits, y)
             penalty = outside_share(R, mask).mean()
             loss = ce + lam * penalty
         loss.backward()
         return loss.detach(), ce.detach(), penalty.detach()
 
+    step.explainer = explainer
     return step
 
 
@@ -164,6 +165,8 @@ def compile_step(step: Callable) -> Callable:
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
 
     def run(*args):
+        if getattr(step, "explainer", None) is not None:
+            step.explainer.prepare(args[0])  # the model's capture runs eagerly (cached after once)
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             return compiled(*args)
 
@@ -172,6 +175,8 @@ def compile_step(step: Callable) -> Callable:
 
 def graph_breaks(step: Callable, *args) -> Tuple[int, int, list]:
     """(graphs, graph breaks, reasons) of ``step`` as dynamo sees it. Runs the step once."""
+    if getattr(step, "explainer", None) is not None:
+        step.explainer.prepare(args[0])
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         e = torch._dynamo.explain(step)(*args)
     return e.graph_count, e.graph_break_count, [str(r.reason).splitlines()[0] for r in e.break_reasons]

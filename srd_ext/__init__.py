@@ -7,7 +7,8 @@ Quick start::
     maps = srd_ext.explain(model, images, target=3, layer="high")   # 1/8 resolution
 """
 from . import ops
-from .capture import UnsupportedModelError, capture
+from . import capture
+from .capture import UnsupportedModelError
 from .explain import Explainer, erf, explain
 from .ops import activation_share, bias_share_scatter, conv_tap_norms, pfv_decompose
 

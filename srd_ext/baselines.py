@@ -340,37 +340,27 @@ def _lrp(model, x, target, **_):
 # --------------------------------------------------------------------------------------------
 # pytorch-grad-cam
 # --------------------------------------------------------------------------------------------
-def _module_of_step(ex, index: int) -> str:
-    """Path of the outermost module whose output is the activation at step ``index``."""
-    step = ex.plan.steps[index]
-    stack = (step.node.meta.get("nn_module_stack") or {}) if step.node is not None else {}
-    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
-    if step.node is not None and step.node.op == "call_module":
-        paths.append(step.path)
-    modules = dict(ex.model.named_modules())
-    for p in sorted(set(paths), key=lambda p: (p.count("."), len(p))):
-        if p not in modules or not p:
-            continue
-        try:
-            if ex._resolve(p) == index:
-                return p
-        except ValueError:  # reused module, head layer, ...
-            continue
-    raise ValueError(f"no module of {type(ex.model).__name__} outputs the activation "
-                     f"'{step.name}' ({step.path}) alone; CAM methods need one to hook")
+def _module_of_node(ex, x: Tensor, index: int) -> str:
+    """Path of the outermost module whose (single) call outputs node ``index``."""
+    g = ex.graph(x)
+    path = g.module_of(index)
+    if path is None:
+        raise ValueError(f"no module of {type(ex.model).__name__} outputs the layer "
+                         f"'{g.display_name(index)}' alone; CAM methods need one to hook")
+    return path
 
 
 def cam_layers(model: nn.Module, x: Tensor) -> Dict[str, str]:
     """Module paths hooked by the CAM methods: {"low": ..., "high": ...}, the modules that output
-    SRD's "low" (encoder output) and "high" (1/8 input resolution) activations for inputs
-    shaped like ``x``."""
+    SRD's "low" (encoder output) and "high" (1/8 input resolution) layers for inputs shaped
+    like ``x``."""
     ex = _explainer(model)
 
     def build():
-        with torch.no_grad():
-            values = ex.plan.forward(x[:1].detach())
-        return {"low": _module_of_step(ex, ex.encoder_index),
-                "high": _module_of_step(ex, ex._resolve_high(values))}
+        g = ex.graph(x[:1].detach())
+        plan = ex._plan(g)
+        return {"low": _module_of_node(ex, x[:1], plan.encoder),
+                "high": _module_of_node(ex, x[:1], ex._resolve(g, plan, "high"))}
 
     h, w = x.shape[-2:]
     return _cached(model, f"cam_layers_{h}x{w}", build)

@@ -1,514 +1,659 @@
 """Graph capture: how a model is walked.
 
-A model is traced once with ``torch.fx`` into a :class:`Plan`: a topologically ordered list of
-:class:`Step` objects (conv, batch norm, activation, pooling, add, reshape, linear, ...). The plan
-runs the model's forward itself (:meth:`Plan.forward`), which is where activation and max-pool
-layers are instrumented: both the SRD explainer (pre-activations, max-pool indices) and APOP
-(activation patterns) record and replay through the same :class:`Instrument` hooks, so module
-and functional forms, in-place ReLUs and modules reused several times are all handled in one
-place. Tracing does not change the model: the plan only holds references to its submodules.
+A model is exported once per input signature with ``torch.export`` into a graph of ATen ops
+(:class:`Graph`), whatever modules wrote them: torchvision and timm blocks, functional code,
+modules reused several times, in-place ops. Every node of the graph gets the rule of its op from
+the registry in :mod:`srd_ext.rules`; the graph runs the model's forward itself
+(:meth:`Graph.forward`), reading the model's live parameters by name at every call, so a training
+loop's updates are seen. Activation and max-pool nodes call an :class:`Instrument`, through which
+the SRD explainer (max-pool indices) and APOP (activation patterns) record and replay.
+
+The capture never changes the model. While it exports, every module's ``training`` flag reads
+False (Dropout and stochastic depth are traced as the identity); the flags are restored when the
+export returns, also on error. A BatchNorm in training mode is refused before that: SRD needs
+the fixed affine map of eval mode.
+
+What the graph knows beyond the forward (all computed once per capture):
+
+- ``data``: nodes that depend on the input (the rest reads only parameters and constants and is
+  evaluated as a constant of the forward pass, e.g. NFNet's standardised conv weights);
+- the relevance field's edges (a gate's side branch receives none), the decomposition sites
+  (activation nodes on the field's path) and the nodes every path from the input to the output
+  passes through (cuts, from the dominator tree);
+- each tensor's pixel layout (which dims are batch, height and width; the rest are channels),
+  followed through permutes and reshapes, so that channels-last blocks work like NCHW ones;
+- the names users know: module paths (``layer2``, ``features.22``), ``path@k`` for the k-th call
+  of a reused module (also written ``path_with_underscores_k``), and ATen node names.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import operator
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Step", "Plan", "Instrument", "Recorder", "capture", "UnsupportedModelError", "SUPPORTED"]
+__all__ = [
+    "Graph", "Node", "Instrument", "Recorder", "capture", "graph_for", "unwrap",
+    "UnsupportedModelError", "Ref",
+]
 
 
 class UnsupportedModelError(TypeError):
-    """The model contains a layer SRD cannot decompose."""
+    """The model contains an op SRD cannot decompose, or cannot be captured."""
 
 
-SUPPORTED = (
-    "Conv2d (zero padding), BatchNorm2d (eval), ReLU, LeakyReLU, ELU, SiLU, GELU, Tanh, Softplus, MaxPool2d, "
-    "AvgPool2d, AdaptiveAvgPool2d, residual add, Flatten/flatten/view/reshape, Dropout, Identity, "
-    "Linear"
-)
+@dataclass(frozen=True)
+class Ref:
+    """Stands for the value of node ``index`` inside a node's stored arguments."""
 
-# --------------------------------------------------------------------------------------------
-# Activations: forward function and derivative (the derivative is only used in the head, where
-# the gradient of the logit is taken for the initial relevance).
-# --------------------------------------------------------------------------------------------
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@dataclass
-class Activation:
-    kind: str
-    negative_slope: float = 0.01
-    alpha: float = 1.0
-    approximate: str = "none"
-    beta: float = 1.0
-    threshold: float = 20.0
-
-    def __call__(self, z: Tensor) -> Tensor:
-        if self.kind == "relu":
-            return F.relu(z)
-        if self.kind == "leaky_relu":
-            return F.leaky_relu(z, self.negative_slope)
-        if self.kind == "elu":
-            return F.elu(z, self.alpha)
-        if self.kind == "silu":
-            return F.silu(z)
-        if self.kind == "gelu":
-            return F.gelu(z, approximate=self.approximate)
-        if self.kind == "tanh":
-            return torch.tanh(z)
-        if self.kind == "softplus":
-            return F.softplus(z, self.beta, self.threshold)
-        raise AssertionError(self.kind)
-
-    def derivative(self, z: Tensor, a: Tensor) -> Tensor:
-        if self.kind == "relu":
-            return (z > 0).to(z.dtype)
-        if self.kind == "leaky_relu":
-            return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, self.negative_slope))
-        if self.kind == "elu":
-            return torch.where(z > 0, torch.ones_like(z), a + self.alpha)
-        if self.kind == "silu":
-            s = torch.sigmoid(z)
-            return s * (1 + z * (1 - s))
-        if self.kind == "gelu":
-            if self.approximate == "tanh":
-                k = math.sqrt(2.0 / math.pi)
-                u = k * (z + 0.044715 * z ** 3)
-                t = torch.tanh(u)
-                return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
-            return 0.5 * (1 + torch.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-        if self.kind == "tanh":
-            return 1 - a * a
-        if self.kind == "softplus":  # linear above the threshold, as F.softplus
-            return torch.where(z * self.beta > self.threshold, torch.ones_like(z), torch.sigmoid(z * self.beta))
-        raise AssertionError(self.kind)
-
-
-def _module_activation(m: nn.Module) -> Optional[Activation]:
-    if isinstance(m, nn.ReLU):
-        return Activation("relu")
-    if isinstance(m, nn.LeakyReLU):
-        return Activation("leaky_relu", negative_slope=m.negative_slope)
-    if isinstance(m, nn.ELU):
-        return Activation("elu", alpha=m.alpha)
-    if isinstance(m, nn.SiLU):
-        return Activation("silu")
-    if isinstance(m, nn.GELU):
-        return Activation("gelu", approximate=m.approximate)
-    if isinstance(m, nn.Tanh):
-        return Activation("tanh")
-    if isinstance(m, nn.Softplus):
-        return Activation("softplus", beta=m.beta, threshold=m.threshold)
-    return None
-
-
-_FUNCTION_ACTIVATIONS = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
-    F.leaky_relu: "leaky_relu", F.elu: "elu", F.silu: "silu", F.gelu: "gelu",
-    torch.tanh: "tanh", F.tanh: "tanh",
-}
-_METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh"}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
-_RESHAPE_METHODS = {"flatten", "view", "reshape", "contiguous"}
-_META_METHODS = {"size", "dim"}
-
-
-def _function_activation(node: torch.fx.Node) -> Optional[Activation]:
-    kind = _FUNCTION_ACTIVATIONS.get(node.target) if node.op == "call_function" else (
-        _METHOD_ACTIVATIONS.get(node.target) if node.op == "call_method" else None)
-    if kind is None:
-        return None
-    kw = dict(node.kwargs)
-    extra = list(node.args[1:])
-    if kind == "leaky_relu":
-        return Activation(kind, negative_slope=kw.get("negative_slope", extra[0] if extra else 0.01))
-    if kind == "elu":
-        return Activation(kind, alpha=kw.get("alpha", extra[0] if extra else 1.0))
-    if kind == "gelu":
-        return Activation(kind, approximate=kw.get("approximate", "none"))
-    return Activation(kind)
+    index: int
 
 
 # --------------------------------------------------------------------------------------------
-# Plan
+# Nodes
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Step:
+@dataclass(eq=False)
+class Node:
     """One node of the captured graph.
 
-    kind: "input", "conv", "bn", "act", "maxpool", "avgpool", "adaptive_avgpool", "add",
-    "reshape", "identity", "linear", "meta" (non-tensor helpers such as ``x.size(0)``), "output".
-    inputs: indices of the tensor steps this one reads (in argument order).
+    kind: "input", "param" (a parameter, buffer or constant of the model), "call" (an op or a
+    Python function on values), "output".
     """
 
     index: int
+    name: str
     kind: str
-    name: str                       # fx node name (unique)
-    path: str                       # module path for call_module nodes, else the node name
-    inputs: List[int]
-    module: Optional[nn.Module] = None
-    activation: Optional[Activation] = None
-    bn: Optional[nn.BatchNorm2d] = None   # a BatchNorm folded into this conv
-    node: Optional[torch.fx.Node] = None
-    params: Dict[str, Any] = field(default_factory=dict)
+    target: Any = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    inputs: List[int] = field(default_factory=list)   # nodes read, in argument order, no repeats
+    rule: Any = None
+    module: str = ""          # innermost module path ("" for the model's own forward)
+    module_type: str = ""
+    scopes: Tuple[Tuple[str, int], ...] = ()          # (module path, call number), outer to inner
+    shape: Optional[Tuple[int, ...]] = None           # example shape (batch dim as in the example)
+    dtype: Optional[torch.dtype] = None
+    data: bool = False        # depends on the input
+    field_inputs: List[int] = field(default_factory=list)  # data inputs the relevance field reaches
+    site: bool = False        # a decomposition site (activation on the field's path)
+    z_input: Optional[int] = None   # a site's pre-activation node
+    layout: Optional[Tuple[int, int, int]] = None     # (batch, height, width) dims, if pixels
+    pooled: bool = False      # downstream of a global pooling (the head)
+    is_tuple: bool = False    # the op returns several tensors (split, ...): read with getitem
+    fused: Optional[int] = None     # a conv folded into the BatchNorm node with this index
+    params: dict = field(default_factory=dict)        # the rule's parsed arguments
+    binder: Optional[Callable[[nn.Module], Tensor]] = None  # "param": reads the live tensor
+
+    op_name: str = ""         # "aten.conv2d", "getitem", ...: what the registry keys rules by
+
+    def where(self) -> str:
+        """How errors name the node: its op, module path and module type."""
+        mod = f"module '{self.module}' ({self.module_type.rsplit('.', 1)[-1]})" if self.module \
+            else "the model's own forward"
+        return f"node '{self.name}' ({self.op_name}, {mod})"
 
 
 class Instrument:
-    """Hooks called by :meth:`Plan.forward` at every activation and max-pool step.
+    """Hooks called by :meth:`Graph.forward` at every activation and max-pool node.
 
-    The default runs the layer and records nothing; subclasses record (SRD, APOP) or replace
-    (APOP replay, binarization) what the layer outputs.
+    The default runs the op and records nothing; subclasses record (SRD, APOP) or replace (APOP
+    replay, binarization) what the node outputs. ``fn`` computes the node's normal output.
     """
 
-    def activation(self, step: Step, z: Tensor) -> Tensor:
-        return step.activation(z)
+    def activation(self, node: Node, z: Tensor, fn: Callable[[Tensor], Tensor], args: tuple = ()) -> Tensor:
+        """``args``: the node's evaluated arguments (``args[0]`` is ``z``)."""
+        return fn(z)
 
-    def maxpool(self, step: Step, x: Tensor) -> Tensor:
-        p = step.params
-        return F.max_pool2d(x, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
-                            ceil_mode=p["ceil_mode"])
+    def maxpool(self, node: Node, x: Tensor, fn: Callable[[Tensor], Tuple[Tensor, Tensor]]) -> Tensor:
+        return fn(x)[0]
 
 
 class Recorder(Instrument):
     """Runs the model unchanged, recording each max-pool's argmax indices (which SRD's max-pool
-    rule needs) and, with ``masks=True``, each ReLU's on/off pattern ``z > 0`` (APOP)."""
+    rule needs) and, with ``activations=True``, each activation's pre-activation (APOP)."""
 
-    def __init__(self, masks: bool = False):
-        self.record_masks = masks
+    def __init__(self, activations: bool = False):
+        self.record_activations = activations
         self.indices: Dict[int, Tensor] = {}
-        self.masks: Dict[int, Tensor] = {}
+        self.pre_activations: Dict[int, Tensor] = {}
 
-    def activation(self, step: Step, z: Tensor) -> Tensor:
-        if self.record_masks and step.activation.kind == "relu":
-            self.masks[step.index] = z > 0
-        return step.activation(z)
+    def activation(self, node, z, fn, args=()):
+        if self.record_activations:
+            self.pre_activations[node.index] = z
+        return fn(z)
 
-    def maxpool(self, step: Step, x: Tensor) -> Tensor:
-        p = step.params
-        out, idx = F.max_pool2d(x, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
-                                ceil_mode=p["ceil_mode"], return_indices=True)
-        self.indices[step.index] = idx
+    def maxpool(self, node, x, fn):
+        out, idx = fn(x)
+        self.indices[node.index] = idx
         return out
 
 
-def _maxpool_params(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                    return_indices=False) -> Dict[str, Any]:
-    if return_indices:
-        raise UnsupportedModelError("max_pool2d(return_indices=True) is not supported")
-    pair = torch.nn.modules.utils._pair
-    return {"kernel_size": pair(kernel_size), "stride": pair(stride if stride else kernel_size),
-            "padding": pair(padding), "dilation": pair(dilation), "ceil_mode": bool(ceil_mode)}
+# --------------------------------------------------------------------------------------------
+# The graph
+# --------------------------------------------------------------------------------------------
+class Graph:
+    """A captured model for one input signature: nodes in topological order and the forward
+    that runs them, with the analyses SRD needs."""
 
+    def __init__(self, model: nn.Module, nodes: List[Node], signature, export_seconds: float = 0.0):
+        self.model_ref = weakref.ref(model)
+        self.nodes = nodes
+        self.signature = signature
+        self.export_seconds = export_seconds
+        self.input_index = next(n.index for n in nodes if n.kind == "input")
+        self.output_index = next(n.index for n in nodes if n.kind == "output")
+        self.users: List[List[int]] = [[] for _ in nodes]
+        for n in nodes:
+            for i in n.inputs:
+                self.users[i].append(n.index)
+        self.last_use = [-1] * len(nodes)
+        for n in nodes:
+            for i in n.inputs:
+                self.last_use[i] = max(self.last_use[i], n.index)
+        self.plans: Dict[Any, Any] = {}   # the explainer's per-encoder analyses
+        self._names: Optional[Dict[str, int]] = None
+        self._display: Optional[Dict[int, str]] = None
+        self._ambiguous: Dict[str, List[str]] = {}
 
-def _avgpool_params(kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-                    divisor_override=None) -> Dict[str, Any]:
-    pair = torch.nn.modules.utils._pair
-    return {"kernel_size": pair(kernel_size), "stride": pair(stride if stride else kernel_size),
-            "padding": pair(padding), "ceil_mode": bool(ceil_mode),
-            "count_include_pad": bool(count_include_pad), "divisor_override": divisor_override}
+    @property
+    def model(self) -> nn.Module:
+        m = self.model_ref()
+        if m is None:
+            raise RuntimeError("the captured model no longer exists")
+        return m
 
-
-class Plan:
-    """A captured model: steps in topological order and the forward that runs them."""
-
-    def __init__(self, model: nn.Module, steps: List[Step]):
-        self.model = model
-        self.steps = steps
-        self.input_index = next(s.index for s in steps if s.kind == "input")
-        self.output_index = next(s.index for s in steps if s.kind == "output")
-        users: List[List[int]] = [[] for _ in steps]
-        for s in steps:
-            for i in s.inputs:
-                users[i].append(s.index)
-        self.users = users
-
-    # -- lookup ---------------------------------------------------------------------------
-    def activations(self) -> List[Step]:
-        return [s for s in self.steps if s.kind == "act"]
-
-    def check_eval(self) -> None:
-        for s in self.steps:
-            bn = s.bn if s.kind == "conv" else (s.module if s.kind == "bn" else None)
-            if bn is not None and bn.training:
-                raise ValueError(
-                    f"BatchNorm at '{bn_path(self, s)}' is in training mode: SRD needs the fixed "
-                    "affine map of eval mode; call model.eval() first")
-
-    # -- forward --------------------------------------------------------------------------
+    # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, instrument: Optional[Instrument] = None,
-                keep: Optional[Sequence[int]] = None, stop: Optional[int] = None) -> List[Optional[Tensor]]:
-        """Run the steps; returns the list of step outputs (values not in ``keep`` are dropped
-        once no later step needs them, to bound memory). ``stop``: last step to run."""
+                keep: Optional[Sequence[int]] = None, stop: Optional[int] = None,
+                records: Optional[Dict[int, Any]] = None, shapes: Optional[List[Any]] = None,
+                model: Optional[nn.Module] = None) -> List[Any]:
+        """Run the nodes on ``x``; returns every node's value (values not in ``keep`` are dropped
+        once no later node reads them, to bound memory). ``stop``: last node to run.
+        ``records``: where rules leave what the walk needs (e.g. a layer norm's 1/sigma);
+        ``shapes``: a list that receives every value's shape."""
         instrument = instrument or Instrument()
-        values: List[Any] = [None] * len(self.steps)
-        last_use = [-1] * len(self.steps)
-        for s in self.steps:
-            for i in s.inputs:
-                last_use[i] = max(last_use[i], s.index)
+        model = self.model if model is None else model
+        values: List[Any] = [None] * len(self.nodes)
         keep_set = set(keep) if keep is not None else None
-        for s in self.steps:
-            values[s.index] = self._run(s, values, x, instrument)
+        ctx = _ForwardContext(instrument, records, self, values)
+        last_use = self.last_use
+        for n in self.nodes:
+            k = n.kind
+            if k == "param":
+                values[n.index] = n.binder(model)
+            elif k == "input":
+                values[n.index] = x
+            elif k == "output":
+                values[n.index] = values[n.inputs[0]]
+            else:
+                args = _load(n.args, values)
+                kwargs = _load(n.kwargs, values) if n.kwargs else {}
+                values[n.index] = n.rule.forward(n, args, kwargs, ctx)
+            if shapes is not None:
+                shapes.append(_shape_of(values[n.index]))
             if keep_set is not None:
-                for i in s.inputs:
-                    if last_use[i] == s.index and i not in keep_set:
+                for i in n.inputs:
+                    if last_use[i] == n.index and i not in keep_set:
                         values[i] = None
-            if stop is not None and s.index == stop:
+            if stop is not None and n.index == stop:
                 break
         return values
 
-    def _run(self, s: Step, values: List[Any], x: Tensor, instrument: Instrument):
-        ins = [values[i] for i in s.inputs]
-        k = s.kind
-        if k == "input":
-            return x
-        if k == "conv":
-            m = s.module
-            y = F.conv2d(ins[0], m.weight, m.bias, m.stride, s.params["padding"], m.dilation, m.groups)
-            if s.bn is not None:
-                y = _batch_norm(y, s.bn)
-            return y
-        if k == "bn":
-            return _batch_norm(ins[0], s.module)
-        if k == "act":
-            return instrument.activation(s, ins[0])
-        if k == "maxpool":
-            return instrument.maxpool(s, ins[0])
-        if k == "avgpool":
-            p = s.params
-            return F.avg_pool2d(ins[0], p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
-                                p["count_include_pad"], p["divisor_override"])
-        if k == "adaptive_avgpool":
-            return F.adaptive_avg_pool2d(ins[0], s.params["output_size"])
-        if k == "add":
-            return ins[0] + ins[1]
-        if k in ("reshape", "meta"):
-            return _eval_call(s.params["call"], values)
-        if k == "identity":
-            return ins[0]
-        if k == "linear":
-            return F.linear(ins[0], s.module.weight, s.module.bias)
-        if k == "output":
-            return ins[0]
-        raise AssertionError(k)
+    # -- names ------------------------------------------------------------------------------
+    def _build_names(self) -> None:
+        names: Dict[str, int] = {}
+        display: Dict[int, str] = {}
+        groups: Dict[Tuple[str, int], List[int]] = {}
+        calls: Dict[str, set] = {}
+        for n in self.nodes:
+            if not n.data or n.kind != "call":
+                continue
+            for scope in n.scopes:
+                groups.setdefault(scope, []).append(n.index)
+                calls.setdefault(scope[0], set()).add(scope[1])
+        outputs: Dict[Tuple[str, int], int] = {}
+        for scope, members in groups.items():
+            inside = set(members)
+            out = [i for i in members if any(u not in inside for u in self.users[i])]
+            outputs[scope] = max(out) if out else max(members)
+        for (path, call), idx in sorted(outputs.items(), key=lambda kv: kv[1]):
+            reused = len(calls[path]) > 1
+            canonical = f"{path}@{call}" if reused else path
+            names[canonical] = idx
+            if reused:
+                names.setdefault(f"{path.replace('.', '_')}_{call}" if call else path.replace(".", "_"), idx)
+                self._ambiguous.setdefault(path, []).append(canonical)
+            display.setdefault(idx, canonical)  # the outermost module whose output it is
+        for n in self.nodes:
+            if n.data and n.kind == "call":
+                names.setdefault(n.name, n.index)
+                display.setdefault(n.index, n.name)
+        self._names, self._display = names, display
+
+    def resolve(self, name: str) -> int:
+        """Node index of a module path, ``path@k``, ``path_k`` or ATen node name."""
+        if self._names is None:
+            self._build_names()
+        if name in self._ambiguous:
+            raise ValueError(
+                f"module {name!r} is used {len(self._ambiguous[name])} times in the forward; name "
+                f"one use: {self._ambiguous[name]}")
+        if name not in self._names:
+            raise KeyError(name)
+        return self._names[name]
+
+    def display_name(self, index: int) -> str:
+        if self._display is None:
+            self._build_names()
+        if index == self.input_index:
+            return "input"
+        return self._display.get(index, self.nodes[index].name)
+
+    def module_of(self, index: int) -> Optional[str]:
+        """The outermost module path whose (single) call outputs node ``index``, if any."""
+        if self._names is None:
+            self._build_names()
+        best = None
+        for name, i in self._names.items():
+            if i == index and "@" not in name and name in _module_paths(self.model):
+                if best is None or name.count(".") < best.count("."):
+                    best = name
+        return best
+
+    # -- analyses ---------------------------------------------------------------------------
+    def activation_nodes(self) -> List[Node]:
+        """Every activation node that depends on the input (sites and gate branches)."""
+        return [n for n in self.nodes if n.data and n.kind == "call" and n.rule.is_activation]
 
 
-def _batch_norm(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
-    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+def _module_paths(model: nn.Module) -> Dict[str, nn.Module]:
+    return dict(model.named_modules())
 
 
-def bn_path(plan: Plan, s: Step) -> str:
-    if s.kind == "bn":
-        return s.path
-    for name, m in plan.model.named_modules():
-        if m is s.bn:
-            return name
-    return s.path
+class _ForwardContext:
+    """What a rule's forward sees besides its arguments: the instrument, where to leave records
+    for the walk (None outside an explanation), the graph and the values computed so far."""
+
+    __slots__ = ("instrument", "records", "graph", "values")
+
+    def __init__(self, instrument, records, graph, values):
+        self.instrument = instrument
+        self.records = records
+        self.graph = graph
+        self.values = values
 
 
-@dataclass(frozen=True)
-class _Ref:
-    """Stands for the value of step ``index`` inside a stored call's arguments."""
-    index: int
+def _shape_of(v):
+    if isinstance(v, Tensor):
+        return v.shape
+    if isinstance(v, (tuple, list)):
+        return tuple(t.shape if isinstance(t, Tensor) else None for t in v)
+    return None
 
 
 def _load(template, values: List[Any]):
-    if isinstance(template, _Ref):
+    if isinstance(template, Ref):
         return values[template.index]
-    if isinstance(template, (list, tuple)):
+    if isinstance(template, tuple):
         return tuple(_load(t, values) for t in template)
+    if isinstance(template, list):
+        return [_load(t, values) for t in template]
     if isinstance(template, dict):
         return {k: _load(v, values) for k, v in template.items()}
     return template
 
 
-def _plain(template):
-    """fx's immutable containers as plain tuples and dicts."""
-    if isinstance(template, (list, tuple)):
-        return tuple(_plain(t) for t in template)
-    if isinstance(template, dict):
-        return {k: _plain(v) for k, v in template.items()}
-    return template
-
-
-def _eval_call(call, values: List[Any]):
-    """Evaluate a stored reshape/meta call (function or method) on the current values."""
-    kind, target, args, kwargs = call
-    args, kwargs = _load(args, values), _load(kwargs, values)
-    if kind == "function":
-        return target(*args, **kwargs)
-    return getattr(args[0], target)(*args[1:], **kwargs)
-
-
 # --------------------------------------------------------------------------------------------
 # Capture
 # --------------------------------------------------------------------------------------------
-def _unsupported(node: torch.fx.Node, what: str) -> UnsupportedModelError:
-    path = node.target if node.op == "call_module" else "(functional)"
-    return UnsupportedModelError(
-        f"srd_ext cannot decompose node '{node.name}' (module path {path!r}, {what}). "
-        f"Supported: {SUPPORTED}.")
-
-
-def _conv_padding(node: torch.fx.Node, m: nn.Conv2d) -> Tuple[int, int]:
-    if m.padding_mode != "zeros":
-        raise _unsupported(node, f"Conv2d with padding_mode={m.padding_mode!r}; only 'zeros'")
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return (0, 0)
-        pads = []
-        for k, d, s in zip(m.kernel_size, m.dilation, m.stride):
-            total = d * (k - 1)
-            if total % 2:
-                raise _unsupported(node, "Conv2d with asymmetric 'same' padding")
-            pads.append(total // 2)
-        return tuple(pads)
-    return tuple(m.padding)
-
-
-def capture(model: nn.Module) -> Plan:
-    """Trace ``model`` with torch.fx and build its :class:`Plan`. The model is not modified."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (OptimizedModule), DataParallel and
+    DistributedDataParallel wrappers, which explain the same function."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as e:  # data-dependent control flow, unsupported Python
-        raise UnsupportedModelError(
-            f"torch.fx could not trace {type(model).__name__}: {e}. SRD needs a model whose "
-            "forward has no data-dependent control flow.") from e
-    modules = dict(model.named_modules())
-    steps: List[Step] = []
-    index: Dict[str, int] = {}
-
-    def tensor_inputs(node: torch.fx.Node) -> List[int]:
-        out: List[int] = []
-        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(index[n.name]) or n)
-        return out
-
-    for node in gm.graph.nodes:
-        idx = len(steps)
-        kind: Optional[str] = None
-        step_kwargs: Dict[str, Any] = {}
-        ins: List[int] = []
-        path = node.name
-        if node.op == "placeholder":
-            if any(s.kind == "input" for s in steps):
-                raise _unsupported(node, "a second forward argument; SRD explains single-input models")
-            kind = "input"
-        elif node.op == "output":
-            kind = "output"
-            ins = tensor_inputs(node)
-            if len(ins) != 1:
-                raise _unsupported(node, "an output that is not a single logits tensor")
-        elif node.op == "get_attr":
-            raise _unsupported(node, "a parameter or constant read inside forward")
-        elif node.op == "call_module":
-            m = modules[node.target]
-            path = node.target
-            ins = tensor_inputs(node)
-            act = _module_activation(m)
-            if isinstance(m, nn.Conv2d):
-                kind = "conv"
-                step_kwargs["params"] = {"padding": _conv_padding(node, m)}
-            elif isinstance(m, nn.BatchNorm2d):
-                if m.running_mean is None:
-                    raise _unsupported(node, "BatchNorm2d without running statistics")
-                kind = "bn"
-            elif act is not None:
-                kind, step_kwargs["activation"] = "act", act
-            elif isinstance(m, nn.MaxPool2d):
-                if m.return_indices:
-                    raise _unsupported(node, "MaxPool2d(return_indices=True)")
-                kind = "maxpool"
-                step_kwargs["params"] = _maxpool_params(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-            elif isinstance(m, nn.AvgPool2d):
-                kind = "avgpool"
-                step_kwargs["params"] = _avgpool_params(m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                                        m.count_include_pad, m.divisor_override)
-            elif isinstance(m, nn.AdaptiveAvgPool2d):
-                kind = "adaptive_avgpool"
-                step_kwargs["params"] = {"output_size": m.output_size}
-            elif isinstance(m, (nn.Dropout, nn.Dropout2d, nn.Identity)):
-                kind = "identity"
-            elif isinstance(m, nn.Flatten):
-                kind = "reshape"
-                step_kwargs["params"] = {"call": ("function", torch.flatten, (_Ref(ins[0]), m.start_dim, m.end_dim), {})}
-            elif isinstance(m, nn.Linear):
-                kind = "linear"
-            else:
-                raise _unsupported(node, f"module type {type(m).__name__}")
-            step_kwargs["module"] = m
-        elif node.op in ("call_function", "call_method"):
-            ins = tensor_inputs(node)
-            act = _function_activation(node)
-            tgt = node.target
-            if act is not None:
-                kind, step_kwargs["activation"] = "act", act
-                ins = ins[:1]
-            elif node.op == "call_function" and tgt in _ADD_FUNCTIONS or (
-                    node.op == "call_method" and tgt in ("add", "add_", "__add__", "__iadd__")):
-                if len(ins) != 2 or any(not isinstance(a, torch.fx.Node) for a in node.args[:2]) \
-                        or node.kwargs.get("alpha", 1) != 1:
-                    raise _unsupported(node, "an add of a constant or with alpha (adds a bias SRD cannot share)")
-                kind = "add"
-            elif node.op == "call_function" and tgt in _RESHAPE_FUNCTIONS or (
-                    node.op == "call_method" and tgt in _RESHAPE_METHODS):
-                kind = "reshape"
-            elif node.op == "call_method" and tgt in _META_METHODS or (
-                    node.op == "call_function" and tgt is getattr):
-                kind = "meta"
-            elif node.op == "call_function" and tgt in (F.max_pool2d,):
-                kind = "maxpool"
-                step_kwargs["params"] = _maxpool_params(*node.args[1:], **node.kwargs)
-                ins = ins[:1]
-            elif node.op == "call_function" and tgt in (F.avg_pool2d,):
-                kind = "avgpool"
-                step_kwargs["params"] = _avgpool_params(*node.args[1:], **node.kwargs)
-                ins = ins[:1]
-            elif node.op == "call_function" and tgt in (F.adaptive_avg_pool2d,):
-                kind = "adaptive_avgpool"
-                osz = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
-                step_kwargs["params"] = {"output_size": osz}
-                ins = ins[:1]
-            elif node.op == "call_function" and tgt in (F.dropout, F.dropout2d):
-                kind = "identity"
-                ins = ins[:1]
-            else:
-                raise _unsupported(node, f"function {getattr(tgt, '__name__', tgt)!r}")
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
         else:
-            raise _unsupported(node, f"fx op {node.op}")
-        if kind in ("reshape", "meta") and node.op != "call_module":
-            to_ref = lambda n: _Ref(index[n.name])  # noqa: E731
-            step_kwargs["params"] = {"call": (
-                "function" if node.op == "call_function" else "method", node.target,
-                _plain(torch.fx.node.map_arg(node.args, to_ref)),
-                _plain(torch.fx.node.map_arg(node.kwargs, to_ref)))}
-        index[node.name] = idx
-        steps.append(Step(index=idx, kind=kind, name=node.name, path=path, inputs=ins, node=node,
-                          **step_kwargs))
-
-    plan = Plan(model, steps)
-    _fold_batchnorms(plan)
-    return plan
+            break
+    return model
 
 
-def _fold_batchnorms(plan: Plan) -> None:
-    """Attach each BatchNorm that directly follows a conv (and is its only user) to that conv:
-    for SRD the pair is one affine map (weights scaled, bias shared by the folded taps)."""
-    for s in plan.steps:
-        if s.kind != "bn":
+def check_eval(model: nn.Module) -> None:
+    """SRD needs BatchNorm's fixed affine map of eval mode."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            raise ValueError(
+                f"BatchNorm at '{name}' is in training mode: SRD needs the fixed affine map of "
+                "eval mode; call model.eval() first")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
+            raise UnsupportedModelError(
+                f"BatchNorm at '{name}' has no running statistics (track_running_stats=False): its "
+                "output depends on the whole batch, so no explanation of one image exists")
+
+
+@contextlib.contextmanager
+def _all_eval(model: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def signature_of(x: Tensor) -> tuple:
+    return (tuple(x.shape[1:]), x.dtype, x.device)
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """Changes when modules are replaced, added or removed, or parameters change shape, dtype or
+    device: the cached captures are then invalid."""
+    mods = tuple((name, id(m)) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
+                    for name, t in model.state_dict(keep_vars=True).items())
+    return mods, tensors
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def graph_for(model: nn.Module, x: Tensor) -> Graph:
+    """The cached capture of ``model`` for inputs shaped like ``x`` (one per model, structure
+    and input signature; dropped with the model). Under ``torch.compile`` the capture must exist
+    already: call once eagerly first."""
+    model = unwrap(model)
+    entry = _CACHE.get(model)
+    sig = signature_of(x)
+    if torch.compiler.is_compiling():
+        if entry is not None:
+            for key, g in entry["graphs"].items():
+                if key[0] == sig and (key[1] is None or key[1] == x.shape[0]):
+                    return g
+        raise RuntimeError(
+            "srd_ext captures a model with torch.export, which cannot run inside torch.compile: "
+            "call the explainer once eagerly on an input of this shape before compiling")
+    check_eval(model)
+    skey = structure_key(model)
+    if entry is None or entry["structure"] != skey:
+        entry = {"structure": skey, "graphs": {}}
+        _CACHE[model] = entry
+    for key, g in entry["graphs"].items():
+        if key[0] == sig and (key[1] is None or key[1] == x.shape[0]):
+            return g
+    g = capture(model, x)
+    static_batch = None if g.dynamic_batch else x.shape[0]
+    entry["graphs"][(sig, static_batch)] = g
+    return g
+
+
+def capture(model: nn.Module, x: Tensor) -> Graph:
+    """Export ``model`` for inputs shaped like ``x`` and build its :class:`Graph` (uncached; see
+    :func:`graph_for`). The model is not modified."""
+    import time
+
+    from . import rules
+
+    model = unwrap(model)
+    check_eval(model)
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError("x must be a batched tensor")
+    example = torch.zeros((2,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    t0 = time.perf_counter()
+    with _all_eval(model), torch.no_grad(), _quiet_export():
+        try:
+            ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},),
+                                     strict=False)
+        except Exception as e:  # noqa: BLE001 - any failure of export is the user's to see
+            raise UnsupportedModelError(
+                f"torch.export could not capture {type(model).__name__} for inputs of shape "
+                f"{tuple(x.shape)}: {type(e).__name__}: {_first_line(e)}") from e
+        try:
+            nodes = _build(model, ep)
+        except _NeedsFunctionalGraph:
+            nodes = _build(model, ep.run_decompositions({}))
+    seconds = time.perf_counter() - t0
+    g = Graph(model, nodes, signature_of(x), seconds)
+    g.dynamic_batch = bool(g.nodes[g.input_index].params.get("dynamic_batch"))
+    rules.analyse(g)
+    return g
+
+
+class _NeedsFunctionalGraph(Exception):
+    """An in-place op whose effect on aliases the simple rewrite cannot follow."""
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch._export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+
+
+def _functional_target(target):
+    """``aten.relu_.default`` -> ``aten.relu.default`` (None if there is none)."""
+    packet = target.overloadpacket
+    name = packet.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    base = getattr(torch.ops.aten, name[:-1], None)
+    if base is None:
+        return None
+    return getattr(base, target._overloadname, None)
+
+
+def _mutated_arg(target) -> Optional[int]:
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    for i, a in enumerate(target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            return i
+    return None
+
+
+def _aliases_input(target) -> bool:
+    """Whether the op's output may alias its first argument (a view)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return target is operator.getitem
+    rets = target._schema.returns
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+
+
+def _scopes(fx_node) -> Tuple[Tuple[Tuple[str, int], ...], str, str]:
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    scopes = []
+    module, mtype = "", ""
+    for key, val in stack.items():
+        if not isinstance(val, tuple) or len(val) < 2:
             continue
-        src = plan.steps[s.inputs[0]]
-        if src.kind == "conv" and src.bn is None and plan.users[src.index] == [s.index]:
-            src.bn = s.module
-            # The conv step now computes conv + BN; the BN step passes its input through.
-            s.kind = "identity"
-            s.params["folded_into"] = src.index
+        path, typ = val[0], val[1]
+        if not path or path.startswith("_empty"):
+            continue
+        call = 0
+        if "@" in str(key):
+            try:
+                call = int(str(key).rsplit("@", 1)[1])
+            except ValueError:
+                call = 0
+        scopes.append((path, call))
+        module, mtype = path, typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+    return tuple(scopes), module, mtype
+
+
+def _param_binder(model: nn.Module, fqn: str) -> Callable[[nn.Module], Tensor]:
+    """Reads a parameter or buffer of the live model by its path (attribute by attribute, so
+    that torch.compile sees where it comes from)."""
+    model.get_parameter(fqn) if fqn in dict(model.named_parameters()) else model.get_buffer(fqn)
+    path = tuple(fqn.split("."))
+
+    def bind(m, path=path):
+        for a in path:
+            m = getattr(m, a)
+        return m
+    return bind
+
+
+def _const_binder(value: Tensor) -> Callable[[nn.Module], Tensor]:
+    return lambda _model, value=value: value
+
+
+def _build(model: nn.Module, ep) -> List[Node]:
+    from . import rules
+
+    sig = ep.graph_signature
+    kinds = {}
+    for spec in sig.input_specs:
+        kinds[spec.arg.name] = spec
+    nodes: List[Node] = []
+    index: Dict[str, int] = {}
+    fx_nodes = list(ep.graph.nodes)
+    position = {n.name: i for i, n in enumerate(fx_nodes)}
+    # Functionalise in-place ops: a later read of the mutated tensor reads the op's result.
+    redirect: Dict[str, str] = {}
+    base_of: Dict[str, str] = {}
+    for fx in fx_nodes:
+        if fx.op == "call_function":
+            first = fx.args[0] if fx.args and isinstance(fx.args[0], torch.fx.Node) else None
+            if first is not None and _aliases_input(fx.target):
+                base_of[fx.name] = base_of.get(first.name, first.name)
+    for fx in fx_nodes:
+        if fx.op != "call_function":
+            continue
+        m = _mutated_arg(fx.target)
+        if m is None:
+            continue
+        tgt = fx.args[m] if m < len(fx.args) else None
+        if not isinstance(tgt, torch.fx.Node) or tgt.op == "placeholder" or _functional_target(fx.target) is None:
+            raise _NeedsFunctionalGraph(fx.name)
+        root = base_of.get(tgt.name, tgt.name)
+        me = position[fx.name]
+        for other in fx_nodes[me + 1:]:
+            reads = [a.name for a in other.all_input_nodes]
+            for r in reads:
+                if r == fx.name or r == tgt.name:
+                    continue
+                if base_of.get(r, r) == root or r == root:
+                    raise _NeedsFunctionalGraph(fx.name)  # another alias of the mutated tensor
+        redirect[tgt.name] = fx.name
+
+    def ref_of(n: torch.fx.Node, at: int):
+        name = n.name
+        # follow redirects made by in-place ops that ran before node ``at``
+        while name in redirect and position[redirect[name]] < at:
+            name = redirect[name]
+        return Ref(index[name])
+
+    user_inputs = 0
+    for fx in fx_nodes:
+        i = len(nodes)
+        scopes, module, mtype = _scopes(fx)
+        meta = fx.meta.get("val")
+        shape = tuple(int(d) if not isinstance(d, torch.SymInt) else int(d.node.hint or 2)
+                      for d in meta.shape) if isinstance(meta, Tensor) else None
+        dtype = meta.dtype if isinstance(meta, Tensor) else None
+        if fx.op == "placeholder":
+            spec = kinds.get(fx.name)
+            kind = spec.kind.name if spec is not None else "USER_INPUT"
+            if kind == "USER_INPUT":
+                user_inputs += 1
+                if user_inputs > 1:
+                    raise UnsupportedModelError(
+                        "the model's forward takes more than one tensor; SRD explains "
+                        "single-input classifiers")
+                node = Node(i, "x", "input", shape=shape, dtype=dtype)
+                node.params = {"dynamic_batch": isinstance(meta, Tensor) and isinstance(meta.shape[0], torch.SymInt)}
+            elif kind in ("PARAMETER", "BUFFER"):
+                node = Node(i, fx.name, "param", binder=_param_binder(model, spec.target),
+                            shape=shape, dtype=dtype, module=spec.target)
+            elif kind in ("CONSTANT_TENSOR",):
+                node = Node(i, fx.name, "param", binder=_const_binder(ep.constants[spec.target]),
+                            shape=shape, dtype=dtype)
+            else:
+                raise UnsupportedModelError(f"the model's forward reads a {kind.lower()} "
+                                            f"('{fx.name}'), which srd_ext cannot bind")
+        elif fx.op == "output":
+            outs = [a for a in torch.fx.node.map_arg(fx.args, lambda n: n) if a is not None]
+            flat = []
+            torch.fx.node.map_arg(fx.args, lambda n: flat.append(n) or n)
+            if len(flat) != 1:
+                raise UnsupportedModelError(
+                    f"the model returns {len(flat)} tensors; SRD explains classifiers whose forward "
+                    "returns one logits tensor (B, classes)")
+            node = Node(i, "output", "output", inputs=[ref_of(flat[0], position[fx.name]).index])
+            del outs
+        elif fx.op == "call_function":
+            target = fx.target
+            if _mutated_arg(target) is not None:
+                target = _functional_target(target)
+            at = position[fx.name]
+            args = torch.fx.node.map_arg(fx.args, lambda n: ref_of(n, at))
+            kwargs = dict(torch.fx.node.map_arg(fx.kwargs, lambda n: ref_of(n, at)))
+            ins: List[int] = []
+            _collect_refs((args, kwargs), ins)
+            node = Node(i, fx.name, "call", target=target, args=_plain(args), kwargs=_plain(kwargs),
+                        inputs=ins, scopes=scopes, module=module, module_type=mtype, shape=shape,
+                        dtype=dtype)
+            node.meta_val = meta
+        else:
+            raise UnsupportedModelError(f"unexpected graph node {fx.op} '{fx.name}'")
+        index[fx.name] = i
+        nodes.append(node)
+    for n in nodes:
+        if n.kind == "call":
+            n.op_name = _op_name(n.target)
+            n.rule = rules.rule_for(n)
+    return nodes
+
+
+def _op_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket._qualified_op_name.replace("::", ".")
+    return getattr(target, "__name__", str(target))
+
+
+def _collect_refs(template, out: List[int]) -> None:
+    if isinstance(template, Ref):
+        if template.index not in out:
+            out.append(template.index)
+    elif isinstance(template, (list, tuple)):
+        for t in template:
+            _collect_refs(t, out)
+    elif isinstance(template, dict):
+        for t in template.values():
+            _collect_refs(t, out)
+
+
+def _plain(template):
+    """fx's immutable containers as plain tuples, lists and dicts."""
+    if isinstance(template, tuple) and not isinstance(template, Ref):
+        return tuple(_plain(t) for t in template)
+    if isinstance(template, list):
+        return [_plain(t) for t in template]
+    if isinstance(template, dict):
+        return {k: _plain(v) for k, v in template.items()}
+    return template
