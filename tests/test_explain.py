@@ -7,13 +7,14 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import srd_ext
-from models_for_tests import tiny_resnet, tiny_vgg
+from models_for_tests import op_models, randomize, tiny_resnet, tiny_vgg
 from reference import ReferenceSRD
 
 MODELS = {
     "vgg": (lambda: tiny_vgg(seed=1), 16),
     "resnet-basic": (lambda: tiny_resnet(BasicBlock, seed=2), 32),
     "resnet-bottleneck": (lambda: tiny_resnet(Bottleneck, seed=3, widths=(4, 4, 4, 4)), 32),
+    **op_models(),
 }
 
 
@@ -27,52 +28,58 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("bias_share", ["contribution", "input", "none"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_fast_path_equals_reference_at_every_layer(name, bias_share):
+def test_fast_path_equals_reference_at_every_site(name, bias_share):
     build, size = MODELS[name]
     model = build().double()
     x = _input(size)
     ex = srd_ext.Explainer(model, bias_share=bias_share)
     fast = ex.relevance_at_all_layers(x)
-    enc = ex.encoder_index
+    g = ex.graph(x)
     ref = ReferenceSRD(model, x, bias_share=bias_share)
-    r_ref = ref.run(enc, fast[ex.plan.steps[enc].name][0])
+    r_ref = ref.run(fast[g.display_name(ref.plan.encoder)][0])
     if bias_share != "none":  # the explicit decomposition is exact: sum_i v_hat_{i->j} = v_j
         assert max(ref.residuals.values()) < 1e-10
     checked = 0
-    for step in ex.plan.steps:
-        if step.name in fast and step.index in r_ref:
-            assert _rel_err(fast[step.name][0], r_ref[step.index]) < 1e-4, step.name
-            checked += 1
-    assert checked >= 4
-
-
-def _cut_layers(ex):
-    """Activation layers every path to the output passes through (all of a chain network, the
-    block outputs of a ResNet): relevance is conserved across them."""
-    return [s.name for s in ex.plan.steps if s.kind == "act" and s.index <= ex.encoder_index
-            and ex._is_cut(s.index)] + ["x"]
+    for i, r in r_ref.items():
+        name_i = g.display_name(i)
+        assert name_i in fast, name_i
+        assert _rel_err(fast[name_i][0], r) < 1e-4, name_i
+        checked += 1
+    assert checked >= 4 and checked == len(ref.sites()) + 1
 
 
 WIDE = {  # wide enough that no receptive field is entirely zero (its bias would have no carrier)
     "vgg": (lambda: tiny_vgg(seed=1, cfg=(16, "M", 16, "M", 16, 16)), 16),
     "resnet-basic": (lambda: tiny_resnet(BasicBlock, seed=2, widths=(16, 16, 16, 16)), 32),
     "resnet-bottleneck": (lambda: tiny_resnet(Bottleneck, seed=3, widths=(8, 8, 8, 8)), 32),
+    **op_models(),
 }
+
+
+def _cut_layers(ex, x):
+    g = ex.graph(x)
+    return [g.display_name(i) for i in ex.layer_indices(x) if i in g.cuts or i == g.input_index]
 
 
 @pytest.mark.parametrize("bias_share", ["contribution", "input"])
 @pytest.mark.parametrize("name", list(WIDE))
 def test_conservation(name, bias_share):
+    """Relevance is the same at every layer all paths pass through, up to the relevance that no
+    pixel can carry, which the budget accounts for exactly."""
     build, size = WIDE[name]
     model = build().double()
+    x = _input(size, batch=3)
     ex = srd_ext.Explainer(model, bias_share=bias_share)
-    maps = ex.relevance_at_all_layers(_input(size, batch=3))
-    cuts = _cut_layers(ex)
+    budget = ex.relevance_budget(x)
+    torch.testing.assert_close(budget["input"] + budget["unassigned"], budget["encoder"], rtol=1e-9, atol=1e-12)
+    maps = ex.relevance_at_all_layers(x)
+    cuts = _cut_layers(ex, x)
     assert len(cuts) >= 3
-    total = maps[cuts[0]].sum((1, 2))
-    for n in cuts[1:]:
-        rel = (maps[n].sum((1, 2)) - total).abs() / total.abs().clamp_min(1e-12)
-        assert float(rel.detach().max()) <= 1e-4, n
+    if float(budget["unassigned"].abs().max()) == 0:
+        total = maps[cuts[-1]].sum((1, 2))
+        for n in cuts:
+            rel = (maps[n].sum((1, 2)) - total).abs() / total.abs().clamp_min(1e-12)
+            assert float(rel.max()) <= 1e-9, n
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -82,7 +89,7 @@ def test_batch_invariance_and_per_sample_targets(name):
     x = _input(size, batch=3, seed=5)
     target = torch.tensor([0, 3, 1])
     ex = srd_ext.Explainer(model)
-    layers = ["input", "low", ex.plan.activations()[1].name]
+    layers = ["input", "low", ex.layer_names(x)[4]]
     batch = ex.explain(x, target, layer=layers)
     for i in range(3):
         one = ex.explain(x[i:i + 1], int(target[i]), layer=layers)
@@ -92,58 +99,59 @@ def test_batch_invariance_and_per_sample_targets(name):
     assert not torch.allclose(other, batch["input"])
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", ["vgg", "resnet-basic", "concat-split", "channels-last"])
 def test_forward_form_equals_backward(name):
     """Eq. 1-3 (ERFs composed forward with the sharing ratios) = the backward result (App. C)."""
     build, size = MODELS[name]
     model = build().double()
     x = _input(size, seed=7)
     ex = srd_ext.Explainer(model)
+    g = ex.graph(x)
     fast = ex.relevance_at_all_layers(x)
-    enc = ex.encoder_index
     ref = ReferenceSRD(model, x)
-    r_enc = fast[ex.plan.steps[enc].name][0]
-    ref.run(enc, r_enc)
-    # Forward: ERF of every PFV, layer by layer (Eq. 1, 2).
-    steps = ex.plan.steps
+    enc = ref.plan.encoder
+    r_enc = fast[g.display_name(enc)][0]
+    ref.run(r_enc)
     n_in = x.shape[2] * x.shape[3]
-    erf = {ex.plan.input_index: torch.eye(n_in, dtype=torch.float64)}  # (pixels of layer, input pixels)
-    for s in steps:
-        if s.kind != "act" or s.index > enc:
-            continue
+    erf = {g.input_index: torch.eye(n_in, dtype=torch.float64)}  # (pixels of a layer, input pixels)
+    for k in ref.sites():
         total = 0
-        for src in ref.sources_of[s.index]:
-            mu = ref.mu[(src, s.index)]  # (P_src, H_k, W_k)
-            total = total + mu.reshape(mu.shape[0], -1).T @ erf[src]
-        erf[s.index] = total
-    # Eq. 3: the saliency map is the mu-weighted sum of the encoder PFVs' ERFs.
+        for src in ref.sources_of[k]:
+            mu = ref.mu[(src, k)]  # (P_src, J_k)
+            total = total + mu.T @ erf[src]
+        erf[k] = total
     phi = (r_enc.reshape(-1) @ erf[enc]).view(x.shape[2:])
-    assert _rel_err(phi, fast["x"][0]) < 1e-6
-    # One PFV's ERF (Explainer.erf, a backward from a one-hot relevance) = its forward ERF.
-    h, w = fast[steps[enc].name].shape[-2:]
+    assert _rel_err(phi, fast["input"][0]) < 1e-6
+    h, w = r_enc.shape
     pos = (h // 2, w // 2)
-    back = ex.erf(x, steps[enc].name, pos)[0]
+    back = ex.erf(x, g.display_name(enc), pos)[0]
     assert _rel_err(back, erf[enc][pos[0] * w + pos[1]].view(x.shape[2:])) < 1e-6
 
 
 def _state(model):
     return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
             [m.training for m in model.modules()],
-            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
+            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+            [id(m) for m in model.modules()], [p.requires_grad for p in model.parameters()])
 
 
-def test_model_unchanged_also_on_error():
-    model = tiny_resnet(seed=4)
-    hook = model.layer1.register_forward_hook(lambda *a: None)
+@pytest.mark.parametrize("name", ["resnet-basic", "gates", "channels-last"])
+def test_model_unchanged_also_on_error(name):
+    build, size = MODELS[name]
+    model = build()
+    model.classifier_dropout = nn.Dropout(0.5).train()  # a submodule in training mode stays so
+    hook = model.register_forward_hook(lambda *a: None)
     before = _state(model)
-    x = torch.randn(2, 3, 32, 32)
-    srd_ext.explain(model, x, layer="high")
+    x = torch.randn(2, 3, size, size)
+    expected = model(x)
+    srd_ext.explain(model, x, layer="low")
     with pytest.raises(ValueError):
         srd_ext.explain(model, x, target=99)
     after = _state(model)
     for k in before[0]:
         assert torch.equal(before[0][k], after[0][k])
     assert before[1:] == after[1:]
+    torch.testing.assert_close(model(x), expected)
     hook.remove()
 
 
@@ -151,17 +159,40 @@ def test_layers_and_upsample():
     model = tiny_resnet(seed=4)
     x = torch.randn(2, 3, 64, 64)
     ex = srd_ext.Explainer(model)
-    maps = ex.explain(x, layer=["input", "high", "low", "layer2", "layer1_0_relu_1"])
+    maps = ex.explain(x, layer=["input", "high", "low", "layer2", "layer1.0.relu@1", "layer1_0_relu_1"])
     assert maps["input"].shape == (2, 64, 64)
     assert maps["high"].shape == (2, 8, 8)
     assert maps["low"].shape == (2, 2, 2)
     torch.testing.assert_close(maps["layer2"], maps["high"])
+    torch.testing.assert_close(maps["layer1.0.relu@1"], maps["layer1_0_relu_1"])
     up = ex.explain(x, layer="low", upsample=True)
     assert up.shape == (2, 64, 64)
     with pytest.raises(ValueError, match="used 2 times"):
         ex.explain(x, layer="layer1.0.relu")
     with pytest.raises(ValueError, match="unknown layer"):
         ex.explain(x, layer="nope")
+    with pytest.raises(ValueError, match="head"):
+        ex.explain(x, layer="fc")
+    with pytest.raises(ValueError, match="folded"):
+        ex.explain(x, layer="layer1.0.conv1")
+    assert ex.encoder_layer(x) == "layer4"
+    assert "layer3" in ex.layer_names(x)
+
+
+def test_encoder_argument():
+    model = tiny_vgg(seed=1, cfg=(4, "M", 8, "M", 8, 8)).double()
+    x = _input(16, batch=2)
+    ex = srd_ext.Explainer(model, encoder="features.6")
+    assert ex.encoder_layer(x) == "features.6"
+    low = ex.explain(x, layer="low")
+    assert low.shape == (2, 4, 4)
+    m = srd_ext.explain(model, x, encoder="features.6", layer=["input", "low"], init="constant")
+    budget = ex.relevance_budget(x, init="constant")
+    torch.testing.assert_close(m["input"].sum((1, 2)) + budget["unassigned"], m["low"].sum((1, 2)))
+    with pytest.raises(ValueError, match="unknown encoder"):
+        srd_ext.Explainer(model, encoder="nope").explain(x)
+    with pytest.raises(ValueError, match="after the encoder"):
+        ex.explain(x, layer="features.9")
 
 
 @pytest.mark.parametrize("init", ["gradcam-contrast", "gradcam", "cam", "constant"])
@@ -174,44 +205,62 @@ def test_inits(init):
     torch.testing.assert_close(srd_ext.explain(model, x, init=user, layer="low"), user)
 
 
-def test_gradcam_contrast_matches_autograd():
+def test_cam_init_needs_a_pool_linear_head():
+    model = tiny_vgg(seed=1).double()  # the head is pool, linear, relu, dropout, linear
+    with pytest.raises(ValueError, match="global-average-pool"):
+        srd_ext.explain(model, _input(16), init="cam")
+
+
+@pytest.mark.parametrize("name", ["vgg", "channels-last", "gates"])
+def test_gradcam_contrast_matches_autograd(name):
     """Eq. 4 from the engine's own head gradient equals one computed with torch.autograd."""
-    model = tiny_vgg(seed=1).double()
-    x = _input(16, batch=2)
+    build, size = MODELS[name]
+    model = build().double()
+    x = _input(size, batch=2)
     ex = srd_ext.Explainer(model)
-    enc = ex.plan.steps[ex.encoder_index]
+    g = ex.graph(x)
+    enc = ex._plan(g).encoder
     r0 = ex.explain(x, torch.tensor([1, 4]), layer="low")
-    feats = {}
-    h = dict(model.named_modules())[enc.path].register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
-    logits = model(x)
-    h.remove()
-    A = feats["a"]
+    values = g.forward(x)
+    A = values[enc].detach().requires_grad_(True)
+    # the head re-run from the encoder output with autograd
+    vals = list(values)
+    vals[enc] = A
+    from srd_ext.capture import _load
+    for n in g.nodes[enc + 1:]:
+        if n.kind == "call":
+            vals[n.index] = n.rule.forward(n, _load(n.args, vals), _load(n.kwargs, vals), _NoCtx())
+        elif n.kind == "output":
+            vals[n.index] = vals[n.inputs[0]]
+    logits = vals[g.output_index]
     k = logits.shape[1]
     w = torch.nn.functional.one_hot(torch.tensor([1, 4]), k).double() - 1.0 / k
     grad, = torch.autograd.grad((logits * w).sum(), A)
-    expect = torch.relu(torch.einsum("bc,bchw->bhw", grad.mean((2, 3)), A))
-    torch.testing.assert_close(r0, expect.detach())
+    from srd_ext.rules import to_nchw
+    lay = g.nodes[enc].layout
+    A4, G4 = to_nchw(A.detach(), lay), to_nchw(grad, lay)
+    expect = torch.relu(torch.einsum("bc,bchw->bhw", G4.mean((2, 3)), A4))
+    torch.testing.assert_close(r0, expect)
 
 
-@pytest.mark.parametrize("act", [nn.LeakyReLU(0.1), nn.ELU(), nn.SiLU(), nn.GELU(), nn.Tanh(), nn.Softplus(beta=5)])
-def test_other_activations_conserve_and_match_reference(act):
-    model = tiny_vgg(seed=6).double()
-    for name, m in list(model.features.named_children()):
-        if isinstance(m, nn.ReLU):
-            model.features[int(name)] = copy.deepcopy(act)
-    x = _input(16)
-    ex = srd_ext.Explainer(model)
-    fast = ex.relevance_at_all_layers(x)
-    ref = ReferenceSRD(model, x)
-    r_ref = ref.run(ex.encoder_index, fast[ex.plan.steps[ex.encoder_index].name][0])
-    torch.testing.assert_close(fast["x"][0], r_ref[ex.plan.input_index], rtol=1e-6, atol=1e-9)
+class _NoCtx:
+    instrument = srd_ext.capture.Instrument()
+    records = None
+    graph = None
+    values = None
 
 
-def test_differentiable_wrt_input():
+def test_default_maps_are_detached_and_create_graph_differentiates():
     model = tiny_vgg(seed=1, cfg=(3, "M", 4)).double()
     x = _input(6).requires_grad_(True)
     ex = srd_ext.Explainer(model, init="constant")
-    assert torch.autograd.gradcheck(lambda inp: ex.explain(inp, 0), (x,), eps=1e-6, atol=1e-5)
+    plain = ex.explain(x, 0)
+    assert not plain.requires_grad and plain.grad_fn is None
+    assert torch.autograd.gradcheck(lambda inp: ex.explain(inp, 0, create_graph=True), (x,), eps=1e-6, atol=1e-5)
+    maps, logits = ex.explain(x, 0, return_logits=True, create_graph=True)
+    loss = maps.sum() + logits.sum()
+    grads = torch.autograd.grad(loss, [x] + list(model.parameters()), allow_unused=True)
+    assert grads[0] is not None and any(gr is not None for gr in grads[1:])
 
 
 def test_torch_compile_matches_eager():
@@ -221,6 +270,14 @@ def test_torch_compile_matches_eager():
     eager = ex.explain(x, torch.tensor([0, 1]), layer="input")
     compiled = torch.compile(lambda inp, t: ex.explain(inp, t, layer="input"), fullgraph=True)
     torch.testing.assert_close(compiled(x, torch.tensor([0, 1])), eager, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_without_an_eager_call_says_what_to_do():
+    model = tiny_resnet(seed=4)
+    ex = srd_ext.Explainer(model)
+    compiled = torch.compile(lambda inp: ex.explain(inp), fullgraph=True)
+    with pytest.raises(Exception, match="once eagerly"):
+        compiled(torch.randn(1, 3, 32, 32))
 
 
 def test_bad_inputs():
@@ -236,17 +293,49 @@ def test_bad_inputs():
         srd_ext.explain(model, x, target=torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="3 entries for a batch of 2"):
         srd_ext.explain(model, x, target=[0, 1, 2])
+    with pytest.raises(TypeError, match="integers"):
+        srd_ext.explain(model, x, target=torch.tensor([0.5, 1.0]))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        srd_ext.explain(model, x.half())
+    with pytest.raises(ValueError, match="bias_share"):
+        srd_ext.Explainer(model, bias_share="all")
+    with pytest.raises(ValueError, match="init"):
+        srd_ext.Explainer(model, init="zeros")
+    with pytest.raises(TypeError, match="nn.Module"):
+        srd_ext.explain(lambda t: t, x)
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         srd_ext.explain(model, x)
     model.eval()
 
 
-def test_unsupported_layer_is_named():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
-    with pytest.raises(srd_ext.UnsupportedModelError, match=r"'2'.*Upsample"):
-        srd_ext.Explainer(model)
+def test_unsupported_op_is_named():
+    class Product(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x)) * torch.relu(self.b(x))     # neither factor is a gate
+            return self.fc(torch.relu(y).mean((2, 3)))
+
+    with pytest.raises(srd_ext.UnsupportedModelError, match=r"'mul'.*neither is a gate"):
+        srd_ext.explain(Product().eval(), torch.randn(1, 3, 8, 8))
+
+    class Softmaxed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x)).softmax(1)
+            return self.fc(torch.relu(y * 3).mean((2, 3)))
+
+    with pytest.raises(srd_ext.UnsupportedModelError, match=r"'softmax' \(aten.softmax.*Supported on the relevance path"):
+        srd_ext.explain(Softmaxed().eval(), torch.randn(1, 3, 8, 8))
 
 
 def test_empty_batch():
@@ -255,15 +344,54 @@ def test_empty_batch():
     assert out.shape == (0, 16, 16)
 
 
-@pytest.mark.parametrize("module", [nn.ReLU(), nn.LeakyReLU(0.2), nn.ELU(0.7), nn.SiLU(), nn.GELU(),
-                                    nn.GELU(approximate="tanh"), nn.Tanh(), nn.Softplus(beta=3, threshold=4)])
+def test_wrapped_models_are_explained_like_the_model():
+    model = tiny_resnet(seed=4)
+    x = torch.randn(2, 3, 32, 32)
+    plain = srd_ext.explain(model, x)
+    for wrapped in (nn.DataParallel(model), torch.compile(model)):
+        torch.testing.assert_close(srd_ext.explain(wrapped, x), plain)
+
+
+def test_capture_is_cached_and_follows_the_model():
+    model = tiny_resnet(seed=4)
+    x = torch.randn(2, 3, 32, 32)
+    ex = srd_ext.Explainer(model)
+    g1 = ex.graph(x)
+    assert ex.graph(torch.randn(5, 3, 32, 32)) is g1            # any batch size
+    assert srd_ext.Explainer(model).graph(x) is g1               # shared between explainers
+    assert ex.graph(torch.randn(2, 3, 48, 48)) is not g1        # another input size
+    before = ex.explain(x)
+    with torch.no_grad():                                        # a training step: seen at once
+        for p in model.parameters():
+            p.mul_(1.1)
+    assert ex.graph(x) is g1
+    torch.testing.assert_close(ex.explain(x), srd_ext.explain(copy.deepcopy(model), x))
+    assert not torch.allclose(ex.explain(x), before)
+    model.fc = nn.Linear(8, 3)                                   # structure changed: captured again
+    assert ex.graph(x) is not g1
+    assert ex.explain(x, 2).shape == (2, 32, 32)
+
+
+ACTIVATIONS = [nn.ReLU(), nn.LeakyReLU(0.2), nn.ELU(0.7), nn.SELU(), nn.CELU(0.5), nn.SiLU(), nn.GELU(),
+               nn.GELU(approximate="tanh"), nn.Tanh(), nn.Sigmoid(), nn.Softplus(beta=3, threshold=4),
+               nn.Hardtanh(-0.5, 2.0), nn.ReLU6(), nn.Hardswish(), nn.Hardsigmoid(), nn.Mish(), nn.PReLU(1, 0.3)]
+
+
+@pytest.mark.parametrize("module", ACTIVATIONS, ids=lambda m: type(m).__name__)
 def test_activation_derivatives_match_autograd(module):
     """The head gradient (Eq. 4) uses each activation's derivative."""
-    from srd_ext.capture import _module_activation
+    model = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), module).double().eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    z = (torch.linspace(-4, 4, 801, dtype=torch.float64) + 1e-3 * 2 ** 0.5).view(1, 1, 1, -1)  # off the kinks
+    g = srd_ext.capture.graph_for(model, z)
+    node = next(n for n in g.nodes if n.kind == "call" and n.rule.is_activation)
+    values = g.forward(z)
 
-    act = _module_activation(module)
-    z = torch.linspace(-3, 3, 601, dtype=torch.float64).requires_grad_(True)
-    a = module(z)
-    (expected,) = torch.autograd.grad(a.sum(), z)
-    torch.testing.assert_close(act.derivative(z.detach(), a.detach()), expected, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(act(z.detach()), a.detach())
+    class Run:
+        def value(self, i):
+            return values[i]
+    zz = z.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(module(zz).sum(), zz)
+    got = node.rule.derivative(node, values[node.z_input], values[node.index], Run())
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)

@@ -36,7 +36,7 @@ def test_srd_map_gradient_matches_finite_differences(smooth):
     x = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
     w = torch.randn(1, 6, 6, generator=g, dtype=torch.float64)
     target = int(model(x).argmax(1))
-    _check_directional_derivatives(lambda z: (w * ex.explain(z, target)).sum(), x, g)
+    _check_directional_derivatives(lambda z: (w * ex.explain(z, target, create_graph=True)).sum(), x, g)
 
 
 @pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])

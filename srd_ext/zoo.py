@@ -1,0 +1,162 @@
+"""The model zoo srd_ext is checked on: every torchvision CNN classifier and a broad sample of
+timm's CNN families, built with random weights (no download), and one check per model.
+
+Used by the zoo tests and by ``benchmarks/coverage.py``, which writes the README's coverage
+table. :func:`randomize` also serves anyone who wants to test SRD on a model of their own:
+default initialisations leave biases at 0 and BatchNorm at the identity, and on such a model no
+bias rule is exercised.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["randomize", "torchvision_cnns", "TORCHVISION_EXCLUDED", "TIMM_SAMPLE", "TIMM_REFUSED",
+           "build", "check", "ZooResult", "input_size"]
+
+# torchvision's classification models that are not CNNs (attention stages, patch embeddings).
+TORCHVISION_EXCLUDED = {
+    "vit": "vision transformer (attention, no convolutional feature map)",
+    "swin": "Swin transformer (windowed attention)",
+    "maxvit": "MaxViT (attention blocks between its conv stages)",
+}
+
+# A broad sample of timm's CNN families: the smallest variant of each, plus the ones that
+# exercise something special (TF 'same' padding, GroupNorm, weight standardisation, space to
+# depth, selective kernels, split attention, ...).
+TIMM_SAMPLE = [
+    "resnet10t", "resnet18d", "resnet26t", "resnet50_gn", "seresnet18", "seresnext26d_32x4d",
+    "ecaresnet26t", "skresnet18", "resnest14d", "res2net50_14w_8s", "res2next50", "resnetv2_18",
+    "resnetv2_50x1_bit", "nf_resnet26", "nfnet_l0", "dm_nfnet_f0", "regnetx_002", "regnety_002",
+    "regnetz_005", "efficientnet_b0", "tf_efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0",
+    "efficientnet_b0_gn", "mobilenetv2_050", "mobilenetv3_small_050", "tf_mobilenetv3_small_minimal_100",
+    "mobilenetv4_conv_small", "mixnet_s", "tf_mixnet_s", "ghostnet_050", "ghostnetv2_100", "repghostnet_050",
+    "densenet121", "dpn48b", "inception_v3", "inception_v4", "inception_resnet_v2", "xception41",
+    "vgg11_bn", "repvgg_a0", "mobileone_s0", "dla34", "dla46_c", "hrnet_w18_small", "cspresnet50",
+    "cspdarknet53", "cs3darknet_s", "darknet17", "convnext_atto", "convnextv2_atto", "inception_next_atto",
+    "convmixer_768_32", "poolformer_s12", "rexnet_100", "mnasnet_050", "fbnetc_100", "fbnetv3_b",
+    "lcnet_050", "hardcorenas_a", "tinynet_e", "selecsls42b", "tresnet_m", "gernet_s", "vovnet39a",
+    "ese_vovnet19b_dw", "hgnetv2_b0", "rdnet_tiny", "starnet_s050", "mambaout_femto",
+]
+
+# Sampled timm models SRD refuses, and why (checked by the zoo test: they must be refused).
+TIMM_REFUSED = {
+    "starnet_s050": "its 'star' blocks multiply two input-dependent branches; neither is a gate",
+    "mambaout_femto": "its gated conv blocks multiply two input-dependent branches; neither is a gate",
+}
+
+_SIZES = {"inception_v3": 75}
+
+
+def input_size(name: str) -> int:
+    """Input resolution of the zoo checks: small, except where a model needs more."""
+    return _SIZES.get(name, 64)
+
+
+def randomize(model: nn.Module, seed: int = 0, weights: bool = False) -> nn.Module:
+    """Seeded random biases, norm affine parameters, gains and layer scales (around 1), and
+    BatchNorm running statistics; returns the model in eval mode. Conv and linear weights keep
+    their initialisation, or with ``weights=True`` are drawn He-scaled from the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if p is None or not p.dtype.is_floating_point or p.numel() == 0:
+                    continue
+                if name == "running_mean":
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                elif name == "running_var":
+                    p.copy_(1 + 0.3 * torch.rand(p.shape, generator=g))
+                elif name in ("bias", "beta") or name.endswith("_bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                elif weights and name == "weight" and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                    p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
+                elif p.dim() <= 1 or p.numel() == p.shape[0] or bool((p == p.reshape(-1)[0]).all()):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def torchvision_cnns() -> Tuple[List[str], Dict[str, str]]:
+    """(torchvision's CNN classifiers, the excluded ones with their reason)."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    cnns, excluded = [], {}
+    for n in names:
+        fam = next((f for f in TORCHVISION_EXCLUDED if n.startswith(f + "_")), None)
+        if fam is None:
+            cnns.append(n)
+        else:
+            excluded[n] = TORCHVISION_EXCLUDED[fam]
+    return cnns, excluded
+
+
+def build(name: str, library: str = "torchvision", num_classes: int = 10, seed: int = 0) -> nn.Module:
+    """A zoo model with random weights, randomised by :func:`randomize`."""
+    if library == "torchvision":
+        import torchvision
+
+        kw = {"init_weights": False, "aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+    elif library == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    else:
+        raise ValueError(f"library must be 'torchvision' or 'timm', got {library!r}")
+    return randomize(model, seed)
+
+
+@dataclass
+class ZooResult:
+    name: str
+    library: str
+    explained: bool
+    encoder: str = ""
+    reason: str = ""
+    budget_error: float = float("nan")      # max |input + unassigned - encoder| / |encoder|
+    unassigned: float = float("nan")        # max unassigned / |encoder|
+    forward_error: float = float("nan")     # the captured forward against the model's own
+    capture_seconds: float = float("nan")
+    explain_seconds: float = float("nan")
+    nodes: int = 0
+    extra: Dict[str, str] = field(default_factory=dict)
+
+
+def check(model: nn.Module, name: str, library: str, x: Optional[torch.Tensor] = None,
+          bias_share: str = "contribution") -> ZooResult:
+    """Capture and explain ``model`` once: SRD-input with a constant initial relevance, the
+    relevance budget and the captured forward against the model's."""
+    from .capture import UnsupportedModelError
+    from .explain import Explainer
+
+    if x is None:
+        s = input_size(name)
+        x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    ex = Explainer(model, init="constant", bias_share=bias_share)
+    res = ZooResult(name, library, False)
+    try:
+        t0 = time.perf_counter()
+        g = ex.graph(x)
+        res.capture_seconds = time.perf_counter() - t0
+        res.nodes = len(g.nodes)
+        t0 = time.perf_counter()
+        budget = ex.relevance_budget(x)
+        res.explain_seconds = time.perf_counter() - t0
+        res.encoder = ex.encoder_layer(x)
+    except UnsupportedModelError as e:
+        res.reason = str(e).split(". Supported on the relevance path")[0]
+        return res
+    enc = budget["encoder"].abs().clamp_min(1e-12)
+    res.budget_error = float(((budget["input"] + budget["unassigned"] - budget["encoder"]).abs() / enc).max())
+    res.unassigned = float((budget["unassigned"].abs() / enc).max())
+    with torch.no_grad():
+        ours = g.forward(x)[g.output_index]
+        theirs = model(x)
+    res.forward_error = float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12))
+    res.explained = True
+    return res
