@@ -1,0 +1,644 @@
+"""Whole-dataset runs: several processes and machines under ``torchrun``, resumable.
+
+The machinery shared by ``srd-explain``, ``benchmarks/eval_table.py`` and
+``examples/apop_accuracy.py``; each of them runs unchanged as one process or under
+
+    torchrun --nproc_per_node=N SCRIPT ...                       # one machine, N processes
+    torchrun --nnodes=2 --nproc_per_node=N --rdzv-backend=c10d \\
+             --rdzv-endpoint=HOST:PORT --rdzv-id=JOB SCRIPT ...   # the same on each machine
+
+- :class:`Env`: rank and world size from the environment torchrun sets (``RANK``,
+  ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
+  ``TORCHELASTIC_RESTART_COUNT``); one process when they are absent.
+- :class:`Session`: the process group (gloo on CPU; with ``--device cuda`` NCCL for CUDA
+  tensors and each rank on the GPU of its local rank, results still exchanged through gloo),
+  broadcasts and gathers of Python objects, all with a timeout, and the end of a run:
+  :meth:`Session.finish` waits for the other ranks only while they make progress (each rank
+  beats after every unit of work) and tells every rank which ranks failed or stopped
+  answering, so no rank waits in a collective for one that is gone.
+- :func:`blocks` / :func:`shard`: the work is cut into blocks that do not depend on the
+  number of processes (batches aligned to the first image), and rank ``r`` of ``W`` takes
+  blocks ``r, r + W, r + 2W, ...`` of those still to do: disjoint, no padding duplicates.
+  A block is computed the same way whichever rank takes it, so the results do not depend on
+  the world size; random draws are seeded by the image (:func:`image_seed`), never the rank.
+- :class:`Manifest`: the finished blocks of a run, on disk (``run.json``: the settings that
+  decide the results; ``rank-R.jsonl``: one JSON line per finished block, appended and
+  fsynced when it is done). A rerun with the same settings loads them and does only the rest,
+  whatever its number of processes; a rerun with other settings is refused with the
+  differences named.
+- :func:`atomic_write`, :func:`write_csv`, :func:`save_npy`: whole files or none
+  (temporary file in the same folder, fsync, rename).
+
+Dataset-scale outputs are per-image ``.npy`` files (numpy's own format: ``np.load``,
+memory-mappable, one array of any shape each, written by the rank that computed it) indexed
+by a CSV table (``pandas.read_csv`` or Python's ``csv``; one row per image or per image and
+method, file paths relative to the table's folder). Neither needs srd_ext to read.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_TIMEOUT = 1800.0  # seconds; torch's default for collectives
+POLL = 0.2  # seconds between looks at the other ranks while waiting
+
+
+class DistributedError(RuntimeError):
+    """A run cannot start or finish as asked; the message says what and what to do."""
+
+
+class SettingsMismatch(DistributedError):
+    """An unfinished run in the output folder was made with other settings."""
+
+
+# ------------------------------------------------------------------------------------ environment
+def _int_env(environ, name: str, default: Optional[int] = None) -> int:
+    value = environ.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise DistributedError(f"environment variable {name} is not set; torchrun sets it for every "
+                                   "process (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where this process stands among the processes torchrun started."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    restart: int = 0  # TORCHELASTIC_RESTART_COUNT
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls, environ=None) -> "Env":
+        e = os.environ if environ is None else environ
+        if not e.get("WORLD_SIZE") and not e.get("RANK"):
+            return cls()
+        world = _int_env(e, "WORLD_SIZE")
+        rank = _int_env(e, "RANK")
+        if world < 1:
+            raise DistributedError(f"environment variable WORLD_SIZE={world}: must be >= 1")
+        if not 0 <= rank < world:
+            raise DistributedError(f"environment variable RANK={rank}: must be in 0..{world - 1} (WORLD_SIZE={world})")
+        local_world = _int_env(e, "LOCAL_WORLD_SIZE", 1 if world == 1 else world)
+        local_rank = _int_env(e, "LOCAL_RANK", rank if local_world == world else 0)
+        if not 0 <= local_rank < max(local_world, 1):
+            raise DistributedError(f"environment variable LOCAL_RANK={local_rank}: must be in "
+                                   f"0..{local_world - 1} (LOCAL_WORLD_SIZE={local_world})")
+        if world > 1:
+            for name in ("MASTER_ADDR", "MASTER_PORT"):
+                if not e.get(name):
+                    raise DistributedError(f"WORLD_SIZE={world} but {name} is not set; start the processes "
+                                           "with torchrun, which sets MASTER_ADDR and MASTER_PORT")
+        return cls(rank, world, local_rank, local_world, _int_env(e, "TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def resolve_device(device: str, env: Env) -> torch.device:
+    """``cpu``, or ``cuda`` / ``cuda:N``: plain ``cuda`` is the GPU of this process's local rank
+    (local ranks beyond the visible GPUs share them round-robin)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DistributedError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedError(f"--device {device} but no CUDA device is available; use --device cpu")
+        count = torch.cuda.device_count()
+        if d.index is None:
+            d = torch.device("cuda", env.local_rank % count)
+        elif d.index >= count:
+            raise DistributedError(f"--device {device}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+        torch.cuda.set_device(d)
+    elif d.type != "cpu":
+        raise DistributedError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    return d
+
+
+# ------------------------------------------------------------------------------------ work units
+@dataclass(frozen=True)
+class Block:
+    """Images ``start .. stop-1`` (dataset indices), computed together as one batch."""
+
+    start: int
+    stop: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.start}-{self.stop}"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __str__(self) -> str:
+        return f"image {self.start}" if len(self) == 1 else f"images {self.start}..{self.stop - 1}"
+
+
+def blocks(n: int, size: int, start: int = 0) -> List[Block]:
+    """``n`` images from ``start`` in blocks of ``size`` (the last one shorter). They depend only
+    on these three numbers, never on the number of processes."""
+    if size < 1:
+        raise ValueError(f"block size must be >= 1, got {size}")
+    return [Block(s, min(s + size, start + n)) for s in range(start, start + max(n, 0), size)]
+
+
+def shard(units: Sequence, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of ``units``: every ``world_size``-th one from ``rank``. The shares
+    are disjoint, cover every unit once and differ in size by at most one (nothing is padded)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    return list(units[rank::world_size])
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A seed for the random draws of image ``index`` of a run seeded with ``seed``: the same on
+    every rank and for every world size and batch size."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(index) & 0xFFFFFFFFFFFFFFFF])
+    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+# ------------------------------------------------------------------------------------ files
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def atomic_write(path: str, data) -> None:
+    """Write ``data`` (bytes or str) to ``path`` as a whole: a temporary file in the same folder,
+    fsynced, then renamed over ``path``. An interrupted write leaves the old file or none."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def npy_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    return buf.getvalue()
+
+
+def save_npy(path: str, array) -> None:
+    """``array`` as a ``.npy`` file (``np.load`` reads it), written atomically."""
+    atomic_write(path, npy_bytes(array))
+
+
+def csv_text(rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="raise")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in fields})
+    return buf.getvalue()
+
+
+def write_csv(path: str, rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> None:
+    """A CSV table with a header row (``pandas.read_csv``, ``csv.DictReader``), written atomically;
+    missing values are empty cells."""
+    atomic_write(path, csv_text(rows, fields))
+
+
+# ------------------------------------------------------------------------------------ session
+class Session:
+    """This process's part in a run: one process, or one rank of a torchrun job.
+
+    ``timeout`` (seconds) bounds the start (all ranks joining), every collective, and how long a
+    rank may go without progress before the others give up on it.
+    """
+
+    def __init__(self, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, env: Optional[Env] = None):
+        if not timeout > 0:
+            raise DistributedError(f"--timeout must be > 0 seconds, got {timeout}")
+        self.env = env if env is not None else Env.from_environ()
+        self.timeout = float(timeout)
+        self.device = resolve_device(device, self.env)
+        self.host = socket.gethostname()
+        self.store = None
+        self._group = None  # the gloo group objects travel through
+        self._started = False
+
+    # -- who am I
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.env.world_size > 1
+
+    def __enter__(self) -> "Session":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._started or not self.distributed:
+            self._started = True
+            return
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise DistributedError("this torch build has no torch.distributed; run one process")
+        td = datetime.timedelta(seconds=self.timeout)
+        try:
+            store, rank, world = next(dist.rendezvous("env://", timeout=td))
+        except Exception as e:  # the rendezvous names host and port; say what was waited for
+            raise DistributedError(f"rank {self.rank}: could not join the other {self.world_size - 1} "
+                                   f"process(es) within {self.timeout:.0f} s ({type(e).__name__}: {e})") from e
+        if (rank, world) != (self.rank, self.world_size):
+            raise DistributedError(f"rendezvous gave rank {rank} of {world}, the environment {self.rank} of {self.world_size}")
+        base = dist.PrefixStore(f"srd_ext/{self.env.restart}", store)
+        backend = "gloo" if self.device.type == "cpu" else "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend=backend, store=dist.PrefixStore("pg", base), rank=rank,
+                                world_size=world, timeout=td)
+        self._group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=td)
+        self.store = dist.PrefixStore("run", base)
+        self.store.set_timeout(td)
+        self.store.set(f"now/{self.rank}", "starting")
+        self.store.add(f"beat/{self.rank}", 1)
+        self._started = True
+
+    def close(self) -> None:
+        if self.distributed and self._started and self.store is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.store = None
+
+    # -- collectives (each bounded by the timeout)
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def share(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` computed on rank 0 only and handed to every rank; if it raises, every rank
+        raises the same exception (so no rank is left waiting for a result that never comes)."""
+        result = error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # handed to the others, raised below
+                error = e
+        ok, value = self.broadcast((error is None, result if error is None else error))
+        if not ok:
+            raise value
+        return value
+
+    def gather(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's ``obj``, in rank order, on rank 0; None on the others."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self._group)
+        return out
+
+    def all_gather(self, obj: Any) -> List[Any]:
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._group)
+        return out
+
+    # -- progress and liveness
+    def beat(self, current: str = "", images: int = 0) -> None:
+        """Tell the others this rank is alive, working on ``current``, and has finished
+        ``images`` more images."""
+        if self.store is None:
+            return
+        if current:
+            self.store.set(f"now/{self.rank}", current)
+        if images:
+            self.store.add(f"images/{self.rank}", int(images))
+        self.store.add(f"beat/{self.rank}", 1)
+
+    def images_done(self) -> Optional[int]:
+        """Images finished by all ranks together in this run (None in a one-process run)."""
+        if self.store is None:
+            return None
+        return sum(int(self.store.add(f"images/{r}", 0)) for r in range(self.world_size))
+
+    def check_shared_folder(self, folder: str) -> None:
+        """Make sure every rank sees the files rank 0 writes in ``folder`` (several machines need
+        a shared file system for one output tree and for resuming)."""
+        if not self.distributed:
+            return
+        name = None
+        if self.is_main:
+            os.makedirs(folder, exist_ok=True)
+            name = f".srd-ext-shared-{uuid.uuid4().hex}"
+            atomic_write(os.path.join(folder, name), self.host)
+        name = self.broadcast(name)
+        path = os.path.join(folder, name)
+        deadline = time.monotonic() + 10.0  # network file systems may show a new file late
+        seen = os.path.exists(path)
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen = os.path.exists(path)
+        answers = self.all_gather((self.rank, self.host, seen))
+        if self.is_main:
+            os.unlink(path)
+        missing = [f"rank {r} on {h}" for r, h, s in answers if not s]
+        if missing:
+            raise DistributedError(
+                f"{folder} is not shared between the machines: {', '.join(missing)} cannot see a file rank 0 "
+                f"on {self.host} wrote there. Runs on several machines need the output folder on a file "
+                "system all of them mount (NFS, Lustre, ...).")
+
+    def finish(self, error: Optional[str] = None, on_wait: Optional[Callable[[], None]] = None) -> List[dict]:
+        """End of this rank's share of the work; ``error`` says why it stopped early (None: done).
+
+        Waits for the other ranks as long as each either finished or made progress within the
+        timeout, then returns every rank's status, the same list on every rank: dicts with
+        ``rank``, ``host``, ``ok``, ``error`` and ``current`` (what it last worked on). A rank
+        that stopped answering is reported as such. Nothing here waits in a collective, so a
+        lost rank cannot make the others hang; call :meth:`gather` only when all are ``ok``.
+        """
+        me = {"rank": self.rank, "host": self.host, "ok": error is None, "error": error or "", "current": ""}
+        if not self.distributed:
+            return [me]
+        st = self.store
+        me["current"] = st.get(f"now/{self.rank}").decode()
+        try:
+            st.set(f"done/{self.rank}", json.dumps(me))
+            if self.is_main:
+                verdict = self._referee(on_wait)
+                st.set("verdict", json.dumps(verdict))
+            else:
+                verdict = self._await_verdict(on_wait)
+        except DistributedError:
+            raise
+        except Exception as e:  # the store went away with rank 0's process (runs not started by torchrun)
+            raise DistributedError(f"rank {self.rank}: lost the connection to the other ranks "
+                                   f"({type(e).__name__}: {e})") from e
+        return verdict
+
+    def _referee(self, on_wait) -> List[dict]:
+        st, n = self.store, self.world_size
+        last = {r: (-1, time.monotonic()) for r in range(n)}
+        statuses: Dict[int, dict] = {}
+        while True:
+            for r in range(n):
+                if r not in statuses and st.check([f"done/{r}"]):
+                    statuses[r] = json.loads(st.get(f"done/{r}"))
+            if len(statuses) == n:
+                return [statuses[r] for r in range(n)]
+            now = time.monotonic()
+            lost = []
+            for r in range(n):
+                if r in statuses:
+                    continue
+                beats = int(st.add(f"beat/{r}", 0))
+                if beats != last[r][0]:
+                    last[r] = (beats, now)
+                elif now - last[r][1] > self.timeout:
+                    lost.append(r)
+            if lost:
+                for r in lost:
+                    current = st.get(f"now/{r}").decode() if st.check([f"now/{r}"]) else "?"
+                    statuses[r] = {"rank": r, "host": "?", "ok": False, "current": current,
+                                   "error": f"stopped answering: no progress for {self.timeout:.0f} s (--timeout)"}
+                for r in range(n):  # the others are given their status as it is now
+                    if r not in statuses:
+                        statuses[r] = {"rank": r, "host": "?", "ok": False, "current": "",
+                                       "error": "still working when the run was given up"}
+                return [statuses[r] for r in range(n)]
+            st.add(f"beat/{self.rank}", 1)
+            if on_wait is not None:
+                on_wait()
+            time.sleep(POLL)
+
+    def _await_verdict(self, on_wait) -> List[dict]:
+        st = self.store
+        last, since = -1, time.monotonic()
+        while not st.check(["verdict"]):
+            beats = int(st.add("beat/0", 0))
+            now = time.monotonic()
+            if beats != last:
+                last, since = beats, now
+            elif now - since > self.timeout:
+                raise DistributedError(f"rank {self.rank}: rank 0 stopped answering (no progress for "
+                                       f"{self.timeout:.0f} s, --timeout); its finished work is on disk")
+            st.add(f"beat/{self.rank}", 1)
+            if on_wait is not None:
+                on_wait()
+            time.sleep(POLL)
+        return json.loads(st.get("verdict"))
+
+
+def failures(statuses: List[dict]) -> List[str]:
+    """One line per rank that did not finish its share."""
+    out = []
+    for s in statuses:
+        if not s["ok"]:
+            where = f" (on {s['host']})" if s.get("host") not in (None, "?") else ""
+            at = f", last working on {s['current']}" if s.get("current") and s["current"] not in s["error"] else ""
+            out.append(f"rank {s['rank']}{where}: {s['error']}{at}")
+    return out
+
+
+class Progress:
+    """A progress bar on rank 0 only, counting the images of all ranks."""
+
+    def __init__(self, session: Session, total: int, desc: str, unit: str = "img", disable: bool = False,
+                 file=None):
+        self.session = session
+        self.bar = None
+        self.count = 0
+        if session.is_main and not disable:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=file or sys.stderr)
+
+    def working_on(self, current: str, name: Optional[str] = None) -> None:
+        self.session.beat(current)
+        if self.bar is not None and name is not None:
+            self.bar.set_postfix_str(name)
+
+    def update(self, n: int) -> None:
+        self.session.beat(images=n)
+        self.count += n
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.bar is None:
+            return
+        total = self.session.images_done()
+        self.bar.n = self.count if total is None else total
+        self.bar.refresh()
+
+    def write(self, message: str, file=None) -> None:
+        """A message on this rank's stderr that does not break rank 0's bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=file or sys.stderr)
+        else:
+            print(message, file=file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.refresh()
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------ manifest
+def _normalized(settings: Dict[str, Any]) -> Dict[str, Any]:
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+class Manifest:
+    """The finished units of one run, kept on disk in ``folder`` so that a stopped run resumes.
+
+    ``folder/run.json`` holds ``settings`` (what decides the results); ``folder/rank-R.jsonl``
+    one line ``{"key": ..., "record": ...}`` per unit finished by rank R, flushed and fsynced as
+    soon as the unit is done. :meth:`open` (collective) returns the records of earlier runs;
+    every rank then appends to its own file. :meth:`remove` deletes these files (and the folder
+    if that leaves it empty) once the final outputs are written.
+    """
+
+    SETTINGS = "run.json"
+
+    def __init__(self, folder: str, settings: Dict[str, Any], session: Session, what: str = "run"):
+        self.folder = folder
+        self.settings = _normalized(settings)
+        self.session = session
+        self.what = what
+        self._file = None
+
+    def _read(self) -> Dict[str, Any]:
+        """Rank 0: check or create run.json; the records found in the rank files."""
+        path = os.path.join(self.folder, self.SETTINGS)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+            except (OSError, ValueError) as e:
+                raise DistributedError(f"{path} is unreadable ({e}); delete {self.folder} to start over") from None
+            if old != self.settings:
+                diff = [f"{k}: {old.get(k)!r} then, {self.settings.get(k)!r} now"
+                        for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k)]
+                raise SettingsMismatch(
+                    f"{self.folder} holds an unfinished {self.what} with other settings ({'; '.join(diff)}). "
+                    f"Rerun with the earlier settings to finish it, or delete {self.folder} to start over.")
+        else:
+            atomic_write(path, json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
+        records: Dict[str, Any] = {}
+        for name in sorted(os.listdir(self.folder)):
+            if not (name.startswith("rank-") and name.endswith(".jsonl")):
+                continue
+            with open(os.path.join(self.folder, name), "rb") as f:
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        continue  # the torn last line of a killed process
+                    try:
+                        entry = json.loads(line)
+                        records[entry["key"]] = entry["record"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        return records
+
+    def open(self) -> Dict[str, Any]:
+        """Collective. The records (key -> record) finished by earlier runs, on every rank."""
+        self.session.check_shared_folder(self.folder)
+        records = self.session.share(self._read)
+        path = os.path.join(self.folder, f"rank-{self.session.rank}.jsonl")
+        self._file = open(path, "ab")
+        if self._file.tell() > 0:  # after a torn line, start a fresh one
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write(b"\n")
+        return records
+
+    def add(self, key: str, record: Any) -> None:
+        """Record a finished unit, durably, before moving on."""
+        self._file.write((json.dumps({"key": key, "record": record}, separators=(",", ":")) + "\n").encode())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        """Rank 0, after the final outputs are written: delete this run's files."""
+        self.close()
+        if not os.path.isdir(self.folder):
+            return
+        for name in os.listdir(self.folder):
+            if name == self.SETTINGS or (name.startswith("rank-") and name.endswith(".jsonl")):
+                os.unlink(os.path.join(self.folder, name))
+        try:
+            os.rmdir(self.folder)
+        except OSError:
+            pass  # something else is in there: leave it
+
+
+def rename_hint(argv: Optional[Sequence[str]], renamed: Dict[str, str]) -> Optional[str]:
+    """A message for options that were renamed because torchrun reads them as its own."""
+    for a in (sys.argv[1:] if argv is None else argv):
+        name = a.split("=", 1)[0]
+        if name in renamed:
+            return (f"{name} is now {renamed[name]} (under torchrun, {name} is taken as an abbreviation of "
+                    f"one of torchrun's own options)")
+    return None
