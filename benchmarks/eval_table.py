@@ -5,13 +5,26 @@ fidelity and stability (``srd_ext.metrics``) averaged over the images. Maps are 
 max, clamped to [-1, 1] and bilinearly upsampled to the input size (``metrics.normalize`` then
 ``metrics.upsample``), as the paper does, before every metric.
 
-    python benchmarks/eval_table.py --model shapes-vgg --n 752 --out results/eval
+    python benchmarks/eval_table.py --model shapes-vgg --num-images 752 --out results/eval
     python benchmarks/eval_table.py --model vgg16 --weights vgg16.pth --data ImageNet-S50/ \\
-        --class-index imagenet_class_index.json --n 752
+        --class-index imagenet_class_index.json --num-images 752
+    torchrun --nproc_per_node=2 benchmarks/eval_table.py --model shapes-vgg --num-images 752
 
 Writes ``<out>/<tag>.md`` (Table 2 layout: best **bold**, second <u>underlined</u>, then timings,
 settings, package versions and model adaptations), ``<tag>.csv`` (means, standard errors,
-seconds per image), ``<tag>.json`` and ``<tag>.png`` (example maps: images x methods).
+seconds per image), ``<tag>.json``, ``<tag>.png`` (example maps: images x methods) and
+``<tag>.per-image.csv`` (one row per image and method: index, image, label, target, the five
+metrics; with ``--save-maps`` also ``map_file``, the method's raw map of that image as a ``.npy``
+file under ``<tag>.maps/<method>/``, path relative to ``<out>``).
+
+Whole datasets (``srd_ext.distributed``): under ``torchrun`` every process takes its share of the
+batches (blocks of ``--batch-size`` images from ``--first-image``, rank r of W taking blocks
+r, r+W, ...), rank 0 gathers the per-image results and writes the outputs once, and the numbers
+are those of one process: a batch is computed the same way whichever process takes it, and every
+random draw is seeded by ``--seed`` and the batch's first image. Finished batches are recorded in
+``<out>/<tag>.parts/`` as they complete; a stopped run started again with the same options (any
+number of processes) does only the rest and writes the same outputs, and the folder is removed
+once they are written. An image that cannot be read is reported by name and left out.
 
 Settings and their defaults (chosen so that all 17 methods on either shapes model, n=752, fit in
 an hour on 2 CPU cores; see the timing table each run writes):
@@ -39,13 +52,13 @@ report's timing table). Stability costs about one explanation per copy: SRD-inpu
 on all 752 shapes-vgg images took 10.1x its explanation time.
 
 The target is the ground-truth label (``--target pred``: the predicted class). Every random draw
-is seeded by ``--seed``. ``--random-init`` builds the architecture with random weights (smoke
+is seeded by ``--seed`` (fidelity subsets and stability noise: the same draws for every image and
+method; SmoothGrad's noise: ``--seed`` and the first image of the batch). ``--random-init`` builds the architecture with random weights (smoke
 tests only: its numbers mean nothing).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.metadata
 import json
 import math
@@ -53,13 +66,14 @@ import os
 import platform
 import sys
 import time
+import traceback
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 import srd_ext
-from srd_ext import baselines, data, metrics, models
+from srd_ext import baselines, data, distributed, metrics, models
 
 METRICS = (  # key, column, higher is better
     ("pointing_game", "Poi.", True),
@@ -68,6 +82,9 @@ METRICS = (  # key, column, higher is better
     ("fidelity", "Fid.", True),
     ("stability", "Sta.", False),
 )
+# Options renamed because torchrun takes them for abbreviations of its own.
+RENAMED = {"--n": "--num-images", "--start": "--first-image"}
+PER_IMAGE_FIELDS = ["index", "image", "label", "target", "method"] + [k for k, _, _ in METRICS] + ["map_file"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,8 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--split", default="validation", help="ImageNet-S split folder (default: validation)")
     ap.add_argument("--class-index", help="JSON mapping ImageNet-S class folders to model outputs: "
                     "{wnid: index} or torchvision's {\"0\": [wnid, name], ...}")
-    ap.add_argument("--n", type=int, default=752, help="number of images (default 752)")
-    ap.add_argument("--start", type=int, default=0, help="first image index")
+    ap.add_argument("--num-images", type=int, default=752,
+                    help="number of images (default 752, the shapes test split; -1: all from --first-image)")
+    ap.add_argument("--first-image", type=int, default=0, help="index of the first image (default 0)")
     ap.add_argument("--methods", nargs="+", default=["all"],
                     help=f"'all' or names (comma or space separated) from {baselines.names()}")
     ap.add_argument("--target", choices=("label", "pred"), default="label")
@@ -101,11 +119,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/eval")
     ap.add_argument("--tag", help="output file name stem (default: model[_random][_data])")
+    ap.add_argument("--save-maps", action="store_true",
+                    help="also write every method's raw map of every image: <out>/<tag>.maps/<method>/<index>.npy, "
+                         "listed in <tag>.per-image.csv")
+    ap.add_argument("--timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                    help="under torchrun: seconds to wait for the other processes to start, in each exchange, "
+                         "and for a process that makes no progress (default 1800; must exceed one batch's time)")
     ap.add_argument("--no-progress", action="store_true")
+    hint = distributed.rename_hint(argv, RENAMED)
+    if hint:
+        ap.error(hint)
     args = ap.parse_args(argv)
-    minimum = {"n": 1, "batch_size": 1, "fidelity_runs": 2, "stability_samples": 0, "start": 0,
+    minimum = {"batch_size": 1, "fidelity_runs": 2, "stability_samples": 0, "first_image": 0,
                "pointing_tolerance": 0, "ig_steps": 1, "smoothgrad_samples": 1, "examples": 0,
                "threads": 0}
+    if args.num_images < 1 and args.num_images != -1:
+        ap.error(f"--num-images must be >= 1 or -1 (all images), got {args.num_images}")
+    if not args.timeout > 0:
+        ap.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     for name, low in minimum.items():
         if getattr(args, name) < low:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -143,26 +174,47 @@ def _class_index(path: Optional[str]) -> Optional[Dict[str, int]]:
     return {k: int(v) for k, v in obj.items()}
 
 
-def batches(args):
-    """Yields (images, masks, labels) batches of the ``args.n`` images."""
-    if args.data == "shapes":
-        size = models.model_input_size(args.model) if args.model in models.SHAPES_MODELS else 112
-        for s in range(args.start, args.start + args.n, args.batch_size):
-            yield data.generate("test", min(args.batch_size, args.start + args.n - s), image_size=size, start=s)
-        return
-    ds = data.ImageNetSFolder(args.data, split=args.split, class_to_idx=_class_index(args.class_index))
-    end = min(len(ds), args.start + args.n)
-    for s in range(args.start, end, args.batch_size):
-        items = [ds[i] for i in range(s, min(s + args.batch_size, end))]
-        yield (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
-               torch.tensor([it[2] for it in items]))
+class Images:
+    """The images of the run, loaded by dataset index: the shapes test split (rendered) or an
+    ImageNet-S folder (read; an unreadable file is reported, not fatal)."""
 
+    def __init__(self, args):
+        self.first = args.first_image
+        if args.data == "shapes":
+            self.ds = None
+            self.size = models.model_input_size(args.model) if args.model in models.SHAPES_MODELS else 112
+            total = data.DEFAULT_SIZES["test"]
+            self.count = total - self.first if args.num_images == -1 else args.num_images
+        else:
+            self.ds = data.ImageNetSFolder(args.data, split=args.split, class_to_idx=_class_index(args.class_index))
+            self.root = args.data
+            self.count = max(0, len(self.ds) - self.first)
+            if args.num_images != -1:
+                self.count = min(self.count, args.num_images)
 
-def dataset_size(args) -> int:
-    if args.data == "shapes":
-        return args.n
-    ds = data.ImageNetSFolder(args.data, split=args.split, class_to_idx=_class_index(args.class_index))
-    return max(0, min(len(ds), args.start + args.n) - args.start)
+    def name(self, i: int) -> str:
+        if self.ds is None:
+            return f"shapes/test/{i}"
+        return os.path.relpath(self.ds.samples[i][0], self.root)
+
+    def load(self, indices):
+        """(images, masks, labels, loaded indices, failures) for dataset indices ``indices``;
+        failures are dicts with index, image and reason. Images are None if none loaded."""
+        indices = list(indices)
+        if self.ds is None:
+            x, masks, labels = data.generate("test", len(indices), image_size=self.size, start=indices[0])
+            return x, masks, labels, indices, []
+        items, ok, bad = [], [], []
+        for i in indices:
+            try:
+                items.append(self.ds[i])
+                ok.append(i)
+            except Exception as e:  # one bad file must not end the run
+                bad.append({"index": i, "image": self.name(i), "reason": f"{type(e).__name__}: {str(e)[:200]}"})
+        if not items:
+            return None, None, None, [], bad
+        return (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
+                torch.tensor([it[2] for it in items]), ok, bad)
 
 
 class SharedForward:
@@ -199,85 +251,166 @@ def prepare(maps: torch.Tensor, size) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------
-def evaluate(args, model, methods, progress=None):
+def evaluate_block(args, model, methods, images, block, skip, say, stem):
+    """Every metric of every method on the images of ``block`` (one batch). Returns the block's
+    record: JSON-ready per-image values in image order, timings, method failures. ``skip``: the
+    methods that failed on an earlier block of this process (not run again); ``say``: prints a
+    message without breaking the progress bar."""
+    x, masks, labels, indices, bad = images.load(block)
+    for b in bad:
+        say(f"eval_table: {b['image']} (image {b['index']}) could not be read, left out: {b['reason']}")
+    rec = {"images": [], "failed_images": bad, "scores": {}, "seconds": {}, "failed": {}, "skipped": [],
+           "sizes": {}, "forward_s": 0.0}
+    if x is None:
+        return rec
+    x, masks, labels = x.to(args.device), masks.to(args.device), labels.to(args.device)
+    H, W = x.shape[-2:]
+    subset = args.fidelity_subset or max(1, round(224 * H * W / 224 ** 2))
+    if args.target == "label":
+        target = labels
+    else:
+        with torch.no_grad():
+            target = model(x).argmax(1)
+    rec["images"] = [{"index": i, "image": images.name(i), "label": int(l), "target": int(t)}
+                     for i, l, t in zip(indices, labels.tolist(), target.tolist())]
+    shared = SharedForward(model)
+    stab_end = images.first + (images.count if args.stability_n < 0 else args.stability_n)
+    n_stab = sum(i < stab_end for i in indices)  # indices increase: these are the first n_stab
+    rec["stability_images"] = n_stab if args.stability_samples > 0 else 0
+    for m in methods:
+        if m.name in skip:
+            rec["skipped"].append(m.name)
+            continue
+        sec = {"explain": 0.0, "fidelity": 0.0, "stability": 0.0, "explained": 0, "stability_images": 0}
+        s = {}
+        # SmoothGrad draws from torch's global generator: seeded by the batch, not by the process.
+        torch.manual_seed(distributed.image_seed(args.seed, block.start))
+        try:
+            t0 = time.perf_counter()
+            raw = m(model, x, target)
+            sec["explain"] += time.perf_counter() - t0
+            sec["explained"] += x.shape[0]
+            rec["sizes"][m.name] = list(raw.shape[-2:])
+            maps = prepare(raw, (H, W))
+            s["pointing_game"] = metrics.pointing_game(maps, masks, args.pointing_tolerance, normalized=True).float()
+            s["attribution_localization"] = metrics.attribution_localization(maps, masks, normalized=True)
+            s["sparseness"] = metrics.sparseness(maps, normalized=True)
+            t0, f0 = time.perf_counter(), shared.seconds
+            s["fidelity"] = metrics.fidelity(shared, x, target, maps, n_runs=args.fidelity_runs, subset_size=subset,
+                                             seed=args.seed, batch_size=64, normalized=True)
+            # The shared forwards are counted once, apart from the methods.
+            sec["fidelity"] += time.perf_counter() - t0 - (shared.seconds - f0)
+            if args.stability_samples > 0 and n_stab > 0:
+                xs, ts, first = x[:n_stab], target[:n_stab], maps[:n_stab]
+
+                def explain_fn(xx, tt, xs=xs, first=first, m=m):
+                    # The unperturbed images were just explained.
+                    if xx.data_ptr() == xs.data_ptr() and xx.shape == xs.shape:
+                        return first
+                    return prepare(m(model, xx, tt), (H, W))
+
+                t0 = time.perf_counter()
+                s["stability"] = metrics.stability(
+                    explain_fn, xs, ts, n_samples=args.stability_samples, sigma=0.1, seed=args.seed,
+                    batch_size=max(n_stab, args.batch_size), normalized=True)
+                sec["stability"] += time.perf_counter() - t0
+                sec["stability_images"] += n_stab
+            if args.save_maps:
+                # Written by this process, the one that computed them, before the block is recorded.
+                for k, i in enumerate(indices):
+                    distributed.save_npy(os.path.join(stem + ".maps", m.name, f"{i:06d}.npy"),
+                                         raw[k].detach().float().cpu().numpy())
+        except Exception as e:  # keep a long run going; the report names the failure
+            rec["failed"][m.name] = f"{type(e).__name__}: {e}"
+            skip.add(m.name)
+            continue
+        rec["scores"][m.name] = {k: [float(v) for v in t.detach().double().cpu()] for k, t in s.items()}
+        rec["seconds"][m.name] = sec
+    rec["forward_s"] = shared.seconds
+    return rec
+
+
+def combine(methods, records):
+    """The per-method lists and totals ``summarize`` takes, from block records in image order."""
     scores = {m.name: {k: [] for k, _, _ in METRICS} for m in methods}
     seconds = {m.name: {"explain": 0.0, "fidelity": 0.0, "stability": 0.0, "explained": 0,
                         "stability_images": 0} for m in methods}
     failed: Dict[str, str] = {}
-    examples = {"images": [], "masks": [], "labels": [], "targets": [], "maps": {m.name: [] for m in methods}}
     sizes: Dict[str, tuple] = {}
-    forward_s = 0.0
-    probe = None
-    stab_n = args.n if args.stability_n < 0 else args.stability_n
-    done = 0
-    for x, masks, labels in batches(args):
-        x, masks, labels = x.to(args.device), masks.to(args.device), labels.to(args.device)
-        H, W = x.shape[-2:]
-        if probe is None:
-            probe = x[:1]
-        subset = args.fidelity_subset or max(1, round(224 * H * W / 224 ** 2))
-        args.fidelity_subset_used = subset
-        if args.target == "label":
-            target = labels
-        else:
-            with torch.no_grad():
-                target = model(x).argmax(1)
-        shared = SharedForward(model)
-        n_stab = max(0, min(x.shape[0], stab_n - done))
-        need_ex = max(0, args.examples - len(examples["images"]))
+    forward_s, done, failed_images = 0.0, 0, []
+    for rec in records:
+        for name, msg in rec["failed"].items():
+            failed.setdefault(name, f"{msg} (on images {rec['images'][0]['index']}..{rec['images'][-1]['index']})"
+                              if rec["images"] else msg)
+        for name, sc in rec["scores"].items():
+            for k, vals in sc.items():
+                scores[name][k].append(torch.tensor(vals, dtype=torch.float64))
+            for k, v in rec["seconds"][name].items():
+                seconds[name][k] += v
+        for name, size in rec["sizes"].items():
+            sizes.setdefault(name, tuple(size))
+        forward_s += rec["forward_s"]
+        done += len(rec["images"])
+        failed_images += rec["failed_images"]
+    return scores, seconds, failed, sizes, forward_s, done, failed_images
+
+
+def per_image_rows(methods, records, failed, stem, out, save_maps):
+    for rec in records:
+        n_stab = rec.get("stability_images", 0)
         for m in methods:
-            if m.name in failed:
+            if m.name in failed or m.name not in rec["scores"]:
                 continue
-            if progress is not None:
-                progress.set_postfix_str(m.name)
-            try:
-                t0 = time.perf_counter()
-                raw = m(model, x, target)
-                seconds[m.name]["explain"] += time.perf_counter() - t0
-                seconds[m.name]["explained"] += x.shape[0]
-                sizes[m.name] = tuple(raw.shape[-2:])
-                maps = prepare(raw, (H, W))
-                s = scores[m.name]
-                s["pointing_game"].append(metrics.pointing_game(
-                    maps, masks, args.pointing_tolerance, normalized=True).float().cpu())
-                s["attribution_localization"].append(
-                    metrics.attribution_localization(maps, masks, normalized=True).cpu())
-                s["sparseness"].append(metrics.sparseness(maps, normalized=True).cpu())
-                t0, f0 = time.perf_counter(), shared.seconds
-                s["fidelity"].append(metrics.fidelity(
-                    shared, x, target, maps, n_runs=args.fidelity_runs, subset_size=subset,
-                    seed=args.seed, batch_size=64, normalized=True).cpu())
-                # The shared forwards are counted once, apart from the methods.
-                seconds[m.name]["fidelity"] += time.perf_counter() - t0 - (shared.seconds - f0)
-                if args.stability_samples > 0 and n_stab > 0:
-                    xs, ts, first = x[:n_stab], target[:n_stab], maps[:n_stab]
+            sc = rec["scores"][m.name]
+            for k, img in enumerate(rec["images"]):
+                row = dict(img, method=m.name)
+                for key, _, _ in METRICS:
+                    vals = sc.get(key, [])
+                    row[key] = repr(vals[k]) if k < len(vals) and (key != "stability" or k < n_stab) else None
+                if save_maps:
+                    row["map_file"] = os.path.relpath(os.path.join(stem + ".maps", m.name, f"{img['index']:06d}.npy"), out)
+                yield row
 
-                    def explain_fn(xx, tt, xs=xs, first=first, m=m):
-                        # The unperturbed images were just explained.
-                        if xx.data_ptr() == xs.data_ptr() and xx.shape == xs.shape:
-                            return first
-                        return prepare(m(model, xx, tt), (H, W))
 
-                    t0 = time.perf_counter()
-                    s["stability"].append(metrics.stability(
-                        explain_fn, xs, ts, n_samples=args.stability_samples, sigma=0.1,
-                        seed=args.seed, batch_size=max(n_stab, args.batch_size), normalized=True).cpu())
-                    seconds[m.name]["stability"] += time.perf_counter() - t0
-                    seconds[m.name]["stability_images"] += n_stab
-                if need_ex:
-                    examples["maps"][m.name].append(maps[:need_ex].cpu())
-            except Exception as e:  # keep a long run going; the report names the failure
-                failed[m.name] = f"{type(e).__name__}: {e}"
-        if need_ex:
-            examples["images"].extend(x[:need_ex].cpu())
-            examples["masks"].extend(masks[:need_ex].cpu())
-            examples["labels"].extend(labels[:need_ex].cpu().tolist())
-            examples["targets"].extend(target[:need_ex].cpu().tolist())
-        forward_s += shared.seconds
-        done += x.shape[0]
-        if progress is not None:
-            progress.update(x.shape[0])
-    return scores, seconds, failed, examples, sizes, forward_s, done, probe
+def example_maps(args, model, methods, images, failed):
+    """Maps of the first ``--examples`` readable images by every method that did not fail
+    (computed here, on rank 0, so the figure does not depend on who computed what), and one
+    image to probe the model with."""
+    examples = {"images": [], "masks": [], "labels": [], "targets": [], "maps": {m.name: [] for m in methods}}
+    want, probe = max(args.examples, 1), None
+    xs, ms, ls = [], [], []
+    for b in distributed.blocks(images.count, args.batch_size, images.first):
+        x, masks, labels, _, _ = images.load(b)
+        if x is not None:
+            xs.append(x), ms.append(masks), ls.append(labels)
+        if sum(len(v) for v in xs) >= want:
+            break
+    if not xs:
+        return examples, None
+    x, masks, labels = (torch.cat(v)[:want] for v in (xs, ms, ls))
+    x, masks, labels = x.to(args.device), masks.to(args.device), labels.to(args.device)
+    probe = x[:1]
+    x, masks, labels = x[:args.examples], masks[:args.examples], labels[:args.examples]
+    if args.examples == 0:
+        return examples, probe
+    if args.target == "label":
+        target = labels
+    else:
+        with torch.no_grad():
+            target = model(x).argmax(1)
+    for m in methods:
+        if m.name in failed:
+            continue
+        torch.manual_seed(distributed.image_seed(args.seed, images.first))
+        try:
+            examples["maps"][m.name].append(prepare(m(model, x, target), x.shape[-2:]).detach().cpu())
+        except Exception:
+            pass
+    examples["images"] = list(x.cpu())
+    examples["masks"] = list(masks.cpu())
+    examples["labels"] = labels.cpu().tolist()
+    examples["targets"] = target.cpu().tolist()
+    return examples, probe
 
 
 def summarize(methods, scores, seconds, failed, sizes):
@@ -377,8 +510,31 @@ def figure(path, examples, methods, rows_by_name, class_names) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> Dict:
+def fingerprint(args, methods) -> Dict:
+    """The options that decide the numbers: a stopped run resumes only with the same ones."""
+    keep = ("model", "weights", "random_init", "data", "split", "class_index", "num_images", "first_image",
+            "target", "batch_size", "fidelity_runs", "fidelity_subset", "stability_samples", "stability_n",
+            "pointing_tolerance", "ig_steps", "smoothgrad_samples", "threads", "seed", "save_maps")
+    out = {k: getattr(args, k) for k in keep}
+    out["methods"] = [m.name for m in methods]
+    out["device"] = torch.device(args.device).type
+    return out
+
+
+def main(argv=None) -> Optional[Dict]:
+    """Rank 0 (and a one-process run) returns the report; the other ranks None. Exits with status
+    1 when a process could not finish its share (what was finished stays on disk)."""
     args = parse_args(argv)
+    try:
+        with distributed.Session(args.device, args.timeout) as session:
+            return run(args, session)
+    except distributed.DistributedError as e:
+        print(f"eval_table: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, distributed.SettingsMismatch) else 1) from None
+
+
+def run(args, session) -> Optional[Dict]:
+    args.device = str(session.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -390,62 +546,101 @@ def main(argv=None) -> Dict:
     methods = [m.with_options(n_steps=args.ig_steps) if m.name == "integrated-gradients" else
                m.with_options(n_samples=args.smoothgrad_samples) if m.name == "smoothgrad" else m
                for m in methods]
-    if args.data != "shapes" and args.target == "label" and not args.class_index:
+    if args.data != "shapes" and args.target == "label" and not args.class_index and session.is_main:
         print("warning: no --class-index: labels are the indices of the sorted class folders, "
               "which match the model's outputs only if it was trained on exactly these folders",
               file=sys.stderr)
     model = build_model(args)
-    args.n = dataset_size(args)
+    images = Images(args)
     baselines.NOTES.clear()
-
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
-        progress = tqdm(total=args.n, unit="img", desc=args.model, dynamic_ncols=True)
-    t_start, c_start = time.perf_counter(), time.process_time()
-    scores, seconds, failed, examples, sizes, forward_s, done, probe = evaluate(args, model, methods, progress)
-    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
-    if progress is not None:
-        progress.close()
-
-    rows = summarize(methods, scores, seconds, failed, sizes)
-    rows_by_name = {r["method"]: r for r in rows}
     data_name = "shapes" if args.data == "shapes" else os.path.basename(os.path.normpath(args.data))
     tag = args.tag or "_".join([args.model] + (["random"] if args.random_init else [])
                                + ([] if data_name == "shapes" else [data_name]))
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, tag)
+
+    # The work: blocks of images, the same for any number of processes; each takes its share of
+    # those not finished by an earlier run.
+    units = distributed.blocks(images.count, args.batch_size, images.first)
+    manifest = distributed.Manifest(stem + ".parts", fingerprint(args, methods), session, "evaluation")
+    records = manifest.open()
+    earlier = sum(len(b) for b in units if b.key in records)
+    todo = [b for b in units if b.key not in records]
+    if session.is_main and earlier:
+        print(f"eval_table: resuming: {earlier} of {images.count} images were finished by an earlier run "
+              f"({manifest.folder})", file=sys.stderr)
+    progress = distributed.Progress(session, images.count - earlier, args.model, disable=args.no_progress)
+    t_start, c_start = time.perf_counter(), time.process_time()
+    new, skip, error, block = {}, set(), None, None
+    try:
+        for block in distributed.shard(todo, session.rank, session.world_size):
+            progress.working_on(str(block))
+            rec = evaluate_block(args, model, methods, images, block, skip, progress.write, stem)
+            rec["notes"] = dict(baselines.NOTES)
+            manifest.add(block.key, rec)
+            new[block.key] = rec
+            progress.update(len(block))
+    except Exception as e:
+        error = f"failed on {block} ({type(e).__name__}: {e})"
+        progress.write(f"eval_table: rank {session.rank}: {error}\n{traceback.format_exc()}")
+    manifest.close()
+    statuses = session.finish(error, on_wait=progress.refresh)
+    progress.close()
+    lost = distributed.failures(statuses)
+    if lost:
+        if session.is_main:
+            print("eval_table: the run did not finish:\n  " + "\n  ".join(lost) + f"\nThe finished images are "
+                  f"kept in {manifest.folder}; run the same command again to do the rest.", file=sys.stderr)
+        raise SystemExit(1)
+    gathered = session.gather(new)
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+    if not session.is_main:
+        return None
+    for part in gathered:
+        records.update(part)
+    ordered = [records[b.key] for b in units]
+    scores, seconds, failed, sizes, forward_s, done, failed_images = combine(methods, ordered)
+    examples, probe = example_maps(args, model, methods, images, failed)
+    notes: Dict[str, str] = {}
+    for rec in ordered:
+        notes.update(rec.get("notes", {}))
+    notes.update(baselines.NOTES)
+
+    rows = summarize(methods, scores, seconds, failed, sizes)
+    rows_by_name = {r["method"]: r for r in rows}
+    os.makedirs(args.out, exist_ok=True)
     try:
         layers = baselines.cam_layers(model, probe)
     except Exception as e:
         layers = {"error": str(e)}
-    stab_n = min(done, args.n if args.stability_n < 0 else args.stability_n)
+    H, W = probe.shape[-2:] if probe is not None else (None, None)
+    stab_n = sum(r.get("stability_images", 0) for r in ordered)
     settings = {
         "model": args.model,
         "weights": "random init (smoke test)" if args.random_init else (
             args.weights or (f"shipped {models.WEIGHTS_DIR.name}/{args.model}.pt"
                              if args.model in models.SHAPES_MODELS else None)),
-        "data": data_name, "n": done, "start": args.start, "target": args.target,
-        "input_size": list(probe.shape[-2:]) if probe is not None else None, "device": str(args.device),
+        "data": data_name, "n": done, "first_image": args.first_image, "target": args.target,
+        "input_size": [H, W] if probe is not None else None, "device": torch.device(args.device).type,
         "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size, "seed": args.seed,
         "pointing_tolerance_px": args.pointing_tolerance,
-        "fidelity_runs": args.fidelity_runs, "fidelity_subset": getattr(args, "fidelity_subset_used", None),
+        "fidelity_runs": args.fidelity_runs,
+        "fidelity_subset": args.fidelity_subset or (max(1, round(224 * H * W / 224 ** 2)) if H else None),
         "fidelity_baseline": 0.0,
         "stability_samples": args.stability_samples, "stability_images": stab_n, "stability_sigma": 0.1,
         "ig_steps": args.ig_steps, "smoothgrad_samples": args.smoothgrad_samples,
         "smoothgrad_noise": baselines.SMOOTHGRAD_NOISE, "cam_layers": layers,
-        "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+        "processes": session.world_size, "images_from_an_earlier_run": earlier,
+        "wall_seconds": round(wall, 1), "cpu_seconds_rank0": round(cpu, 1),
         "fidelity_forward_seconds": round(forward_s, 1),
     }
-    notes = dict(baselines.NOTES)
-    report = {"settings": settings, "versions": versions(), "rows": rows, "notes": notes, "failed": failed}
+    report = {"settings": settings, "versions": versions(), "rows": rows, "notes": notes, "failed": failed,
+              "failed_images": failed_images}
 
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    distributed.atomic_write(stem + ".json", json.dumps(report, indent=1))
+    distributed.write_csv(stem + ".csv", rows, list(rows[0].keys()))
+    distributed.write_csv(stem + ".per-image.csv",
+                          per_image_rows(methods, ordered, failed, stem, args.out, args.save_maps),
+                          PER_IMAGE_FIELDS if args.save_maps else PER_IMAGE_FIELDS[:-1])
     class_names = models.class_names(args.model) if args.data == "shapes" or args.model in models.IMAGENET_MODELS else ()
     figure(stem + ".png", examples, methods, rows_by_name, class_names)
 
@@ -465,23 +660,31 @@ def main(argv=None) -> Dict:
     md += [f"| {r['label']} | {r['map_size']} | {r['explain_s_per_image']:.4f} | "
            f"{r['fidelity_s_per_image']:.4f} | {r['stability_s_per_image']:.4f} |" for r in rows]
     md += ["", f"Fidelity forwards (shared by all methods): {forward_s / max(done, 1):.4f} s per image. "
-           f"Wall time: {wall:.0f} s ({wall / max(done, 1):.2f} s per image).", "", "## Versions", ""]
+           f"Wall time: {wall:.0f} s ({wall / max(done, 1):.2f} s per image, {session.world_size} process(es)"
+           + (f", {earlier} images from an earlier run" if earlier else "") + ").", "", "## Versions", ""]
     md += [f"- {k}: {v}" for k, v in report["versions"].items()]
     md += ["", "## Model adaptations", ""]
     md += [f"- {k}: {v}" for k, v in notes.items()] or ["- none"]
     if failed:
         md += ["", "## Failed methods", ""] + [f"- {k}: {v}" for k, v in failed.items()]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
+    if failed_images:
+        md += ["", "## Images left out (unreadable)", ""] + [
+            f"- {b['image']} (image {b['index']}): {b['reason']}" for b in failed_images]
+    distributed.atomic_write(stem + ".md", "\n".join(md) + "\n")
+    manifest.remove()  # everything is in the outputs now
 
     print(markdown_table(rows))
-    print(f"\n{done} images, wall {wall:.0f} s; wrote {stem}.md/.csv/.json/.png")
+    print(f"\n{done} images, wall {wall:.0f} s, {session.world_size} process(es); "
+          f"wrote {stem}.md/.csv/.json/.png/.per-image.csv" + (f" and {stem}.maps/" if args.save_maps else ""))
     for k, v in notes.items():
         print(f"note {k}: {v}")
     for k, v in failed.items():
         print(f"FAILED {k}: {v}", file=sys.stderr)
+    for b in failed_images:
+        print(f"left out {b['image']} (image {b['index']}): {b['reason']}", file=sys.stderr)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(1 if result and result["failed_images"] else 0)

@@ -221,7 +221,7 @@ def load_eval_table():
 
 def test_eval_table_end_to_end(tmp_path):
     mod = load_eval_table()
-    report = mod.main(["--model", "shapes-resnet", "--random-init", "--n", "3", "--batch-size", "2",
+    report = mod.main(["--model", "shapes-resnet", "--random-init", "--num-images", "3", "--batch-size", "2",
                        "--methods", "saliency,gradcam", "srd-high", "--fidelity-runs", "4",
                        "--stability-samples", "1", "--examples", "2", "--out", str(tmp_path),
                        "--no-progress"])
@@ -246,10 +246,20 @@ def test_eval_table_end_to_end(tmp_path):
     assert rows[1]["map_size"] == "4x4" and rows[2]["map_size"] == "14x14"
 
 
-@pytest.mark.parametrize("argv", [["--n", "0"], ["--batch-size", "0"], ["--fidelity-runs", "1"],
-                                  ["--stability-samples", "-1"], ["--stability-n", "-2"]])
+@pytest.mark.parametrize("argv", [["--num-images", "0"], ["--batch-size", "0"], ["--fidelity-runs", "1"],
+                                  ["--stability-samples", "-1"], ["--stability-n", "-2"], ["--timeout", "0"]])
 def test_eval_table_bad_arguments_are_named(argv, capsys):
     mod = load_eval_table()
     with pytest.raises(SystemExit):
         mod.parse_args(["--model", "shapes-vgg", *argv])
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,new", [(["--n", "5"], "--num-images"), (["--start=2"], "--first-image")])
+def test_eval_table_renamed_options_name_their_new_name(argv, new, capsys):
+    # torchrun reads --n and --start as abbreviations of its own options, so they were renamed.
+    mod = load_eval_table()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--model", "shapes-vgg", *argv])
+    err = capsys.readouterr().err
+    assert argv[0].split("=")[0] in err and new in err
