@@ -5,42 +5,72 @@ alone with zeros / ones / N(0, 1) inputs ("APOP": ReLU -> x * mask, MaxPool -> r
 "APOP & relu": relu(x * mask)). Reports top-1 / top-5 of the original model and of each variant.
 
     python examples/apop_accuracy.py --model shapes-vgg --data shapes
-    python examples/apop_accuracy.py --model resnet50 --weights resnet50.pth --data /imagenet/val --limit 5000
+    python examples/apop_accuracy.py --model resnet50 --weights resnet50.pth --data /imagenet/val --num-images 5000
+    torchrun --nproc_per_node=2 examples/apop_accuracy.py --model shapes-vgg --data shapes
+
+Under torchrun every process takes its share of the batches (blocks of ``--batch-size`` images;
+rank r of W takes blocks r, r+W, ...) and rank 0 adds up the counts and writes the tables: the
+same numbers as one process, since the N(0, 1) input of an image is drawn from a generator seeded
+by ``--seed`` and the image's index. Finished batches are recorded in
+``<out>/apop_<model>.parts/``; a stopped run started again with the same options resumes there.
+An image that cannot be read is reported by name and left out of the counts.
 """
 import argparse
-import csv
+import json
 import os
 import sys
+import traceback
 
 import torch
-from tqdm import tqdm
 
-from srd_ext import apop, data, models
+from srd_ext import apop, data, distributed, models
 
 INPUTS = ("zeros", "ones", "normal")
 
 
-def make_input(kind: str, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def make_input(kind: str, like: torch.Tensor, seed: int, indices) -> torch.Tensor:
+    """The input that replaces the images ``like``: zeros, ones, or N(0, 1) drawn per image from
+    (``seed``, image index), so that it does not depend on the batch or the process."""
     if kind == "zeros":
         return torch.zeros_like(like)
     if kind == "ones":
         return torch.ones_like(like)
-    return torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+    gens = [torch.Generator().manual_seed(distributed.image_seed(seed, i)) for i in indices]
+    return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in gens]).to(like.device)
 
 
-def batches(args, name):
-    """(images, labels) batches of the chosen data."""
-    if args.data == "shapes":
-        n = args.limit or data.DEFAULT_SIZES["test"]
-        for start in range(0, n, args.batch_size):
-            x, _, y = data.generate("test", min(args.batch_size, n - start), start=start,
-                                    image_size=models.model_input_size(name))
-            yield x, y
-        return
-    ds = data.image_folder(args.data)
-    if args.limit:
-        ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
-    yield from torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=0)
+class Images:
+    """Shapes test images (rendered) or an ImageNet-style class folder (read; a file that cannot
+    be read is reported and left out)."""
+
+    def __init__(self, args):
+        if args.data == "shapes":
+            self.ds, self.size = None, models.model_input_size(args.model)
+            self.count = args.num_images or data.DEFAULT_SIZES["test"]
+        else:
+            self.ds = data.image_folder(args.data)
+            self.count = min(args.num_images or len(self.ds), len(self.ds))
+        self.root = args.data
+
+    def name(self, i: int) -> str:
+        return f"shapes/test/{i}" if self.ds is None else os.path.relpath(self.ds.samples[i][0], self.root)
+
+    def load(self, block):
+        """(images, labels, indices loaded, failures)."""
+        if self.ds is None:
+            x, _, y = data.generate("test", len(block), start=block.start, image_size=self.size)
+            return x, y, list(block), []
+        xs, ys, ok, bad = [], [], [], []
+        for i in block:
+            try:
+                x, y = self.ds[i]
+            except Exception as e:  # one bad file must not end the run
+                bad.append({"index": i, "image": self.name(i), "reason": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            xs.append(x), ys.append(y), ok.append(i)
+        if not xs:
+            return None, None, ok, bad
+        return torch.stack(xs), torch.tensor(ys), ok, bad
 
 
 def topk_hits(logits, y, k):
@@ -48,66 +78,147 @@ def topk_hits(logits, y, k):
     return (logits.topk(k, 1).indices == y[:, None]).any(1).sum().item()
 
 
-def main(argv=None):
+def row_names(inputs):
+    return ["original"] + [f"{mode} ({kind})" for kind in inputs for mode in apop.REPLAY_MODES]
+
+
+def count_block(args, model, images, block, n_layers, say):
+    """Top-1 / top-5 hits of every row and of every binarized layer on one block of images."""
+    x, y, indices, bad = images.load(block)
+    for b in bad:
+        say(f"apop_accuracy: {b['image']} (image {b['index']}) could not be read, left out: {b['reason']}")
+    rec = {"rows": {}, "binarized": [0] * n_layers, "total": 0, "classes": None, "failed_images": bad}
+    if x is None:
+        return rec
+    x, y = x.to(args.device), y.to(args.device)
+    with torch.no_grad():
+        logits, pats = apop.patterns_of(model, x)
+        rec["rows"]["original"] = [topk_hits(logits, y, 1), topk_hits(logits, y, 5)]
+        for kind in args.inputs:
+            inp = make_input(kind, x, args.seed, indices)
+            for mode in apop.REPLAY_MODES:
+                out = apop.replay(model, pats, inp, mode)
+                rec["rows"][f"{mode} ({kind})"] = [topk_hits(out, y, 1), topk_hits(out, y, 5)]
+        for i in range(n_layers):
+            rec["binarized"][i] = topk_hits(apop.binarize(model, x, i), y, 1)
+    rec["total"], rec["classes"] = y.numel(), logits.shape[1]
+    return rec
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--data", default="shapes", help="'shapes' or an ImageNet-style class folder")
     ap.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=INPUTS)
-    ap.add_argument("--limit", type=int, default=None, help="number of images (default: all)")
+    ap.add_argument("--num-images", "--limit", dest="num_images", type=int, default=None,
+                    help="number of images (default: all; --limit is the old name)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--binarize-each-layer", action="store_true")
     ap.add_argument("--out", default="results/apop")
+    ap.add_argument("--timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                    help="under torchrun: seconds to wait for the other processes (to start, in each exchange, "
+                         "without progress); default 1800")
+    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.num_images is not None and args.num_images < 1:
+        ap.error(f"--num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.timeout > 0:
+        ap.error(f"--timeout must be > 0 seconds, got {args.timeout}")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with distributed.Session(args.device, args.timeout) as session:
+            return run(args, session)
+    except distributed.DistributedError as e:
+        print(f"apop_accuracy: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, distributed.SettingsMismatch) else 1) from None
+
+
+def run(args, session):
+    args.device = str(session.device)
     model = models.load_model(args.model, args.weights, device=args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    rows = {"original": [0, 0]}
-    for kind in args.inputs:
-        for mode in apop.REPLAY_MODES:
-            rows[f"{mode} ({kind})"] = [0, 0]
+    images = Images(args)
     layers = apop.activation_layers(model) if args.binarize_each_layer else []
+    stem = os.path.join(args.out, f"apop_{args.model}")
+    settings = {k: getattr(args, k) for k in ("model", "weights", "data", "inputs", "num_images", "batch_size",
+                                              "seed", "binarize_each_layer")}
+    settings["device"] = session.device.type
+    units = distributed.blocks(images.count, args.batch_size)
+    manifest = distributed.Manifest(stem + ".parts", settings, session, "APOP run")
+    records = manifest.open()
+    earlier = sum(len(b) for b in units if b.key in records)
+    if session.is_main and earlier:
+        print(f"apop_accuracy: resuming: {earlier} of {images.count} images were finished by an earlier run "
+              f"({manifest.folder})", file=sys.stderr)
+    todo = [b for b in units if b.key not in records]
+    progress = distributed.Progress(session, images.count - earlier, f"APOP {args.model}", disable=args.no_progress)
+    new, error, block = {}, None, None
+    try:
+        for block in distributed.shard(todo, session.rank, session.world_size):
+            progress.working_on(str(block))
+            rec = count_block(args, model, images, block, len(layers), progress.write)
+            manifest.add(block.key, rec)
+            new[block.key] = rec
+            progress.update(len(block))
+    except Exception as e:
+        error = f"failed on {block} ({type(e).__name__}: {e})"
+        progress.write(f"apop_accuracy: rank {session.rank}: {error}\n{traceback.format_exc()}")
+    manifest.close()
+    statuses = session.finish(error, on_wait=progress.refresh)
+    progress.close()
+    lost = distributed.failures(statuses)
+    if lost:
+        if session.is_main:
+            print("apop_accuracy: the run did not finish:\n  " + "\n  ".join(lost) + f"\nThe finished images are "
+                  f"kept in {manifest.folder}; run the same command again to do the rest.", file=sys.stderr)
+        raise SystemExit(1)
+    gathered = session.gather(new)
+    if not session.is_main:
+        return None
+    for part in gathered:
+        records.update(part)
+    ordered = [records[b.key] for b in units]
+
+    names = row_names(args.inputs)
+    rows = {name: [0, 0] for name in names}
     binarized = [0] * len(layers)
-    total = 0
-    with torch.no_grad():
-        for x, y in tqdm(batches(args, args.model), desc=f"APOP {args.model}", unit="batch", file=sys.stderr):
-            x, y = x.to(args.device), y.to(args.device)
-            logits, pats = apop.patterns_of(model, x)
-            rows["original"][0] += topk_hits(logits, y, 1)
-            rows["original"][1] += topk_hits(logits, y, 5)
-            for kind in args.inputs:
-                inp = make_input(kind, x, gen)
-                for mode in apop.REPLAY_MODES:
-                    out = apop.replay(model, pats, inp, mode)
-                    rows[f"{mode} ({kind})"][0] += topk_hits(out, y, 1)
-                    rows[f"{mode} ({kind})"][1] += topk_hits(out, y, 5)
-            for i in range(len(layers)):
-                binarized[i] += topk_hits(apop.binarize(model, x, i), y, 1)
-            total += y.numel()
+    total, classes, failed_images = 0, None, []
+    for rec in ordered:
+        for name, (t1, t5) in rec["rows"].items():
+            rows[name][0] += t1
+            rows[name][1] += t5
+        binarized = [a + b for a, b in zip(binarized, rec["binarized"])]
+        total += rec["total"]
+        classes = classes or rec["classes"]
+        failed_images += rec["failed_images"]
+    if total == 0:
+        print("apop_accuracy: no image could be read", file=sys.stderr)
+        raise SystemExit(1)
 
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"apop_{args.model}")
     lines = [f"APOP on {args.data} ({total} images), model {args.model}, seed {args.seed}", "",
              "| prediction from | top-1 | top-5 |", "|---|---|---|"]
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prediction_from", "top1", "top5", "images"])
-        for name, (t1, t5) in rows.items():
-            lines.append(f"| {name} | {t1 / total:.3f} | {t5 / total:.3f} |")
-            w.writerow([name, t1 / total, t5 / total, total])
-    chance = 1.0 / len(logits[0])
+    table = [{"prediction_from": name, "top1": t1 / total, "top5": t5 / total, "images": total}
+             for name, (t1, t5) in rows.items()]
+    lines += [f"| {r['prediction_from']} | {r['top1']:.3f} | {r['top5']:.3f} |" for r in table]
+    distributed.write_csv(stem + ".csv", table, ["prediction_from", "top1", "top5", "images"])
+    chance = 1.0 / classes
     lines.append(f"\nchance level (top-1): {chance:.3f}")
     if layers:
         lines += ["", "One-layer binarization (Fig. 6): top-1 when that activation's output is replaced by 0/1",
                   "", "| layer | top-1 |", "|---|---|"]
         lines += [f"| {n} | {b / total:.3f} |" for n, b in zip(layers, binarized)]
-        with open(stem + "_binarize.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["layer_index", "layer", "top1"])
-            for i, (n, b) in enumerate(zip(layers, binarized)):
-                w.writerow([i, n, b / total])
+        distributed.write_csv(stem + "_binarize.csv",
+                              [{"layer_index": i, "layer": n, "top1": b / total}
+                               for i, (n, b) in enumerate(zip(layers, binarized))], ["layer_index", "layer", "top1"])
         import matplotlib
 
         matplotlib.use("Agg")
@@ -123,11 +234,20 @@ def main(argv=None):
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(stem + "_binarize.png", dpi=120)
-    table = "\n".join(lines)
-    print(table)
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
+        plt.close(fig)
+    if failed_images:
+        lines += ["", "Images left out (unreadable):"] + [f"- {b['image']} (image {b['index']}): {b['reason']}"
+                                                          for b in failed_images]
+    text = "\n".join(lines)
+    print(text)
+    distributed.atomic_write(stem + ".md", text + "\n")
+    distributed.atomic_write(stem + ".json", json.dumps({"rows": table, "binarized": dict(zip(layers, [
+        b / total for b in binarized])), "images": total, "processes": session.world_size,
+        "images_from_an_earlier_run": earlier, "failed_images": failed_images}, indent=1))
+    manifest.remove()
+    return {"rows": rows, "binarized": binarized, "total": total, "failed_images": failed_images}
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(1 if result and result["failed_images"] else 0)
