@@ -212,6 +212,34 @@ def atomic_write(path: str, data) -> None:
         raise
 
 
+def temporary_target(name: str) -> Optional[str]:
+    """The file a temporary file of :func:`atomic_write` (``.NAME.XXXXXXXX.tmp``) was for, or None."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[1:].rsplit(".", 2)
+    return parts[0] if len(parts) == 3 and parts[0] else None
+
+
+def remove_stale_temporaries(folder: str, targets: Optional[Iterable[str]] = None) -> List[str]:
+    """Delete the temporary files a killed process left in ``folder`` while writing the files
+    named in ``targets`` (all of them if None). Call it before this run writes there."""
+    wanted = None if targets is None else set(targets)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        target = temporary_target(name)
+        if target is not None and (wanted is None or target in wanted):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def npy_bytes(array) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(array))
@@ -255,6 +283,7 @@ class Session:
         self.host = socket.gethostname()
         self.store = None
         self._group = None  # the gloo group objects travel through
+        self._current = ""  # what this rank works on (see beat)
         self._started = False
 
     # -- who am I
@@ -364,6 +393,8 @@ class Session:
     def beat(self, current: str = "", images: int = 0) -> None:
         """Tell the others this rank is alive, working on ``current``, and has finished
         ``images`` more images."""
+        if current:
+            self._current = current
         if self.store is None:
             return
         if current:
@@ -414,18 +445,20 @@ class Session:
         that stopped answering is reported as such. Nothing here waits in a collective, so a
         lost rank cannot make the others hang; call :meth:`gather` only when all are ``ok``.
         """
-        me = {"rank": self.rank, "host": self.host, "ok": error is None, "error": error or "", "current": ""}
+        me = {"rank": self.rank, "host": self.host, "ok": error is None, "error": error or "",
+              "current": self._current}
         if not self.distributed:
             return [me]
         st = self.store
-        me["current"] = st.get(f"now/{self.rank}").decode()
         try:
             st.set(f"done/{self.rank}", json.dumps(me))
             if self.is_main:
                 verdict = self._referee(on_wait)
                 st.set("verdict", json.dumps(verdict))
+                self._await_acks(verdict)
             else:
                 verdict = self._await_verdict(on_wait)
+                st.set(f"ack/{self.rank}", "1")
         except DistributedError:
             raise
         except Exception as e:  # the store went away with rank 0's process (runs not started by torchrun)
@@ -468,6 +501,16 @@ class Session:
                 on_wait()
             time.sleep(POLL)
 
+    def _await_acks(self, verdict: List[dict], limit: float = 10.0) -> None:
+        """Rank 0 may host the store (runs not started by torchrun): it stays until the ranks that
+        finished have read the verdict, so that they do not lose the connection first."""
+        waiting = [f"ack/{s['rank']}" for s in verdict if s["rank"] != 0 and "host" in s and s["host"] != "?"]
+        deadline = time.monotonic() + min(limit, self.timeout)
+        while waiting and time.monotonic() < deadline:
+            waiting = [k for k in waiting if not self.store.check([k])]
+            if waiting:
+                time.sleep(POLL / 4)
+
     def _await_verdict(self, on_wait) -> List[dict]:
         st = self.store
         last, since = -1, time.monotonic()
@@ -501,14 +544,14 @@ class Progress:
     """A progress bar on rank 0 only, counting the images of all ranks."""
 
     def __init__(self, session: Session, total: int, desc: str, unit: str = "img", disable: bool = False,
-                 file=None):
+                 file=None, **tqdm_options):
         self.session = session
         self.bar = None
         self.count = 0
         if session.is_main and not disable:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=file or sys.stderr)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=file or sys.stderr, **tqdm_options)
 
     def working_on(self, current: str, name: Optional[str] = None) -> None:
         self.session.beat(current)
