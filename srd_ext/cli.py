@@ -2,7 +2,9 @@
 
     srd-explain IMAGE_OR_DIR... --model NAME [--weights FILE] [--tv-weights NAME] [--target N]
                 [--layer LAYER[,LAYER...]] [--resize N] [--crop N|none] [--format png|npy|both]
-                [--panel] [--report] [--out DIR] [--device cpu|cuda] [--batch-size N] [--overwrite]
+                [--panel] [--report] [--manifest] [--out DIR] [--device cpu|cuda] [--batch-size N]
+                [--overwrite] [--timeout SECONDS]
+    torchrun --nproc_per_node=N -m srd_ext.cli IMAGE_OR_DIR... --model NAME ...
 
 Each photo is preprocessed as the model expects (``srd_ext.models.transforms_for``: shorter side
 resized, centre crop, normalization; ``--resize``/``--crop`` override), explained, and the map is
@@ -14,7 +16,16 @@ it writes, under ``--out`` (folders keep their structure below ``--out/<folder n
 - ``<name>.<ext>.srd-L.panel.png`` with ``--panel``: image, map with colorbar, overlay, titled
   with the class and its probability;
 
-and with ``--report`` one self-contained HTML page, ``--out/report.html``.
+with ``--report`` one self-contained HTML page, ``--out/report.html``, and with ``--manifest``
+``--out/manifest.csv``, one row per input (status, reason, size, predicted class, output files).
+
+Under torchrun (``srd_ext.distributed``) rank 0 finds and plans the inputs, every process explains
+its share of the batches and writes the files of the inputs it explained, and rank 0 writes the
+report, the manifest and the summary. Batches are fixed by the input list (``--batch-size``
+consecutive inputs), not by the number of processes or by what exists already, so the maps are
+the same whoever computes them. A stopped run is finished by running it again: inputs whose
+outputs exist are skipped; with ``--report``/``--manifest`` the finished inputs are also recorded
+in ``--out/.srd-explain-run/`` so that the report and manifest of the resumed run cover them.
 
 Nothing is lost: the source's extension stays in the output names; outputs that would still
 collide (same file name from two folders) get a ``~2``, ``~3`` suffix, decided before any write;
@@ -33,6 +44,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,6 +54,8 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FORMATS = ("png", "npy", "both")
 REPORT_NAME = "report.html"
+MANIFEST_NAME = "manifest.csv"
+STATE_DIR = ".srd-explain-run"  # finished inputs of a run with --report/--manifest, while it runs
 # Names this tool writes: found in a folder, they are earlier results, not photos.
 OUTPUT_NAME = re.compile(r"\.srd-[^/\\]+\.(png|npy)$")
 THUMB = 256  # longer side of the report's pictures, in pixels
@@ -60,6 +74,9 @@ class Item:
     status: str = "todo"  # todo, written, skipped, failed
     reason: str = ""
     outputs: Dict[str, str] = dataclasses.field(default_factory=dict)  # kind -> path
+    exists: bool = False  # skipped only because its outputs exist: explained with its batch, not written
+    earlier: bool = False  # written by an earlier, stopped run of the same command (resumed)
+    own: bool = False  # its outputs, if any exist, are a stopped run's: they may be replaced
 
 
 # ------------------------------------------------------------------------------- planning
@@ -122,11 +139,24 @@ def input_identities(items: List[Item]) -> Dict[Tuple[int, int], str]:
     return ids
 
 
+def input_signature(path: str) -> Optional[List[int]]:
+    """(size, mtime in ns) of an input file: a resumed run takes an earlier result only for an
+    input that has not changed since."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def plan_outputs(items: List[Item], out: str, layers: Sequence[str], fmt: str, panel: bool,
-                 overwrite: bool) -> List[str]:
+                 overwrite: bool, resumed: Optional[Dict[str, dict]] = None) -> List[str]:
     """Decide every output path before anything is written, and mark the items to skip (the
     same file twice, an output that is an input, outputs that exist without ``overwrite``).
-    Returns notes about outputs given a ``~N`` suffix."""
+    ``resumed``: the records of a stopped run of the same command (input key -> record); an
+    input it finished, unchanged and with all its outputs in place, is marked written (earlier),
+    and outputs it had begun are its own to replace. Returns notes about outputs given a ``~N``
+    suffix."""
     kinds = []
     for layer in layers:
         tag = _layer_tag(layer)
@@ -167,15 +197,25 @@ def plan_outputs(items: List[Item], out: str, layers: Sequence[str], fmt: str, p
         # An output that exists and is (a link to) an input file is never written, even with
         # --overwrite. One that does not exist cannot be an input: inputs exist.
         hit = next(((p, inputs[_identity(p)]) for p in outs.values() if _identity(p) in inputs), None)
+        rec = (resumed or {}).get(_key(it.path))
+        if rec is not None and not (rec.get("state") in ("done", "intent") and rec.get("stem") == stem
+                                    and rec.get("outputs") == outs and rec.get("input") == input_signature(it.path)):
+            rec = None  # another input's, a changed input, or a write that was refused
         if hit is not None:
             it.status, it.reason = "skipped", (
                 f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
                 f"even with --overwrite); choose another --out")
+        elif rec is not None:
+            if rec["state"] == "done" and all(os.path.isfile(p) for p in outs.values()):
+                it.status, it.earlier = "written", True
+            else:
+                it.own = True
         elif not overwrite:
             existing = [p for p in outs.values() if os.path.lexists(p)]
             if existing:
                 more = f" and {len(existing) - 1} more of its outputs" if len(existing) > 1 else ""
                 it.status, it.reason = "skipped", f"{existing[0]}{more} exist(s) (--overwrite replaces them)"
+                it.exists = True
     return notes
 
 
@@ -354,10 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--format", default="both", choices=FORMATS, help="files per input (default: both)")
     ap.add_argument("--panel", action="store_true", help="also write image | map + colorbar | overlay panels")
     ap.add_argument("--report", action="store_true", help=f"also write OUT/{REPORT_NAME}, one self-contained page")
+    ap.add_argument("--manifest", action="store_true",
+                    help=f"also write OUT/{MANIFEST_NAME}, one row per input: status, reason, size, predicted class "
+                         "and probability, output files (read it with pandas.read_csv or the csv module)")
     ap.add_argument("--out", default="srd_out", metavar="DIR", help="output folder (default: srd_out)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
+    ap.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                    help="under torchrun: how long to wait for the other processes to start, in each exchange, "
+                         "and for a process that makes no progress (default 1800)")
     return ap
 
 
@@ -413,29 +459,81 @@ def _describe(t) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
+
     try:
-        return _run(args)
-    except UsageError as e:
+        env = distributed.Env.from_environ()
+    except distributed.DistributedError as e:
         print(f"srd-explain: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, env)
+    except UsageError as e:
+        if env.is_main:  # every process finds the same mistake; one says it
+            print(f"srd-explain: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args) -> int:
-    from tqdm import tqdm
+def _prediction(names: Sequence[str], probs: torch.Tensor, target: Optional[int]) -> dict:
+    pred = int(probs.argmax())
+    out = {"predicted": pred, "predicted_class": names[pred] if pred < len(names) else str(pred),
+           "probability": float(probs[pred])}
+    if target is not None:
+        out["target_probability"] = float(probs[target])
+    return out
 
+
+def manifest_fields(layers: Sequence[str], kinds: Sequence[str]) -> List[str]:
+    fields = ["input", "status", "reason", "width", "height", "predicted", "predicted_class", "probability",
+              "target", "target_probability"]
+    for layer in layers:
+        fields += [f"{kind}_{layer}" for kind in kinds]
+    return fields
+
+
+def write_manifest(path: str, items: List[Item], records: Dict[int, dict], out: str, layers: Sequence[str],
+                   fmt: str, panel: bool, target: Optional[int], overwrite: bool) -> None:
+    """OUT/manifest.csv: one row per input in input order; output paths relative to OUT."""
+    kinds = [k for k, on in (("png", fmt in ("png", "both")), ("npy", fmt in ("npy", "both")), ("panel", panel)) if on]
+    rows = []
+    for i, it in enumerate(items):
+        row = {"input": it.path, "status": it.status, "reason": it.reason}
+        rec = records.get(i)
+        if it.status == "written" and rec is not None:
+            row.update(width=rec["size"][0], height=rec["size"][1], target=target,
+                       **{k: (repr(v) if isinstance(v, float) else v) for k, v in rec["prediction"].items()})
+            for kind_layer, p in it.outputs.items():
+                kind, layer = kind_layer.split(":", 1)
+                row[f"{kind}_{layer}"] = os.path.relpath(p, out)
+        rows.append(row)
+    from .distributed import csv_text
+
+    staged = Staged(overwrite)
+    try:
+        staged.add(path, csv_text(rows, manifest_fields(layers, kinds)).encode("utf-8"))
+        staged.commit()
+    finally:
+        staged.discard()
+
+
+def _run(args, env) -> int:
     import srd_ext
-    from srd_ext import models, viz
+    from srd_ext import distributed, models, viz
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    try:
+        device = distributed.resolve_device(args.device, env)
+    except distributed.DistributedError as e:
+        raise UsageError(str(e)) from None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     layers = _layers(args.layer)
     try:
         transform = _transform(args)
-        model = models.load_model(args.model, args.weights, device=args.device)
+        model = models.load_model(args.model, args.weights, device=device)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     names = models.class_names(args.model)
@@ -446,40 +544,103 @@ def _run(args) -> int:
     side = transform.crop or transform.resize
     try:  # unknown layers fail here, before anything is read or written
         with torch.no_grad():
-            explainer.explain(torch.zeros(0, 3, side, side, device=args.device), None, layer=layers)
+            explainer.explain(torch.zeros(0, 3, side, side, device=device), None, layer=layers)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--layer: {e}") from None
+    try:
+        with distributed.Session(args.device, args.timeout, env) as session:
+            return _explain_all(args, session, explainer, transform, layers, names)
+    except distributed.DistributedError as e:
+        if env.is_main:
+            print(f"srd-explain: {e}", file=sys.stderr)
+        return 1
 
-    items, notes = find_inputs(args.inputs)
-    notes += plan_outputs(items, args.out, layers, args.format, args.panel, args.overwrite)
+
+def _explain_all(args, session, explainer, transform, layers, names) -> int:
+    from srd_ext import distributed, viz
+
+    device = session.device
     report_path = os.path.join(args.out, REPORT_NAME)
-    if args.report:
-        clash = input_identities(items).get(_identity(report_path))
-        if clash is not None:
-            raise UsageError(f"the report {report_path} would replace the input {clash}; choose another --out")
-        if os.path.lexists(report_path) and not args.overwrite:
-            raise UsageError(f"{report_path} exists; pass --overwrite to replace it or choose another --out")
-    for n in notes:
-        print(f"srd-explain: note: {n}", file=sys.stderr)
-    for it in items:
-        if it.status in ("skipped", "failed"):
-            print(f"srd-explain: {it.status} {it.path}: {it.reason}", file=sys.stderr)
+    manifest_path = os.path.join(args.out, MANIFEST_NAME)
 
-    todo = [it for it in items if it.status == "todo"]
-    rows = []
-    bar = tqdm(total=len(todo), desc="srd-explain", unit="img", file=sys.stderr, disable=len(todo) < 2)
+    def find():  # rank 0; a usage error here is raised on every rank
+        items, notes = find_inputs(args.inputs)
+        for flag, path in (("--report", report_path), ("--manifest", manifest_path)):
+            if not getattr(args, flag[2:]):
+                continue
+            clash = input_identities(items).get(_identity(path))
+            if clash is not None:
+                raise UsageError(f"the {flag[2:]} {path} would replace the input {clash}; choose another --out")
+            if os.path.lexists(path) and not args.overwrite:
+                raise UsageError(f"{path} exists; pass --overwrite to replace it or choose another --out")
+        return items, notes
 
-    def fail(it: Item, reason: str) -> None:
+    items, notes = session.share(find)
+    if session.distributed:
+        session.check_shared_folder(args.out)  # every process writes its maps there
+
+    # With --report/--manifest the finished inputs are recorded, so that a stopped run, started
+    # again, can put the inputs it finished in the report and manifest.
+    state = None
+    resumed: Dict[str, dict] = {}
+    if args.report or args.manifest:
+        settings = {k: getattr(args, k) for k in ("inputs", "model", "weights", "tv_weights", "target", "resize", "crop",
+                                                  "format", "panel", "report", "manifest", "batch_size")}
+        settings.update(layers=list(layers), device=session.device.type, out=os.path.abspath(args.out))
+        state = distributed.Manifest(os.path.join(args.out, STATE_DIR), settings, session, "srd-explain run")
+        try:
+            resumed = state.open()
+        except distributed.SettingsMismatch as e:
+            raise UsageError(str(e)) from None
+
+    def plan():
+        notes2 = plan_outputs(items, args.out, layers, args.format, args.panel, args.overwrite, resumed)
+        # Temporary files of a killed run's writes go before anyone writes again.
+        targets: Dict[str, set] = {}
+        for it in items:
+            for p in it.outputs.values():
+                targets.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
+        for folder, names in targets.items():
+            distributed.remove_stale_temporaries(folder, names)
+        return items, notes + notes2
+
+    items, notes = session.share(plan)
+    earlier = sum(it.earlier for it in items)
+    if session.is_main:
+        for n in notes:
+            print(f"srd-explain: note: {n}", file=sys.stderr)
+        for it in items:
+            if it.status in ("skipped", "failed"):
+                print(f"srd-explain: {it.status} {it.path}: {it.reason}", file=sys.stderr)
+        if earlier:
+            print(f"srd-explain: resuming: {earlier} input(s) were written by an earlier run of this command "
+                  f"({os.path.join(args.out, STATE_DIR)})", file=sys.stderr)
+
+    # Batches: --batch-size consecutive inputs of the list, the same whatever exists already and
+    # however many processes share them. A batch is explained if one of its inputs is to be
+    # written; inputs skipped because their outputs exist (or written by a stopped run) are
+    # explained with it but not written, so the others' maps do not depend on them being there.
+    todo_total = sum(it.status == "todo" for it in items)
+    units = [b for b in distributed.blocks(len(items), args.batch_size)
+             if any(items[i].status == "todo" for i in b)]
+    outcomes: Dict[int, dict] = {}  # item index -> status, reason, record
+    progress = distributed.Progress(session, todo_total, "srd-explain", disable=todo_total < 2)
+
+    def fail(i: int, reason: str) -> None:
+        it = items[i]
         it.status, it.reason = "failed", reason
-        bar.write(f"srd-explain: failed {it.path}: {reason}", file=sys.stderr)
-        bar.update(1)
+        outcomes[i] = {"status": "failed", "reason": reason}
+        progress.write(f"srd-explain: failed {it.path}: {reason}", file=sys.stderr)
+        progress.update(1)
 
-    def finish(it: Item, photo: Image.Image, maps: Dict[str, torch.Tensor], k: int, probs: torch.Tensor) -> None:
+    def finish(i: int, photo: Image.Image, maps: Dict[str, torch.Tensor], k: int, probs: torch.Tensor) -> None:
+        it = items[i]
         box = transform.box(photo.size)
         title = viz.class_title(names, probs, args.target)
         report = {"name": it.stem, "path": it.path, "size": photo.size, "overlays": {}, "links": {},
                   "classes": viz.class_title(names, probs, args.target, sep="\n").split("\n")}
-        staged = Staged(args.overwrite)
+        record = {"stem": it.stem, "outputs": it.outputs, "input": input_signature(it.path)}
+        staged = Staged(args.overwrite or it.own)
         try:
             for layer in layers:
                 on_photo = viz.to_photo(maps[layer][k].float().cpu().numpy(), photo.size, box)
@@ -496,65 +657,124 @@ def _run(args) -> int:
                     staged.add(it.outputs[f"panel:{layer}"], viz.png_bytes(fig))
                 if args.report:
                     report["overlays"][layer] = _data_uri(over)
-            staged.commit()
+            if state is not None:  # the outputs are this run's from here on, even if it stops now
+                state.add(_key(it.path), dict(record, state="intent"))
+            try:
+                staged.commit()
+            except OSError:
+                if state is not None:
+                    state.add(_key(it.path), dict(record, state="refused"))
+                raise
         except OSError as e:
-            fail(it, f"could not write its outputs ({type(e).__name__}: {e})")
+            fail(i, f"could not write its outputs ({type(e).__name__}: {e})")
             return
         finally:
             staged.discard()
         it.status = "written"
         if args.report:
             report["photo"] = _data_uri(photo)
-            rows.append(report)
-        bar.update(1)
+        record.update(state="done", size=list(photo.size), prediction=_prediction(names, probs, args.target),
+                      report=report if args.report else None)
+        if state is not None:
+            state.add(_key(it.path), record)
+        outcomes[i] = {"status": "written", "reason": "", "record": record}
+        progress.update(1)
 
-    for start in range(0, len(todo), args.batch_size):
-        loaded = []
-        for it in todo[start:start + args.batch_size]:
-            bar.set_postfix_str(os.path.basename(it.path))
-            try:
-                photo = read_photo(it.path)
-                loaded.append((it, photo, transform(photo)))
-            except Exception as e:  # one bad file must not end the run
-                fail(it, f"not a readable image ({type(e).__name__}: {str(e)[:120]})")
-        groups: Dict[tuple, list] = {}
-        for entry in loaded:  # without a crop, photos of different shapes go in separate batches
-            groups.setdefault(tuple(entry[2].shape), []).append(entry)
-        for group in groups.values():
-            x = torch.stack([g[2] for g in group]).to(args.device)
-            try:
-                with torch.no_grad():
-                    maps, logits = explainer.explain(x, args.target, layer=layers, return_logits=True)
-            except Exception as e:
-                for it, _, _ in group:
-                    fail(it, f"explanation failed ({type(e).__name__}: {str(e)[:200]})")
-                continue
-            probs = logits.float().softmax(1).cpu()
-            for k, (it, photo, _) in enumerate(group):
-                bar.set_postfix_str(os.path.basename(it.path))
-                finish(it, photo, maps, k, probs[k])
-    bar.close()
+    error, block = None, None
+    try:
+        for block in distributed.shard(units, session.rank, session.world_size):
+            members = [i for i in block if items[i].status == "todo" or items[i].exists or items[i].earlier]
+            progress.working_on(f"{items[members[0]].path} and the rest of its batch")
+            loaded = []
+            for i in members:
+                it = items[i]
+                if it.status == "todo":
+                    progress.working_on(it.path, os.path.basename(it.path))
+                try:
+                    photo = read_photo(it.path)
+                    loaded.append((i, photo, transform(photo)))
+                except Exception as e:  # one bad file must not end the run
+                    if it.status == "todo":
+                        fail(i, f"not a readable image ({type(e).__name__}: {str(e)[:120]})")
+            groups: Dict[tuple, list] = {}
+            for entry in loaded:  # without a crop, photos of different shapes go in separate batches
+                groups.setdefault(tuple(entry[2].shape), []).append(entry)
+            for group in groups.values():
+                if not any(items[i].status == "todo" for i, _, _ in group):
+                    continue
+                x = torch.stack([g[2] for g in group]).to(device)
+                try:
+                    with torch.no_grad():
+                        maps, logits = explainer.explain(x, args.target, layer=layers, return_logits=True)
+                except Exception as e:
+                    for i, _, _ in group:
+                        if items[i].status == "todo":
+                            fail(i, f"explanation failed ({type(e).__name__}: {str(e)[:200]})")
+                    continue
+                probs = logits.float().softmax(1).cpu()
+                for k, (i, photo, _) in enumerate(group):
+                    if items[i].status == "todo":
+                        progress.working_on(items[i].path, os.path.basename(items[i].path))
+                        finish(i, photo, maps, k, probs[k])
+    except Exception as e:
+        where = f"the batch of {items[block.start].path}" if block is not None else "its start"
+        error = f"failed on {where} ({type(e).__name__}: {e})"
+        progress.write(f"srd-explain: rank {session.rank}: {error}\n{traceback.format_exc()}", file=sys.stderr)
+    if state is not None:
+        state.close()
+    statuses = session.finish(error, on_wait=progress.refresh)
+    progress.close()
+    lost = distributed.failures(statuses)
+    if lost:
+        if session.is_main:
+            print("srd-explain: the run did not finish:\n  " + "\n  ".join(lost) + "\nThe inputs written so far are "
+                  "kept; run the same command again to do the rest.", file=sys.stderr)
+        return 1
+    gathered = session.gather(outcomes)
+    if not session.is_main:
+        return session.broadcast(None)
+
+    records: Dict[int, dict] = {}
+    for i, it in enumerate(items):
+        if it.earlier:
+            records[i] = resumed[_key(it.path)]
+    for part in gathered:
+        for i, o in part.items():
+            items[i].status, items[i].reason = o["status"], o["reason"]
+            if "record" in o:
+                records[i] = o["record"]
 
     counts = {s: sum(it.status == s for it in items) for s in ("written", "skipped", "failed")}
     if sum(counts.values()) != len(items):  # cannot happen; a bug if it does
         raise RuntimeError(f"srd-explain lost track of inputs: {counts} for {len(items)} inputs")
     code = 1 if counts["failed"] else 0
-    report_written = False
+    written = []
     if args.report:
+        rows = [records[i]["report"] for i in sorted(records)]
         header = {"model": args.model + (f" ({args.weights})" if args.weights else ""),
                   "preprocessing": _describe(transform),
                   "explained class": "predicted" if args.target is None else f"{args.target} ({names[args.target]})",
                   "layers": ", ".join(layers)}
         try:
             write_report(report_path, rows, items, layers, header, args.overwrite)
-            report_written = True
+            written.append(f"report {report_path}")
         except OSError as e:
             print(f"srd-explain: could not write the report {report_path}: {e}", file=sys.stderr)
             code = 1
+    if args.manifest:
+        try:
+            write_manifest(manifest_path, items, records, args.out, layers, args.format, args.panel, args.target,
+                           args.overwrite)
+            written.append(f"manifest {manifest_path}")
+        except OSError as e:
+            print(f"srd-explain: could not write the manifest {manifest_path}: {e}", file=sys.stderr)
+            code = 1
+    if state is not None and len(written) == args.report + args.manifest:
+        state.remove()  # every input is accounted for in the report and manifest now
     print(f"srd-explain: {len(items)} input(s): {counts['written']} written, {counts['skipped']} skipped, "
-          f"{counts['failed']} failed; outputs in {args.out}"
-          + (f"; report {report_path}" if report_written else ""))
-    return code
+          f"{counts['failed']} failed; outputs in {args.out}" + "".join(f"; {w}" for w in written)
+          + (f"; {earlier} of the written inputs were written by an earlier run of this command" if earlier else ""))
+    return session.broadcast(code)
 
 
 if __name__ == "__main__":
