@@ -87,7 +87,7 @@ RENAMED = {"--n": "--num-images", "--start": "--first-image"}
 PER_IMAGE_FIELDS = ["index", "image", "label", "target", "method"] + [k for k, _, _ in METRICS] + ["map_file"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help=f"one of {models.SHAPES_MODELS + models.IMAGENET_MODELS}")
@@ -126,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="under torchrun: seconds to wait for the other processes to start, in each exchange, "
                          "and for a process that makes no progress (default 1800; must exceed one batch's time)")
     ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = build_parser()
     hint = distributed.rename_hint(argv, RENAMED)
     if hint:
         ap.error(hint)
@@ -563,12 +568,17 @@ def run(args, session) -> Optional[Dict]:
     units = distributed.blocks(images.count, args.batch_size, images.first)
     manifest = distributed.Manifest(stem + ".parts", fingerprint(args, methods), session, "evaluation")
     records = manifest.open()
+    if session.is_main and args.save_maps:  # what a killed process was writing, before anyone writes again
+        for m in methods:
+            distributed.remove_stale_temporaries(os.path.join(stem + ".maps", m.name))
+    session.broadcast()
     earlier = sum(len(b) for b in units if b.key in records)
     todo = [b for b in units if b.key not in records]
     if session.is_main and earlier:
         print(f"eval_table: resuming: {earlier} of {images.count} images were finished by an earlier run "
               f"({manifest.folder})", file=sys.stderr)
-    progress = distributed.Progress(session, images.count - earlier, args.model, disable=args.no_progress)
+    progress = distributed.Progress(session, images.count - earlier, args.model, disable=args.no_progress,
+                                    dynamic_ncols=True)
     t_start, c_start = time.perf_counter(), time.process_time()
     new, skip, error, block = {}, set(), None, None
     try:

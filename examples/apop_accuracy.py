@@ -105,7 +105,7 @@ def count_block(args, model, images, block, n_layers, say):
     return rec
 
 
-def parse_args(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--weights", default=None)
@@ -122,6 +122,11 @@ def parse_args(argv=None):
                     help="under torchrun: seconds to wait for the other processes (to start, in each exchange, "
                          "without progress); default 1800")
     ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.num_images is not None and args.num_images < 1:
         ap.error(f"--num-images must be >= 1, got {args.num_images}")
@@ -159,7 +164,8 @@ def run(args, session):
         print(f"apop_accuracy: resuming: {earlier} of {images.count} images were finished by an earlier run "
               f"({manifest.folder})", file=sys.stderr)
     todo = [b for b in units if b.key not in records]
-    progress = distributed.Progress(session, images.count - earlier, f"APOP {args.model}", disable=args.no_progress)
+    progress = distributed.Progress(session, images.count - earlier, f"APOP {args.model}", disable=args.no_progress,
+                                    dynamic_ncols=True)
     new, error, block = {}, None, None
     try:
         for block in distributed.shard(todo, session.rank, session.world_size):
