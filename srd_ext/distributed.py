@@ -409,9 +409,10 @@ class Session:
             return None
         return sum(int(self.store.add(f"images/{r}", 0)) for r in range(self.world_size))
 
-    def check_shared_folder(self, folder: str) -> None:
+    def check_shared_folder(self, folder: str, settle: float = 10.0) -> None:
         """Make sure every rank sees the files rank 0 writes in ``folder`` (several machines need
-        a shared file system for one output tree and for resuming)."""
+        a shared file system for one output tree and for resuming). ``settle``: seconds a network
+        file system is given to show a new file."""
         if not self.distributed:
             return
         name = None
@@ -421,7 +422,7 @@ class Session:
             atomic_write(os.path.join(folder, name), self.host)
         name = self.broadcast(name)
         path = os.path.join(folder, name)
-        deadline = time.monotonic() + 10.0  # network file systems may show a new file late
+        deadline = time.monotonic() + settle
         seen = os.path.exists(path)
         while not seen and time.monotonic() < deadline:
             time.sleep(0.2)

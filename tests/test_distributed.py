@@ -206,6 +206,11 @@ try:
         out["gather"] = s.gather({"rank": s.rank})
         s.beat("image 7", images=1)
         out["statuses"] = s.finish("failed on image 7 (OSError: broken file)" if s.rank == 1 else None)
+    elif mode == "shared":  # each rank its own folder: machines without a shared file system
+        try:
+            s.check_shared_folder(f"{sys.argv[3]}/rank{s.rank}", settle=0.5)
+        except distributed.DistributedError as e:
+            out["check"] = str(e)
     else:  # rank 1 hangs without a beat
         s.beat("image 3")
         if s.rank == 1:
@@ -255,6 +260,13 @@ def test_two_ranks_share_gather_and_agree_on_a_failed_rank(tmp_path):
         assert distributed.failures(r["statuses"]) == [
             f"rank 1 (on {r['statuses'][1]['host']}): failed on image 7 (OSError: broken file)"]
     assert r0["gather"] == [{"rank": 0}, {"rank": 1}] and r1["gather"] is None
+
+
+def test_an_output_folder_the_machines_do_not_share_is_refused(tmp_path):
+    r0, r1 = two_ranks(tmp_path, "shared", 60, tmp_path)
+    for r in (r0, r1):
+        assert "is not shared between the machines: rank 1 on" in r["check"] and "shared" in r["check"]
+    assert os.listdir(tmp_path / "rank0") == []  # the probe file is removed
 
 
 def test_a_rank_that_stops_answering_is_reported_and_not_waited_for(tmp_path):
@@ -381,6 +393,22 @@ def test_eval_table_two_processes_print_the_table_of_one(eval_one, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * N_IMAGES and sorted({int(r["index"]) for r in rows}) == list(range(N_IMAGES))
     assert sum(r["stability"] != "" for r in rows) == 3 * 10  # --stability-n 10
+
+
+def test_eval_table_on_two_machines_prints_the_table_of_one(eval_one, tmp_path):
+    # Two torchrun agents with one process each, joined by c10d rendezvous, as on two machines
+    # (here both on this one, with a shared output folder).
+    ref_out, ref_stdout = eval_one
+    port = free_port()
+    cmd = [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=eval-test", *EVAL, "--out", str(tmp_path)]
+    agents = [subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    results = [a.communicate(timeout=600) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    stdout = "".join(out for out, _ in results)
+    assert stdout.count("| Method |") == 1 and "2 process(es)" in stdout
+    check_eval_same(tmp_path, stdout, ref_out, ref_stdout)
 
 
 def test_eval_table_killed_and_resumed_equals_an_uninterrupted_run(eval_one, tmp_path):
