@@ -92,6 +92,19 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["table.csv"]
 
 
+def test_a_killed_write_leaves_a_temporary_file_the_next_run_removes(tmp_path):
+    (tmp_path / ".a.png.srd-input.npy.k3j_x9aa.tmp").write_bytes(b"half")  # a killed atomic write
+    (tmp_path / ".other.npy.abcdefgh.tmp").write_bytes(b"half")
+    (tmp_path / "a.png.srd-input.npy").write_bytes(b"whole")
+    (tmp_path / ".hidden.tmp").write_bytes(b"someone's")
+    assert distributed.temporary_target(".a.png.srd-input.npy.k3j_x9aa.tmp") == "a.png.srd-input.npy"
+    assert distributed.remove_stale_temporaries(str(tmp_path), ["a.png.srd-input.npy"]) == [
+        ".a.png.srd-input.npy.k3j_x9aa.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", ".other.npy.abcdefgh.tmp", "a.png.srd-input.npy"]
+    assert distributed.remove_stale_temporaries(str(tmp_path)) == [".other.npy.abcdefgh.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", "a.png.srd-input.npy"]
+
+
 def test_tables_and_maps_read_without_srd_ext(tmp_path):
     maps = np.random.default_rng(0).standard_normal((3, 7, 5)).astype(np.float32)
     rows = []
