@@ -299,11 +299,12 @@ def run_env():
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def run_cmd(nproc, argv, module=False, timeout=600):
+def run_cmd(nproc, argv, module=False, timeout=600, torchrun=()):
     """The command as one process (nproc 0) or under torchrun with ``nproc`` processes."""
     target = ["-m", argv[0]] if module else [argv[0]]
     if nproc:
-        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *argv[1:]]
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun, *target,
+               *argv[1:]]
     else:
         cmd = [PY, *target, *argv[1:]]
     return subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -535,9 +536,12 @@ def image_folder(root):
 def test_apop_two_processes_count_what_one_counts_and_name_a_broken_image(tmp_path):
     root = image_folder(tmp_path / "folder")
     argv = ["examples/apop_accuracy.py", "--model", "shapes-vgg", "--data", str(root), "--batch-size", "4",
-            "--binarize-each-layer", "--no-progress"]
-    one = run_cmd(0, argv + ["--out", str(tmp_path / "one")])
-    two = run_cmd(2, argv + ["--out", str(tmp_path / "two")])
+            "--binarize-each-layer"]
+    one = run_cmd(0, argv + ["--out", str(tmp_path / "one"), "--no-progress"])
+    two = run_cmd(2, argv + ["--out", str(tmp_path / "two")], torchrun=["--tee", "2"])  # stderr lines prefixed by rank
+    lines = two.stderr.replace("\r", "\n").splitlines()
+    assert any(re.match(r"\[default0\]:APOP shapes-vgg: 100%.* 13/13 ", line) for line in lines)  # all ranks' images
+    assert not [line for line in lines if line.startswith("[default1]") and "img/s" in line]  # rank 0's bar only
     for r in (one, two):
         assert r.returncode != 0 and re.search(r"03/broken\.png \(image \d+\) could not be read", r.stderr)
         assert "APOP on" in r.stdout and "(12 images)" in r.stdout  # the other 12 counted
