@@ -55,6 +55,14 @@ class Images:
     def name(self, i: int) -> str:
         return f"shapes/test/{i}" if self.ds is None else os.path.relpath(self.ds.samples[i][0], self.root)
 
+    def probe(self) -> torch.Tensor:
+        """One image, (1, C, H, W): the first that can be read."""
+        for b in distributed.blocks(self.count, 1):
+            x, _, _, _ = self.load(b)
+            if x is not None:
+                return x
+        raise SystemExit(f"apop_accuracy: none of the {self.count} images in {self.root} can be read")
+
     def load(self, block):
         """(images, labels, indices loaded, failures)."""
         if self.ds is None:
@@ -151,7 +159,7 @@ def run(args, session):
     args.device = str(session.device)
     model = models.load_model(args.model, args.weights, device=args.device)
     images = Images(args)
-    layers = apop.activation_layers(model) if args.binarize_each_layer else []
+    layers = apop.activation_layers(model, images.probe().to(args.device)) if args.binarize_each_layer else []
     stem = os.path.join(args.out, f"apop_{args.model}")
     settings = {k: getattr(args, k) for k in ("model", "weights", "data", "inputs", "num_images", "batch_size",
                                               "seed", "binarize_each_layer")}
