@@ -171,16 +171,17 @@ class Graph:
     def forward(self, x: Tensor, instrument: Optional[Instrument] = None,
                 keep: Optional[Sequence[int]] = None, stop: Optional[int] = None,
                 records: Optional[Dict[int, Any]] = None, shapes: Optional[List[Any]] = None,
-                model: Optional[nn.Module] = None) -> List[Any]:
+                model: Optional[nn.Module] = None, record: Optional[set] = None) -> List[Any]:
         """Run the nodes on ``x``; returns every node's value (values not in ``keep`` are dropped
         once no later node reads them, to bound memory). ``stop``: last node to run.
         ``records``: where rules leave what the walk needs (e.g. a layer norm's 1/sigma);
-        ``shapes``: a list that receives every value's shape."""
+        ``shapes``: a list that receives every value's shape; ``record``: the nodes whose
+        optional records (a 1x1 conv's contribution norms) the walk will read."""
         instrument = instrument or Instrument()
         model = self.model if model is None else model
         values: List[Any] = [None] * len(self.nodes)
         keep_set = set(keep) if keep is not None else None
-        ctx = _ForwardContext(instrument, records, self, values)
+        ctx = _ForwardContext(instrument, records, self, values, record or ())
         last_use = self.last_use
         for n in self.nodes:
             k = n.kind
@@ -279,13 +280,18 @@ class _ForwardContext:
     """What a rule's forward sees besides its arguments: the instrument, where to leave records
     for the walk (None outside an explanation), the graph and the values computed so far."""
 
-    __slots__ = ("instrument", "records", "graph", "values")
+    __slots__ = ("instrument", "records", "graph", "values", "record")
 
-    def __init__(self, instrument, records, graph, values):
+    def __init__(self, instrument, records, graph, values, record=()):
         self.instrument = instrument
         self.records = records
         self.graph = graph
         self.values = values
+        self.record = record
+
+    def wants_record(self, node) -> bool:
+        """Whether the walk will read this node's optional record."""
+        return self.records is not None and node.index in self.record
 
 
 def _shape_of(v):

@@ -52,14 +52,12 @@ class _Plan:
             n = nodes[i]
             if n.kind == "call":
                 n.rule.check_main(n, graph)
-        for i in self.main:
-            n = nodes[i]
-            if n.kind == "call" and n.params is not None and n.params.get("pointwise"):
-                n.params["record_norm"] = True
-            if n.kind == "call" and n.fused is not None and nodes[n.fused].params.get("pointwise"):
-                n.params["record_norm"] = True
-            if n.kind == "call" and n.op_name == "aten.linear":
-                n.params["record_norm"] = True
+        # Nodes whose forward records a contribution norm for their bias share (1x1 convs,
+        # BatchNorms folding one, linear layers over channels).
+        self.record_norms = sorted(
+            i for i in self.main if nodes[i].kind == "call" and (
+                nodes[i].params.get("pointwise") or nodes[i].op_name == "aten.linear"
+                or (nodes[i].fused is not None and nodes[nodes[i].fused].params.get("pointwise"))))
         keep: Set[int] = {graph.input_index, encoder, graph.output_index}
         enc = nodes[encoder]
         if enc.site:
@@ -414,10 +412,14 @@ class Explainer:
 
     # -- passes -------------------------------------------------------------------------------
     def _forward(self, g: Graph, plan: _Plan, x: Tensor, wanted: Iterable[int], create_graph: bool) -> _Run:
+        wanted = list(wanted)
         rec = Recorder()
         records: Dict[int, Any] = {}
         shapes: List[Any] = []
-        values = g.forward(x, rec, keep=plan.keep_for(wanted), records=records, shapes=shapes, model=self.model)
+        lowest = min(wanted)
+        record = set() if self.bias_share != "contribution" else {i for i in plan.record_norms if i >= lowest}
+        values = g.forward(x, rec, keep=plan.keep_for(wanted), records=records, shapes=shapes, model=self.model,
+                           record=record)
         run = _Run(g, values, records, rec.indices, shapes, self.bias_share, create_graph)
         for i in plan.recompute:
             if i not in wanted:

@@ -226,10 +226,11 @@ def test_gradcam_contrast_matches_autograd(name):
     # the head re-run from the encoder output with autograd
     vals = list(values)
     vals[enc] = A
-    from srd_ext.capture import _load
+    from srd_ext.capture import Instrument, _ForwardContext, _load
+    ctx = _ForwardContext(Instrument(), None, g, vals)
     for n in g.nodes[enc + 1:]:
         if n.kind == "call":
-            vals[n.index] = n.rule.forward(n, _load(n.args, vals), _load(n.kwargs, vals), _NoCtx())
+            vals[n.index] = n.rule.forward(n, _load(n.args, vals), _load(n.kwargs, vals), ctx)
         elif n.kind == "output":
             vals[n.index] = vals[n.inputs[0]]
     logits = vals[g.output_index]
@@ -241,13 +242,6 @@ def test_gradcam_contrast_matches_autograd(name):
     A4, G4 = to_nchw(A.detach(), lay), to_nchw(grad, lay)
     expect = torch.relu(torch.einsum("bc,bchw->bhw", G4.mean((2, 3)), A4))
     torch.testing.assert_close(r0, expect)
-
-
-class _NoCtx:
-    instrument = srd_ext.capture.Instrument()
-    records = None
-    graph = None
-    values = None
 
 
 def test_default_maps_are_detached_and_create_graph_differentiates():

@@ -103,14 +103,17 @@ def conv_bias_relevance(g: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p, m
 
     ``bias_dot_j = <b, g_j>`` is the bias' share of output pixel j; it is split among the input
     pixels under the kernel by ``||W_t x_i||`` ("contribution") or ``||x_i||`` ("input").
-    ``out_norm``: for a 1x1 conv, ``||y_j - b||`` recorded in the forward (= ``||W x_i||``).
+    ``out_norm``: for a 1x1 conv, a per-pixel norm of the recorded conv output without its bias,
+    zero exactly where ``W x_i`` is (the pixel then takes no share).
     """
     bias_dot = torch.einsum("bchw,c->bhw", g, bias)
     if p["pointwise"]:
-        if mode == "contribution" and out_norm is not None:
+        n = None
+        if mode == "contribution":
+            if out_norm is None:
+                out_norm = torch.linalg.vector_norm(
+                    F.conv2d(x, weight, None, p["stride"], (p["pad"][0], p["pad"][2]), 1, p["groups"]), dim=1)
             n = out_norm
-        else:
-            n = None
         return _pointwise_share(bias_dot, x, n, p)
     top, bottom, left, right = p["pad"]
     if not p["symmetric"]:
@@ -165,16 +168,6 @@ def conv_weights(node, run) -> Tuple[Tensor, Optional[Tensor]]:
     return run.value(p["w"]), (run.value(p["b"]) if p["b"] is not None else None)
 
 
-def folded(weight: Tensor, bias: Optional[Tensor], bn) -> Tuple[Tensor, Optional[Tensor]]:
-    """Conv weight and bias with an eval BatchNorm ``(scale, shift)`` folded in."""
-    if bn is None:
-        return weight, bias
-    scale, shift = bn
-    weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
-    bias = shift if bias is None else shift + scale * bias
-    return weight, bias
-
-
 @register
 class Conv2d(Rule):
     ops = ("aten.conv2d", "aten.convolution")
@@ -208,7 +201,7 @@ class Conv2d(Rule):
 
     def forward(self, node, args, kwargs, ctx):
         y = node.target(*args, **kwargs)
-        if ctx.records is not None and node.params.get("record_norm"):
+        if ctx.wants_record(node):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             lin = y if b is None else y - b.view(1, -1, 1, 1)
             ctx.records[node.index] = torch.linalg.vector_norm(lin, dim=1)
@@ -222,25 +215,29 @@ class Conv2d(Rule):
     grad = vjp
 
     def bias(self, node, g, run):
-        w, b = self.weights(node, run)
-        return _conv_bias(node, g, run, w, b)
+        return _conv_bias(node, g, run)
 
 
-def _conv_bias(node, g, run, w, b, conv=None):
+def _conv_bias(node, g, run, bn=None, conv=None):
+    """Bias relevance of a conv (``node``), or of a BatchNorm node folding ``conv`` with
+    ``bn = (scale, shift)``. The folded weight is formed only where the tap norms need it."""
     conv = conv or node
+    w, b = conv_weights(conv, run)
+    if bn is not None:
+        scale, shift = bn
+        b = shift if b is None else shift + scale * b
     if b is None or run.bias_share == "none" or run.skip_zero_bias(b):
         return []
     p = conv.params
     x = run.value(p["x"])
+    if bn is not None and not p["pointwise"] and run.bias_share == "contribution":
+        w = w * bn[0].view(-1, 1, 1, 1)
     r = conv_bias_relevance(g, x, w, b, p, run.bias_share, run.records.get(node.index))
     if run.lost is not None:
         run.note_lost(torch.einsum("bchw,c->b", g, b) - r.sum((1, 2)))
     return [(p["x"], r)]
 
 
-# --------------------------------------------------------------------------------------------
-# Normalisation
-# --------------------------------------------------------------------------------------------
 def _bn_args(node):
     a = list(node.args)
     if node.op_name == "aten.batch_norm":
@@ -291,17 +288,19 @@ class BatchNorm(Rule):
 
     def forward(self, node, args, kwargs, ctx):
         y = node.target(*args, **kwargs)
-        if ctx.records is not None and node.params.get("record_norm"):
+        if ctx.wants_record(node):
             # ||W_folded x_i|| of the 1x1 conv before: its output without bias, scaled by the BN.
             # (Taken from the conv output, not from the BN output minus the folded bias, so that a
             # zero contribution reads as exactly zero.)
-            p = node.params
-            scale = torch.rsqrt(args[4] + p["eps"]) * (args[1] if args[1] is not None else 1)
+            # Only whether it is zero matters (a 1x1 conv's pixel takes all or nothing): channels
+            # the BN scales by 0 are left out, the rest need no scaling.
             conv = ctx.graph.nodes[node.fused]
             lin = args[0]
             if conv.params["b"] is not None:
                 lin = lin - ctx.values[conv.params["b"]].view(1, -1, 1, 1)
-            ctx.records[node.index] = torch.linalg.vector_norm(lin * scale.view(1, -1, 1, 1), dim=1)
+            if args[1] is not None and (torch.compiler.is_compiling() or not bool(args[1].ne(0).all())):
+                lin = lin * args[1].ne(0).to(lin.dtype).view(1, -1, 1, 1)
+            ctx.records[node.index] = torch.linalg.vector_norm(lin, dim=1)
         return y
 
     def _g(self, g):
@@ -310,11 +309,11 @@ class BatchNorm(Rule):
     def vjp(self, node, g, run):
         g = self._g(g)
         scale, shift = self.affine(node, run)
-        if node.fused is not None:
+        if node.fused is not None:  # F^T g of the folded conv: the conv's transpose of (s * g)
             conv = run.graph.nodes[node.fused]
-            w, b = folded(*conv_weights(conv, run), (scale, shift))
+            w, _ = conv_weights(conv, run)
             x = conv.params["x"]
-            return [(x, conv_vjp(g, w, conv.params, run.shape(x)))]
+            return [(x, conv_vjp(g * scale.view(1, -1, 1, 1), w, conv.params, run.shape(x)))]
         shape = [1] * g.dim()
         shape[1] = -1
         return [(node.params["x"], g * scale.view(shape))]
@@ -327,9 +326,7 @@ class BatchNorm(Rule):
             return []
         scale, shift = self.affine(node, run)
         if node.fused is not None:
-            conv = run.graph.nodes[node.fused]
-            w, b = folded(*conv_weights(conv, run), (scale, shift))
-            return _conv_bias(node, g, run, w, b, conv)
+            return _conv_bias(node, g, run, (scale, shift), run.graph.nodes[node.fused])
         if run.skip_zero_bias(shift):
             return []
         x = node.params["x"]
@@ -543,7 +540,7 @@ class Linear(Rule):
 
     def forward(self, node, args, kwargs, ctx):
         y = node.target(*args, **kwargs)
-        if ctx.records is not None and node.params.get("record_norm"):
+        if ctx.wants_record(node):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             layout = ctx.graph.nodes[node.index].layout
             ctx.records[node.index] = pixel_norm(y if b is None else y - b, layout)
