@@ -1,14 +1,19 @@
-"""Cost of an SRD explanation against a plain gradient (forward + input-gradient backward).
+"""Cost of an SRD explanation, called the way users call it, against a plain gradient.
 
-ResNet-50 and VGG16 (torchvision, random weights: cost does not depend on training) at 224x224:
-SRD-input, SRD-high and SRD-low against forward+backward, timed in the same run with interleaved
-repeats (median), and peak memory of each, measured in a fresh subprocess per (model, method)
-(peak RSS increase on CPU, torch.cuda.max_memory_allocated on GPU). Also the slow literal
-reference (tests/reference.py) against the fast path on one small case.
+Each model (torchvision, random weights with randomised biases and BatchNorm statistics, so that
+every bias share is computed as for a trained model) is explained at 224x224 with
+``srd_ext.explain(model, x, layer=...)`` in grad mode, as in a notebook (the model's parameters
+require grad). Against it, in the same run with interleaved repeats (median):
 
-Prints JSON and a markdown table and writes both under --out.
-Targets: SRD-input <= 2.5x forward+backward on CPU (batch 4), <= 2.0x on GPU (batch 32);
-peak memory <= 2x forward+backward.
+- ``grad``: forward plus input-gradient backward (``torch.autograd.grad`` of the target logit);
+- ``lrp``: zennit's LRP with the EpsilonPlusFlat composite (the peer users would otherwise pick;
+  skipped when zennit is not installed).
+
+Peak memory of one call is measured in a fresh subprocess per (model, batch, method): resident
+memory growth on CPU, ``torch.cuda.max_memory_allocated`` on GPU. The first call of
+``srd_ext.explain`` captures the model (cached for later calls); the capture is timed separately.
+
+Prints JSON and a markdown table, writes both and a plot of cost against batch size under --out.
 """
 from __future__ import annotations
 
@@ -26,15 +31,26 @@ import torchvision
 
 from peak_memory import CHILD_ENV, peak_growth
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("grad", "srd-input", "srd-high", "srd-low")
+METHODS = ("grad", "srd-input", "srd-high", "srd-low", "lrp")
 
 
 def build(name: str, device: str) -> torch.nn.Module:
-    return getattr(torchvision.models, name)(weights=None).eval().to(device)
+    from srd_ext.zoo import randomize
+
+    torch.manual_seed(0)
+    return randomize(getattr(torchvision.models, name)(weights=None), 0).to(device)
+
+
+def have_zennit() -> bool:
+    try:
+        import zennit  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def make_runner(model, method: str, x: torch.Tensor):
+    """A no-argument function doing one explanation of ``x`` the way a user would."""
     import srd_ext
 
     if method == "grad":
@@ -45,13 +61,20 @@ def make_runner(model, method: str, x: torch.Tensor):
             (g,) = torch.autograd.grad(logits.gather(1, idx[:, None]).sum(), xi)
             return g * xi
         return run
-    ex = srd_ext.Explainer(model)
-    layer = method.split("-")[1]
+    if method == "lrp":
+        from zennit.attribution import Gradient
+        from zennit.composites import EpsilonPlusFlat
 
-    def run():
-        with torch.no_grad():
-            return ex.explain(x, layer=layer)
-    return run
+        def run():
+            xi = x.detach().requires_grad_(True)
+            with Gradient(model=model, composite=EpsilonPlusFlat()) as attributor:
+                logits = model(xi)
+                onehot = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(x.dtype)
+                _, rel = attributor(xi, onehot)
+            return rel.sum(1)
+        return run
+    layer = method.split("-")[1]
+    return lambda: srd_ext.explain(model, x, layer=layer)
 
 
 def sync(device):
@@ -59,14 +82,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_methods(name, device, batch, repeats):
+def time_methods(name, device, batch, repeats, methods):
+    import srd_ext
+
     model = build(name, device)
     x = torch.randn(batch, 3, 224, 224, device=device)
-    runners = {m: make_runner(model, m, x) for m in METHODS}
+    t0 = time.perf_counter()
+    srd_ext.Explainer(model).prepare(x)
+    capture_s = time.perf_counter() - t0
+    runners = {m: make_runner(model, m, x) for m in methods}
     for r in runners.values():  # warm-up
         r()
     sync(device)
-    times = {m: [] for m in METHODS}
+    times = {m: [] for m in methods}
     for _ in range(repeats):
         for m, r in runners.items():
             sync(device)
@@ -74,7 +102,7 @@ def time_methods(name, device, batch, repeats):
             r()
             sync(device)
             times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return {m: statistics.median(v) for m, v in times.items()}, capture_s
 
 
 def peak_memory_child(name, method, device, batch):
@@ -82,6 +110,7 @@ def peak_memory_child(name, method, device, batch):
     model = build(name, device)
     x = torch.randn(batch, 3, 224, 224, device=device)
     run = make_runner(model, method, x)
+    make_runner(model, method, torch.randn(1, 3, 224, 224, device=device))()  # capture, caches
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -89,8 +118,6 @@ def peak_memory_child(name, method, device, batch):
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    small = torch.randn(1, 3, 64, 64, device=device)
-    make_runner(model, method, small)()  # libraries, thread pools and first-call caches
     peak, _ = peak_growth(run)
     return peak / 2 ** 20
 
@@ -101,25 +128,37 @@ def peak_memory(name, method, device, batch):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def reference_case():
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    import srd_ext
-    from models_for_tests import tiny_vgg
-    from reference import ReferenceSRD
+def plot(report, path):
+    import matplotlib
 
-    model = tiny_vgg(seed=1).double()
-    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
-    ex = srd_ext.Explainer(model)
-    t0 = time.perf_counter()
-    fast = ex.relevance_at_all_layers(x)
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref = ReferenceSRD(model, x)
-    r = ref.run(ex.encoder_index, fast[ex.plan.steps[ex.encoder_index].name][0])
-    t_ref = time.perf_counter() - t0
-    err = float((fast["x"][0] - r[ex.plan.input_index]).abs().max() / r[ex.plan.input_index].abs().max())
-    return {"case": "tiny VGG, 16x16, float64", "fast_s": t_fast, "reference_s": t_ref,
-            "speedup": t_ref / t_fast, "max_rel_err": err}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in report["results"]}, key=[r["model"] for r in report["results"]].index)
+    fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), squeeze=False)
+    for col, name in enumerate(models):
+        rows = [r for r in report["results"] if r["model"] == name]
+        batches = [r["batch"] for r in rows]
+        for m in report["methods"]:
+            if m == "grad":
+                continue
+            axes[0][col].plot(batches, [r["ratio_to_grad"][m] for r in rows], marker="o", label=m)
+            if all("memory_ratio_to_grad" in r for r in rows):
+                axes[1][col].plot(batches, [r["memory_ratio_to_grad"][m] for r in rows], marker="o", label=m)
+        for row, what in ((0, "time"), (1, "peak memory")):
+            ax = axes[row][col]
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(f"{what} / (forward + input gradient)")
+            ax.set_title(f"{name}: {what}")
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=8)
+    fig.suptitle(f"cost of one explanation against a gradient ({report['device']}, "
+                 f"{report['threads']} threads, 224x224)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -128,40 +167,40 @@ def main():
         print(peak_memory_child(name, method, device, int(batch)))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    ap.add_argument("--models", nargs="+", default=["resnet50", "vgg16", "efficientnet_b0"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 32])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=None, help="default: 4 on CPU, 32 on GPU")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="results/bench_explain")
     args = ap.parse_args()
-    batch = args.batch or (32 if args.device == "cuda" else 4)
-    torch.manual_seed(0)
+    methods = [m for m in args.methods if m != "lrp" or have_zennit()]
+    if "grad" not in methods:
+        methods.insert(0, "grad")
     report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "batch": batch, "results": []}
+              "threads": torch.get_num_threads(), "methods": methods, "results": []}
     for name in args.models:
-        t = time_methods(name, args.device, batch, args.repeats)
-        row = {"model": name, "time_s": t, "ratio_to_grad": {m: t[m] / t["grad"] for m in METHODS}}
-        if not args.no_memory:
-            mem = {m: peak_memory(name, m, args.device, batch) for m in METHODS}
-            row["peak_mib"] = mem
-            row["memory_ratio_to_grad"] = {m: mem[m] / mem["grad"] for m in METHODS}
-        report["results"].append(row)
-        print(json.dumps(row), flush=True)
-    report["reference"] = reference_case()
-    lines = [f"device: {report['device']}, torch {report['torch']}, threads {report['threads']}, batch {batch}", "",
-             "| model | method | time (s) | x forward+backward | peak MiB | x forward+backward memory |",
-             "|---|---|---|---|---|---|"]
+        for batch in args.batches:
+            t, capture_s = time_methods(name, args.device, batch, args.repeats, methods)
+            row = {"model": name, "batch": batch, "time_s": t, "capture_s": capture_s,
+                   "ratio_to_grad": {m: t[m] / t["grad"] for m in methods}}
+            if not args.no_memory:
+                mem = {m: peak_memory(name, m, args.device, batch) for m in methods}
+                row["peak_mib"] = mem
+                row["memory_ratio_to_grad"] = {m: mem[m] / mem["grad"] for m in methods}
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+    lines = [f"device: {report['device']}, torch {report['torch']}, {report['threads']} threads, 224x224", "",
+             "| model | batch | method | time / (fwd+grad) | peak memory / (fwd+grad) |", "|---|---|---|---|---|"]
     for row in report["results"]:
-        for m in METHODS:
-            mem = row.get("peak_mib", {}).get(m)
+        for m in methods:
+            if m == "grad":
+                continue
             mr = row.get("memory_ratio_to_grad", {}).get(m)
-            lines.append(f"| {row['model']} | {m} | {row['time_s'][m]:.3f} | {row['ratio_to_grad'][m]:.2f} | "
-                         f"{'' if mem is None else f'{mem:.0f}'} | {'' if mr is None else f'{mr:.2f}'} |")
-    ref = report["reference"]
-    lines += ["", f"reference ({ref['case']}): fast {ref['fast_s']:.4f} s, literal {ref['reference_s']:.2f} s "
-              f"({ref['speedup']:.0f}x), max relative difference {ref['max_rel_err']:.1e}"]
+            lines.append(f"| {row['model']} | {row['batch']} | {m} | {row['ratio_to_grad'][m]:.2f} | "
+                         f"{'' if mr is None else f'{mr:.2f}'} |")
     table = "\n".join(lines)
     print(json.dumps(report, indent=1))
     print(table)
@@ -170,6 +209,7 @@ def main():
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, f"bench_explain_{args.device}.md"), "w") as f:
         f.write(table + "\n")
+    plot(report, os.path.join(args.out, f"bench_explain_{args.device}.png"))
 
 
 if __name__ == "__main__":
