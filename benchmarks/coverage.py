@@ -78,6 +78,13 @@ def splice(text, marker, body):
     return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
 
 
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--libraries", nargs="+", default=["torchvision", "timm"], choices=["torchvision", "timm"])
@@ -90,9 +97,8 @@ def main():
     torch.set_num_threads(args.threads)
     if args.ops_only:
         with open(README) as f:
-            text = f.read()
-        with open(README, "w") as f:
-            f.write(splice(text, "ops", rules.supported_table()))
+            text = splice(f.read(), "ops", rules.supported_table())
+        write_atomic(README, text)
         print(rules.supported_table())
         return
     results = []
@@ -123,10 +129,8 @@ def main():
     if args.update_readme:
         with open(README) as f:
             text = f.read()
-        text = splice(text, "coverage", md)
-        text = splice(text, "ops", rules.supported_table())
-        with open(README, "w") as f:
-            f.write(text)
+        text = splice(splice(text, "coverage", md), "ops", rules.supported_table())
+        write_atomic(README, text)
 
 
 if __name__ == "__main__":

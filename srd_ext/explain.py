@@ -81,6 +81,14 @@ class _Plan:
                     keep.add(i)
         self.recompute = dropped_sites
         self.keep = keep - (dropped_sites - {encoder})
+        # Pre-activations read only by their site: freed once the site has used them.
+        own = set()
+        for i in self.main:
+            n = nodes[i]
+            if n.kind == "call":
+                own.update(j for j in n.rule.needs(n, graph, "contribution") if j == i)
+        self.free_z = {nodes[i].z_input for i in self.main if nodes[i].site and nodes[i].z_input not in own
+                       and graph.users[nodes[i].z_input] == [i]}
         self.high: Dict[tuple, int] = {}
 
     def keep_for(self, wanted: Iterable[int]) -> Set[int]:
@@ -421,6 +429,7 @@ class Explainer:
         values = g.forward(x, rec, keep=plan.keep_for(wanted), records=records, shapes=shapes, model=self.model,
                            record=record)
         run = _Run(g, values, records, rec.indices, shapes, self.bias_share, create_graph)
+        run.free_z = plan.free_z
         for i in plan.recompute:
             if i not in wanted:
                 values[i] = None
@@ -460,7 +469,13 @@ class Explainer:
                     out[i] = relevance
                 if run.lost is not None:
                     run.note_lost(torch.where((z4 * z4).sum(1) > 0, 0, relevance).sum((1, 2)))
+                del a4, z4, G4, g_i
+                if free:
+                    run.values[i] = None
+                    if n.z_input in run.free_z and n.z_input not in wanted:
+                        run.values[n.z_input] = None
                 _add(field, n.z_input, from_nchw(gz, lay, z.shape))
+                del z, a, gz
             else:
                 if e is not None:
                     v = run.value(i)

@@ -8,6 +8,7 @@ bias rule is exercised.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -49,12 +50,13 @@ TIMM_REFUSED = {
     "mambaout_femto": "its gated conv blocks multiply two input-dependent branches; neither is a gate",
 }
 
-_SIZES = {"inception_v3": 75}
+_SIZES = {"inception_v3": 75, "inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 64, "ghostnetv2_100": 64}
 
 
 def input_size(name: str) -> int:
-    """Input resolution of the zoo checks: small, except where a model needs more."""
-    return _SIZES.get(name, 64)
+    """Input resolution of the zoo checks: small (the capture does not depend on it), except
+    where a model needs more."""
+    return _SIZES.get(name, 32)
 
 
 def randomize(model: nn.Module, seed: int = 0, weights: bool = False) -> nn.Module:
@@ -80,6 +82,20 @@ def randomize(model: nn.Module, seed: int = 0, weights: bool = False) -> nn.Modu
     return model.eval()
 
 
+@contextlib.contextmanager
+def _no_init():
+    """``torch.nn.init``'s initialisers as no-ops (the tensors keep whatever they hold)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def torchvision_cnns() -> Tuple[List[str], Dict[str, str]]:
     """(torchvision's CNN classifiers, the excluded ones with their reason)."""
     import torchvision
@@ -101,7 +117,14 @@ def build(name: str, library: str = "torchvision", num_classes: int = 10, seed: 
         import torchvision
 
         kw = {"init_weights": False, "aux_logits": False} if name in ("googlenet", "inception_v3") else {}
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+        # Built without running its own initialisation, then filled here: the largest variants
+        # take many seconds to initialise and are only checked, never trained.
+        with _no_init():
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        return randomize(model, seed, weights=True)
     elif library == "timm":
         import timm
 

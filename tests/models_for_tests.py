@@ -217,6 +217,44 @@ class Resizing(nn.Module):
         return self.head(x)
 
 
+class Misc(nn.Module):
+    """The remaining rules: selective-kernel style stack + softmax gate + sum, ConvNeXt V2's
+    global response norm (addcmul), rsub, narrow, select + unsqueeze, an expanded gate, unbind,
+    tensor_split, movedim, unflatten, a non-global adaptive max-pool, clamp, SELU, CELU."""
+
+    def __init__(self, w=6):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, w, 3, padding=1)
+        self.k3 = nn.Conv2d(w, w, 3, padding=1)
+        self.k5 = nn.Conv2d(w, w, 5, padding=2)
+        self.fc = nn.Conv2d(w, 2 * w, 1)
+        self.grn_gamma = nn.Parameter(torch.full((1, 1, 1, w), 0.3))
+        self.grn_beta = nn.Parameter(torch.full((1, 1, 1, w), 0.1))
+        self.c2 = nn.Conv2d(w, w, 3, padding=1)
+        self.c3 = nn.Conv2d(w + 1, w, 1)
+        self.head = _Head(w)
+
+    def forward(self, x):
+        x = F.selu(self.c1(x))
+        b = torch.stack([F.relu(self.k3(x)), F.relu(self.k5(x))], 1)          # (B, 2, C, H, W)
+        a = self.fc(b.sum(1).mean((2, 3), keepdim=True))                        # (B, 2C, 1, 1)
+        a = a.unflatten(1, (2, -1)).softmax(1)                                  # (B, 2, C, 1, 1)
+        x = (b * a).sum(1)
+        y = x.movedim(1, -1)                                                    # GRN, channels-last
+        gx = torch.linalg.vector_norm(y, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(-1, keepdim=True) + 1e-6)
+        y = y + torch.addcmul(self.grn_beta, self.grn_gamma, y * nx)
+        x = F.celu(y.movedim(-1, 1), 0.7)
+        p, q, r = torch.tensor_split(x, 3, 1)
+        u0, u1 = torch.unbind(torch.stack([p, q], 2), 2)
+        z = torch.cat([u0, 1.5 - u1, r.narrow(1, 0, 2), x.select(1, 0).unsqueeze(1)], 1)
+        z = F.adaptive_max_pool2d(z, (6, 6))
+        g = torch.sigmoid(self.c2(x)).mean(1, keepdim=True)
+        z = z * F.adaptive_avg_pool2d(g, (6, 6)).expand_as(z)                   # an expanded gate
+        z = self.c3(z).clamp(-0.2, 0.9)
+        return self.head(F.relu(z))
+
+
 def op_models():
     """name -> (model builder, input size) for the per-op reference tests."""
     return {
@@ -225,4 +263,5 @@ def op_models():
         "gates": (lambda: randomize(Gates(), 13), 12),
         "channels-last": (lambda: randomize(ChannelsLast(), 14), 12),
         "resizing": (lambda: randomize(Resizing(), 15), 16),
+        "misc": (lambda: randomize(Misc(), 16), 12),
     }

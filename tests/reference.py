@@ -404,6 +404,8 @@ def _split(ref, n, t):
     dim = a[2] if len(a) > 2 else n.kwargs.get("dim", 0)
     if name == "aten.chunk":
         return tuple(t.chunk(a[1], dim))
+    if name == "aten.tensor_split":
+        return tuple(t.tensor_split(a[1], dim))
     return tuple(torch.split(t, a[1], dim))
 
 

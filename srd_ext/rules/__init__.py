@@ -168,7 +168,7 @@ def supported_table() -> str:
     for key, title in _GROUPS:
         rules = [r for r in _unique_rules() if r.group == key]
         lines.append(f"- **{title}**: " + "; ".join(
-            f"{r.describe()} (`{'`, `'.join(sorted({o.split('.', 1)[1] for o in r.ops}))}`)" for r in rules))
+            f"{r.describe()} (`{'`, `'.join(sorted({o.split('.', 1)[-1] for o in r.ops}))}`)" for r in rules))
     return "\n".join(lines)
 
 
