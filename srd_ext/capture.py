@@ -511,10 +511,9 @@ def _scopes(fx_node) -> Tuple[Tuple[Tuple[str, int], ...], str, str]:
     return tuple(scopes), module, mtype
 
 
-def _param_binder(model: nn.Module, fqn: str) -> Callable[[nn.Module], Tensor]:
+def _param_binder(fqn: str) -> Callable[[nn.Module], Tensor]:
     """Reads a parameter or buffer of the live model by its path (attribute by attribute, so
     that torch.compile sees where it comes from)."""
-    model.get_parameter(fqn) if fqn in dict(model.named_parameters()) else model.get_buffer(fqn)
     path = tuple(fqn.split("."))
 
     def bind(m, path=path):
@@ -594,7 +593,7 @@ def _build(model: nn.Module, ep) -> List[Node]:
                 node = Node(i, "x", "input", shape=shape, dtype=dtype)
                 node.params = {"dynamic_batch": isinstance(meta, Tensor) and isinstance(meta.shape[0], torch.SymInt)}
             elif kind in ("PARAMETER", "BUFFER"):
-                node = Node(i, fx.name, "param", binder=_param_binder(model, spec.target),
+                node = Node(i, fx.name, "param", binder=_param_binder(spec.target),
                             shape=shape, dtype=dtype, module=spec.target)
             elif kind in ("CONSTANT_TENSOR",):
                 node = Node(i, fx.name, "param", binder=_const_binder(ep.constants[spec.target]),

@@ -185,10 +185,9 @@ def relevance_to_field(relevance: Tensor, x: Tensor, layout) -> Tensor:
     (0 where ``x_i = 0``). Passed back through the linear parts before ``x`` it splits each
     pixel's relevance among the pixels it is made of by their sharing ratios."""
     x4 = to_nchw(x, layout)
-    n2 = (x4 * x4).sum(1, keepdim=True)
-    safe = torch.where(n2 > 0, n2, torch.ones_like(n2))
-    f = torch.where(n2 > 0, x4 * (relevance.unsqueeze(1) / safe), torch.zeros_like(x4))
-    return from_nchw(f, layout, x.shape)
+    n2 = torch.linalg.vector_norm(x4, dim=1).square()
+    scale = torch.where(n2 > 0, relevance / torch.where(n2 > 0, n2, torch.ones_like(n2)), torch.zeros_like(n2))
+    return from_nchw(x4 * scale.unsqueeze(1), layout, x.shape)
 
 
 def pixel_norm(t: Tensor, layout) -> Tensor:
