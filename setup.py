@@ -12,7 +12,11 @@ import os
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:  # an isolated build (plain `pip install .`) has no torch
+    raise SystemExit("srd_ext is compiled against the torch it will run with: install torch first, then "
+                     "build with `pip install --no-build-isolation .`") from None
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 

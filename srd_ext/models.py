@@ -15,9 +15,17 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torchvision import models as tvm
-from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.models.vgg import VGG, make_layers
+
+try:
+    from torchvision import models as tvm
+    from torchvision.models.resnet import BasicBlock, ResNet
+    from torchvision.models.vgg import VGG, make_layers
+except ImportError as e:  # torchvision is the optional `vision` extra
+    raise ImportError(
+        "srd_ext.models needs torchvision (its models are torchvision's VGG and ResNet): install the "
+        f"torchvision release that matches your torch {torch.__version__}, e.g. with the same command "
+        "that installed torch"
+    ) from e
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES
 
