@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine_info
+from peak_memory import CHILD_ENV, peak_growth
 
 from srd_ext import ops
-
-from peak_memory import CHILD_ENV, peak_growth
 
 # ------------------------------------------------------------------------------------------------
 # Workloads
@@ -228,8 +228,8 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log):
 
     a, grad, z = rnd(*act_shape), rnd(*act_shape), rnd(*act_shape)
     z[:, :, 0, 0] = 0  # pixels that take the zero guard
-    pair("activation_share", f"{tuple(act_shape)}", lambda: ops.activation_share(a, grad, z),
-         lambda: activation_share_unfused(a, grad, z))
+    pair("activation_share", f"{tuple(act_shape)}", lambda a=a, grad=grad, z=z: ops.activation_share(a, grad, z),
+         lambda a=a, grad=grad, z=z: activation_share_unfused(a, grad, z))
     del a, grad, z
 
     for layer in layers:
@@ -247,8 +247,8 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log):
 
         n = ops.conv_tap_norms(x, w, s, p)
         d = rnd(batch, out_size(H, k, s, p), out_size(W, k, s, p))
-        pair("bias_share_scatter", name, lambda: ops.bias_share_scatter(n, d, k, s, p),
-             lambda: bias_share_scatter_unfold_fold(n, d, k, s, p), shape=f"n {tuple(n.shape)}, d {tuple(d.shape)}")
+        pair("bias_share_scatter", name, lambda n=n, d=d, k=k, s=s, p=p: ops.bias_share_scatter(n, d, k, s, p),
+             lambda n=n, d=d, k=k, s=s, p=p: bias_share_scatter_unfold_fold(n, d, k, s, p), shape=f"n {tuple(n.shape)}, d {tuple(d.shape)}")
         del x, w, n, d, fns
 
     name, cin, cout, H, W, k, s, p = layers[0]
@@ -267,25 +267,6 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log):
             r["tap_norms_over_conv"] = r["fused_ms"] / r["conv_ms"]
             r["mem_ratio"] = r["peak_tap_norms_bytes"] / max(r["peak_materialized_bytes"], 1)
     return rows
-
-
-def machine_info():
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg": [round(v, 2) for v in os.getloadavg()]}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-        with open("/proc/meminfo") as f:
-            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    return info
 
 
 def _ms(v):

@@ -46,10 +46,8 @@ an hour on 2 CPU cores; see the timing table each run writes):
   shared with other jobs two threads waiting on each other ran 4x slower than one. Two
   evaluations (one per model) can run side by side, one core each.
 
-Measured wall time with the defaults, n = 752, 1 thread on a 2-core machine running other jobs:
-shapes-vgg 1644 s (1594 s of CPU), shapes-resnet 1128 s (the per-method split is in each
-report's timing table). Stability costs about one explanation per copy: SRD-input with 10 copies
-on all 752 shapes-vgg images took 10.1x its explanation time.
+Each run's report has a timing table (seconds per image and method); the README lists the run
+times measured for its tables. Stability costs about one more explanation per copy.
 
 The target is the ground-truth label (``--target pred``: the predicted class). Every random draw
 is seeded by ``--seed`` (fidelity subsets and stability noise: the same draws for every image and
@@ -59,20 +57,19 @@ tests only: its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
+from common import build_model, versions
 
-import srd_ext
 from srd_ext import baselines, data, distributed, metrics, models
 
 METRICS = (  # key, column, higher is better
@@ -155,20 +152,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-def build_model(args) -> torch.nn.Module:
-    if args.random_init:
-        torch.manual_seed(args.seed)
-        if args.model == "shapes-vgg":
-            m = models.shapes_vgg()
-        elif args.model == "shapes-resnet":
-            m = models.shapes_resnet()
-        else:
-            import torchvision
-            m = getattr(torchvision.models, args.model)(weights=None)
-        return m.eval().to(args.device)
-    return models.load_model(args.model, args.weights, device=args.device)
-
-
 def _class_index(path: Optional[str]) -> Optional[Dict[str, int]]:
     if not path:
         return None
@@ -177,6 +160,16 @@ def _class_index(path: Optional[str]) -> Optional[Dict[str, int]]:
     if all(isinstance(v, list) for v in obj.values()):  # torchvision / Keras layout
         return {v[0]: int(k) for k, v in obj.items()}
     return {k: int(v) for k, v in obj.items()}
+
+
+class Loaded(NamedTuple):
+    """A block of images as :meth:`Images.load` returns it."""
+
+    images: Optional[torch.Tensor]  # (B, 3, H, W), None if no image could be read
+    masks: Optional[torch.Tensor]  # (B, H, W) bool
+    labels: Optional[torch.Tensor]  # (B,)
+    indices: List[int]  # dataset indices of the images read
+    failed: List[Dict]  # unreadable images: {"index", "image", "reason"}
 
 
 class Images:
@@ -202,13 +195,13 @@ class Images:
             return f"shapes/test/{i}"
         return os.path.relpath(self.ds.samples[i][0], self.root)
 
-    def load(self, indices):
-        """(images, masks, labels, loaded indices, failures) for dataset indices ``indices``;
-        failures are dicts with index, image and reason. Images are None if none loaded."""
+    def load(self, indices) -> "Loaded":
+        """The images of dataset indices ``indices`` (:class:`Loaded`; images None if none could be
+        read)."""
         indices = list(indices)
         if self.ds is None:
             x, masks, labels = data.generate("test", len(indices), image_size=self.size, start=indices[0])
-            return x, masks, labels, indices, []
+            return Loaded(x, masks, labels, indices, [])
         items, ok, bad = [], [], []
         for i in indices:
             try:
@@ -217,9 +210,9 @@ class Images:
             except Exception as e:  # one bad file must not end the run
                 bad.append({"index": i, "image": self.name(i), "reason": f"{type(e).__name__}: {str(e)[:200]}"})
         if not items:
-            return None, None, None, [], bad
-        return (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
-                torch.tensor([it[2] for it in items]), ok, bad)
+            return Loaded(None, None, None, [], bad)
+        return Loaded(torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
+                      torch.tensor([it[2] for it in items]), ok, bad)
 
 
 class SharedForward:
@@ -335,7 +328,20 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
     return rec
 
 
-def combine(methods, records):
+@dataclasses.dataclass
+class Totals:
+    """What the block records of a run add up to (:func:`combine`)."""
+
+    scores: Dict[str, Dict[str, List[torch.Tensor]]]  # method -> metric -> per-block values
+    seconds: Dict[str, Dict[str, float]]  # method -> explain/fidelity/stability seconds and counts
+    failed: Dict[str, str]  # method -> why it failed
+    sizes: Dict[str, tuple]  # method -> its map's (h, w)
+    forward_s: float  # seconds of the fidelity forwards shared by all methods
+    done: int  # images evaluated
+    failed_images: List[Dict]  # unreadable images: {"index", "image", "reason"}
+
+
+def combine(methods, records) -> Totals:
     """The per-method lists and totals ``summarize`` takes, from block records in image order."""
     scores = {m.name: {k: [] for k, _, _ in METRICS} for m in methods}
     seconds = {m.name: {"explain": 0.0, "fidelity": 0.0, "stability": 0.0, "explained": 0,
@@ -357,7 +363,7 @@ def combine(methods, records):
         forward_s += rec["forward_s"]
         done += len(rec["images"])
         failed_images += rec["failed_images"]
-    return scores, seconds, failed, sizes, forward_s, done, failed_images
+    return Totals(scores, seconds, failed, sizes, forward_s, done, failed_images)
 
 
 def per_image_rows(methods, records, failed, stem, out, save_maps):
@@ -467,17 +473,6 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
-def versions() -> Dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform(),
-           "srd_ext": srd_ext.__version__, "torch": torch.__version__}
-    for dist in ("torchvision", "numpy", "captum", "grad-cam"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
 def figure(path, examples, methods, rows_by_name, class_names) -> None:
     import matplotlib
 
@@ -555,7 +550,7 @@ def run(args, session) -> Optional[Dict]:
         print("warning: no --class-index: labels are the indices of the sorted class folders, "
               "which match the model's outputs only if it was trained on exactly these folders",
               file=sys.stderr)
-    model = build_model(args)
+    model = build_model(args.model, args.weights, args.device, args.random_init, args.seed)
     images = Images(args)
     baselines.NOTES.clear()
     data_name = "shapes" if args.data == "shapes" else os.path.basename(os.path.normpath(args.data))
@@ -608,14 +603,15 @@ def run(args, session) -> Optional[Dict]:
     for part in gathered:
         records.update(part)
     ordered = [records[b.key] for b in units]
-    scores, seconds, failed, sizes, forward_s, done, failed_images = combine(methods, ordered)
+    totals = combine(methods, ordered)
+    failed, done, failed_images = totals.failed, totals.done, totals.failed_images
     examples, probe = example_maps(args, model, methods, images, failed)
     notes: Dict[str, str] = {}
     for rec in ordered:
         notes.update(rec.get("notes", {}))
     notes.update(baselines.NOTES)
 
-    rows = summarize(methods, scores, seconds, failed, sizes)
+    rows = summarize(methods, totals.scores, totals.seconds, failed, totals.sizes)
     rows_by_name = {r["method"]: r for r in rows}
     os.makedirs(args.out, exist_ok=True)
     try:
@@ -641,7 +637,7 @@ def run(args, session) -> Optional[Dict]:
         "smoothgrad_noise": baselines.SMOOTHGRAD_NOISE, "cam_layers": layers,
         "processes": session.world_size, "images_from_an_earlier_run": earlier,
         "wall_seconds": round(wall, 1), "cpu_seconds_rank0": round(cpu, 1),
-        "fidelity_forward_seconds": round(forward_s, 1),
+        "fidelity_forward_seconds": round(totals.forward_s, 1),
     }
     report = {"settings": settings, "versions": versions(), "rows": rows, "notes": notes, "failed": failed,
               "failed_images": failed_images}
@@ -669,7 +665,7 @@ def run(args, session) -> Optional[Dict]:
            "| Method | map | explain | fidelity (own part) | stability (all copies) |", "|---|---|---|---|---|"]
     md += [f"| {r['label']} | {r['map_size']} | {r['explain_s_per_image']:.4f} | "
            f"{r['fidelity_s_per_image']:.4f} | {r['stability_s_per_image']:.4f} |" for r in rows]
-    md += ["", f"Fidelity forwards (shared by all methods): {forward_s / max(done, 1):.4f} s per image. "
+    md += ["", f"Fidelity forwards (shared by all methods): {totals.forward_s / max(done, 1):.4f} s per image. "
            f"Wall time: {wall:.0f} s ({wall / max(done, 1):.2f} s per image, {session.world_size} process(es)"
            + (f", {earlier} images from an earlier run" if earlier else "") + ").", "", "## Versions", ""]
     md += [f"- {k}: {v}" for k, v in report["versions"].items()]

@@ -19,11 +19,12 @@ Conventions (Dombrowski et al.'s code):
 - SRD (``init="constant"``, input layer) is differentiated on the softplus copy too, through the
   extension's ops and their autograd formulas (the capture handles Softplus like any activation).
 - LRP z+ (captum's rules, as ``baselines``) has no derivative in captum: captum keeps detached
-  activations and rescales gradients in hooks. The attack uses :class:`LRPZPlus`, the same
-  rules written so that the map has a derivative, on the softplus copy; on the ReLU network it
-  reproduces captum's map (tested). Guided backprop (only positive gradients through each
-  Softplus) is built the same way, :class:`GuidedBackprop`, so that its second derivative
-  follows the network's real forward pass.
+  activations and rescales gradients in hooks. The attack uses
+  ``srd_ext.baselines.LRPZPlus``, the same rules written so that the map has a derivative, on
+  the softplus copy; on the ReLU network it reproduces captum's map (tested). Guided backprop
+  (only positive gradients through each Softplus) is built the same way,
+  ``srd_ext.baselines.GuidedBackprop``, so that its second derivative follows the network's
+  real forward pass.
 - Adam (lr 1e-3) on x_adv in [0, 1] pixel space (the model's normalization is applied inside);
   after each step every RGB change is clamped to 8/255 and the image to [0, 1]. The attack stops
   once MSE(x_org, x_adv) >= 1e-3 or after ``--steps``. Note: in [0, 1] pixel space the 8/255
@@ -39,16 +40,12 @@ a more successful manipulation. Writes ``<out>/<tag>.md``, ``<tag>.csv`` and ``<
 (one pair: images, original / target / manipulated map per method).
 
 Default ``--steps`` 50 (Adam moves a pixel by about lr = 1e-3 per step, so 50 steps can reach
-the 8/255 bound). Measured with the defaults, 100 pairs, 1 thread on a shared 2-core machine:
-shapes-vgg 19.5 min (seconds per attack step: gradient 0.017, gradinput 0.017, guided backprop
-0.025, integrated gradients (8 steps) 0.114, LRP z+ 0.027, SRD 0.025), shapes-resnet 9.3 min
-(0.008, 0.008, 0.013, 0.046, 0.013, 0.019).
+the 8/255 bound). The report has the seconds per attack step and per pair of each method.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import operator
 import os
 import sys
 import time
@@ -59,8 +56,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import build_model
 
 from srd_ext import Explainer, baselines, data, metrics, models
+from srd_ext.baselines import GuidedBackprop, LRPZPlus, smooth_copy
 
 METHODS = ("gradient", "gradinput", "guidedbackprop", "integratedgradients", "lrp-zplus", "srd")
 LABELS = {"gradient": "Gradient", "gradinput": "GradInput", "guidedbackprop": "GuidedBackprop",
@@ -111,19 +110,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # model, data
 # ----------------------------------------------------------------------------------------------
-def build_model(args) -> nn.Module:
-    if args.random_init:
-        torch.manual_seed(args.seed)
-        builders = {"shapes-vgg": models.shapes_vgg, "shapes-resnet": models.shapes_resnet}
-        if args.model in builders:
-            m = builders[args.model]()
-        else:
-            import torchvision
-            m = getattr(torchvision.models, args.model)(weights=None)
-        return m.eval().to(args.device)
-    return models.load_model(args.model, args.weights, device=args.device)
-
-
 def load_pairs(args) -> Tuple[torch.Tensor, torch.Tensor]:
     """(pairs, 2, 3, H, W) images in [0, 1] and the drawn dataset indices (pairs, 2)."""
     rng = np.random.default_rng(args.seed)
@@ -146,151 +132,6 @@ def load_pairs(args) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def to_model(x01: torch.Tensor) -> torch.Tensor:
     return data.normalize(x01)
-
-
-# ----------------------------------------------------------------------------------------------
-# differentiable explanations on a softplus copy
-# ----------------------------------------------------------------------------------------------
-def smooth_copy(model: nn.Module, beta: float) -> torch.fx.GraphModule:
-    """Deep copy of ``model`` (fx-traced, one module per ReLU call) with every ReLU replaced by
-    Softplus(beta); parameters frozen, the model itself untouched."""
-    return _softplus(baselines._fx_adapt(model)[0], beta)
-
-
-def _softplus(gm: torch.fx.GraphModule, beta: float) -> torch.fx.GraphModule:
-    for name, m in list(gm.named_modules()):
-        if beta and type(m) is nn.ReLU:
-            parent, _, leaf = name.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, leaf, nn.Softplus(beta=beta))
-    gm.recompile()
-    for p in gm.parameters():
-        p.requires_grad_(False)
-    return gm.eval()
-
-
-# Modified-backward maps (guided backprop, LRP) that can themselves be differentiated.
-#
-# Written as hooks or as custom autograd Functions on the network, a modified backward rule is
-# also what a second derivative would use for the forward pass itself, which is then wrong.
-# So the graph is run twice side by side: a "real" chain (the network's values, plain autograd)
-# and a "relevance" chain whose gradient is the modified backward. The relevance chain reads the
-# real chain's values where the rule needs them, so the second derivative flows through real
-# operations only.
-def run_two_chains(gm: torch.fx.GraphModule, x_real: torch.Tensor, x_rel: torch.Tensor,
-                   module_rule: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Evaluates ``gm`` on (real, relevance) pairs. ``module_rule(module, real_args, rel_args)``
-    returns the pair for a module call, or None for the default (the module on both chains);
-    functions and methods are applied to both chains."""
-    from torch.fx.node import map_arg
-
-    mods = dict(gm.named_modules())
-    env: Dict[torch.fx.Node, Tuple] = {}
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            env[n] = (x_real, x_rel)
-            continue
-        if n.op == "output":
-            return map_arg(n.args[0], lambda a: env[a][0]), map_arg(n.args[0], lambda a: env[a][1])
-        ra, rk = map_arg((n.args, n.kwargs), lambda a: env[a][0])
-        la, lk = map_arg((n.args, n.kwargs), lambda a: env[a][1])
-        if n.op == "call_module":
-            m = mods[n.target]
-            pair = module_rule(m, ra, la)
-            env[n] = pair if pair is not None else (m(*ra, **rk), m(*la, **lk))
-        elif n.op == "call_function":
-            env[n] = (n.target(*ra, **rk), n.target(*la, **lk))
-        elif n.op == "call_method":
-            env[n] = (getattr(ra[0], n.target)(*ra[1:], **rk), getattr(la[0], n.target)(*la[1:], **lk))
-        elif n.op == "get_attr":
-            v = operator.attrgetter(n.target)(gm)
-            env[n] = (v, v)
-        else:
-            raise NotImplementedError(n.op)
-    raise RuntimeError("graph without output")
-
-
-class _GuidedFn(torch.autograd.Function):
-    """Relevance-chain activation of guided backprop: value softplus(z_real); backward passes
-    only positive gradients, times the real derivative sigmoid(beta z_real), to the relevance
-    input (none to the real chain)."""
-
-    @staticmethod
-    def forward(ctx, u, z, beta):
-        ctx.save_for_backward(z)
-        ctx.beta = beta
-        return F.softplus(z, beta=beta)
-
-    @staticmethod
-    def backward(ctx, g):
-        (z,) = ctx.saved_tensors
-        return g.clamp(min=0) * torch.sigmoid(ctx.beta * z), None, None
-
-
-class GuidedBackprop:
-    """Guided backprop (signed channel sum) of the softplus copy, differentiable w.r.t. x."""
-
-    def __init__(self, model: nn.Module, beta: float):
-        self.gm, self.beta = smooth_copy(model, beta), beta
-
-    def _rule(self, m, ra, la):
-        if isinstance(m, nn.Softplus):
-            return m(*ra), _GuidedFn.apply(la[0], ra[0], self.beta)
-        return None
-
-    def __call__(self, x, t, create_graph=False):
-        with torch.enable_grad():
-            xr = x if x.requires_grad else x.detach().requires_grad_(True)
-            u = xr.detach().requires_grad_(True)  # same values, own graph
-            out, rel = run_two_chains(self.gm, xr, u, self._rule)
-            g, = torch.autograd.grad(rel.gather(1, t[:, None]).sum(), u, create_graph=create_graph)
-        return g.sum(1), out
-
-
-# LRP z+ (captum's rules, as ``baselines``). captum keeps detached activations and rescales
-# gradients in hooks, so its map has no derivative w.r.t. x. Here each rule layer with inputs a
-# maps the relevance chain u -> rho(a * u) / stab(rho(a)) (rho: the layer with the rule's
-# weights). Its vector-Jacobian product is captum's rule a * J_rho^T (g / stab(rho(a))), the
-# chain stays at u = 1, and activations pass u through (relevance is not gated).
-_STAB = 1e-9  # captum's stabilizer for every rule
-
-
-def _stab(z):
-    return z + torch.where(z >= 0, _STAB, -_STAB)
-
-
-class LRPZPlus:
-    """LRP z+ map (signed channel sum) and logits; on the softplus copy when beta > 0. On a
-    ReLU network (beta 0) it equals ``baselines.get("lrp-z+")``."""
-
-    def __init__(self, model: nn.Module, beta: float = 0.0):
-        from captum.attr._utils.custom_modules import Addition_Module
-
-        self.gm = _softplus(baselines._lrp_model(model)[0], beta)
-        self.rules = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                      nn.BatchNorm2d, Addition_Module)
-
-    @staticmethod
-    def _rho(m):
-        if isinstance(m, nn.Conv2d):  # z+: positive weights, zero bias
-            w = m.weight.clamp(min=0)
-            return lambda a: m._conv_forward(a, w, None)
-        return m
-
-    def _rule(self, m, ra, la):
-        if isinstance(m, self.rules):
-            rho = self._rho(m)
-            return m(*ra), rho(*(a * u for a, u in zip(ra, la))) / _stab(rho(*ra))
-        if isinstance(m, (nn.ReLU, nn.Softplus)):
-            return m(*ra), la[0]
-        return None
-
-    def __call__(self, x, t, create_graph=False):
-        with torch.enable_grad():
-            xr = x if x.requires_grad else x.detach().requires_grad_(True)
-            u = torch.ones_like(xr, requires_grad=True)
-            out, rel = run_two_chains(self.gm, xr, u, self._rule)
-            g, = torch.autograd.grad(rel.gather(1, t[:, None]).sum(), u, create_graph=create_graph)
-        return (g * out.gather(1, t[:, None]).view(-1, 1, 1, 1)).sum(1), out
 
 
 def _input_grad(net, x, t):
@@ -507,7 +348,7 @@ def main(argv=None) -> Dict[str, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_model(args)
+    model = build_model(args.model, args.weights, args.device, args.random_init, args.seed)
     out = run(args, model)
     rows = summarize(out["results"])
     paths = write_outputs(args, out, rows)
