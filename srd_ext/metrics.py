@@ -38,6 +38,7 @@ __all__ = [
     "upsample",
     "pointing_game",
     "attribution_localization",
+    "outside_share",
     "sparseness",
     "fidelity",
     "stability",
@@ -246,6 +247,25 @@ def attribution_localization(
     inside = (pos * masks.flatten(1)).sum(1)
     total = pos.sum(1)
     return torch.where(total > 0, inside / torch.where(total > 0, total, 1.0), 0.0)
+
+
+def outside_share(maps: Tensor, masks: Tensor, eps: float = 1e-8) -> Tensor:
+    """Positive relevance outside the mask over total absolute relevance, per sample: (B,).
+
+    Differentiable, and the maps are used as they are (no :func:`normalize`): a penalty for
+    training a model to look at the object (``examples/train_right_reasons.py``). ``masks``
+    (B, H, W) (float or bool) are averaged down to the map's size, so a coarse cell counts as
+    outside in proportion to the part of it that is.
+    """
+    # No check of the values (NaN, ...): it would break a compiled training step's graph.
+    if maps.dim() != 3 or masks.dim() != 3 or maps.shape[0] != masks.shape[0]:
+        raise ValueError(f"outside_share: expected maps (B, h, w) and masks (B, H, W), got {tuple(maps.shape)} "
+                         f"and {tuple(masks.shape)}")
+    masks = masks.to(maps.dtype)
+    if masks.shape[-2:] != maps.shape[-2:]:
+        masks = F.adaptive_avg_pool2d(masks[:, None], maps.shape[-2:])[:, 0]
+    outside = (maps.clamp(min=0) * (1 - masks)).flatten(1).sum(1)
+    return outside / (maps.abs().flatten(1).sum(1) + eps)
 
 
 # --------------------------------------------------------------------------

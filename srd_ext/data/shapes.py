@@ -1,7 +1,5 @@
-"""Datasets: a synthetic "shapes" benchmark with exact object masks, and ImageNet(-S) folders.
+"""The synthetic "shapes" benchmark: images with exact object masks.
 
-Shapes benchmark
-----------------
 Each image shows one *class object* whose shape alone decides the label (see
 ``SHAPES_CLASSES``), on a textured background (gradients, stripes, value noise) with
 distractors: irregular blobs, scribbles and bars in the same colour distribution as
@@ -21,50 +19,31 @@ by the visible object (the object is drawn antialiased).
 from __future__ import annotations
 
 import colorsys
-import os
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from .imagenet import _normalize, to_tensor
+
 __all__ = [
     "SHAPES_CLASSES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "SPLITS",
     "DEFAULT_SIZES",
     "ShapesDataset",
     "generate",
     "render",
-    "normalize",
-    "ImageNetSFolder",
-    "image_folder",
 ]
 
 SHAPES_CLASSES: Tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross",
     "semicircle", "ring", "crescent", "heart", "arrow",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 SPLITS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SIZES = {"train": 10000, "val": 500, "test": 752}  # train: what train_shapes.py uses
 
 _SS = 4  # supersampling factor of the antialiased rasterizer
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalization of ``[0, 1]`` images, (3, H, W) or (N, 3, H, W)."""
-    return _normalize(x)
-
-
-# Internal name, since generate()'s `normalize` argument shadows the public one.
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
 
 
 # --------------------------------------------------------------------------- shapes
@@ -296,11 +275,6 @@ def render(seed: int, split: str, index: int, image_size: int = 112,
     return img, visible >= 0.5, label
 
 
-def _to_tensor(img: np.ndarray, norm: bool) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
-    return _normalize(x) if norm else x
-
-
 def generate(split: str, n: Optional[int] = None, image_size: int = 112, seed: int = 0,
              start: int = 0, normalize: bool = True, uint8: bool = False
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -325,7 +299,7 @@ def generate(split: str, n: Optional[int] = None, image_size: int = 112, seed: i
 class ShapesDataset(torch.utils.data.Dataset):
     """Split of the shapes benchmark: items are (image (3, H, W) float32, mask (H, W) bool, label).
 
-    Items are rendered on access (a few ms each); nothing is cached.
+    Items are rendered on access; nothing is cached.
     """
 
     classes = SHAPES_CLASSES
@@ -344,82 +318,4 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not -self.size <= i < self.size:
             raise IndexError(i)
         img, mask, label = render(self.seed, self.split, i % self.size, self.image_size)
-        return _to_tensor(img, self.normalize), torch.from_numpy(mask), label
-
-
-# --------------------------------------------------------------------------- ImageNet folders
-
-_IMG_EXT = (".jpeg", ".jpg", ".png")
-
-
-class ImageNetSFolder(torch.utils.data.Dataset):
-    """ImageNet-S style folder: ``root/<split>/<class>/<name>.JPEG`` with masks at
-    ``root/<split>-segmentation/<class>/<name>.png``.
-
-    Items are (image (3, crop, crop) float32, mask (crop, crop) bool, label). Image and mask
-    get the same resize (shorter side to ``resize``; bilinear / nearest) and center crop.
-    The mask is the annotated object: nonzero pixels, where RGB masks encode the class id
-    as ``R + 256 * G`` and id 1000 ("ignore") is excluded. Labels index the sorted class
-    folders unless ``class_to_idx`` maps folder names to labels (e.g. ImageNet-1k indices).
-    Images without a mask file are skipped.
-    """
-
-    def __init__(self, root: str, split: str = "validation", resize: int = 224, crop: int = 224,
-                 normalize: bool = True, class_to_idx: Optional[dict] = None):
-        self.image_dir = os.path.join(root, split)
-        self.mask_dir = os.path.join(root, f"{split}-segmentation")
-        for d in (self.image_dir, self.mask_dir):
-            if not os.path.isdir(d):
-                raise FileNotFoundError(f"ImageNet-S folder {d!r} does not exist")
-        self.classes = sorted(e.name for e in os.scandir(self.image_dir) if e.is_dir())
-        self.class_to_idx = dict(class_to_idx) if class_to_idx is not None else {
-            c: i for i, c in enumerate(self.classes)}
-        self.resize, self.crop, self.normalize = resize, crop, normalize
-        self.samples: List[Tuple[str, str, int]] = []
-        for c in self.classes:
-            if c not in self.class_to_idx:
-                raise KeyError(f"class folder {c!r} is missing from class_to_idx")
-            for name in sorted(os.listdir(os.path.join(self.image_dir, c))):
-                stem, ext = os.path.splitext(name)
-                mask = os.path.join(self.mask_dir, c, stem + ".png")
-                if ext.lower() in _IMG_EXT and os.path.isfile(mask):
-                    self.samples.append((os.path.join(self.image_dir, c, name), mask, self.class_to_idx[c]))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _geometry(self, img: Image.Image, resample) -> Image.Image:
-        w, h = img.size
-        s = self.resize / min(w, h)
-        img = img.resize((max(self.crop, round(w * s)), max(self.crop, round(h * s))), resample)
-        w, h = img.size
-        left, top = (w - self.crop) // 2, (h - self.crop) // 2
-        return img.crop((left, top, left + self.crop, top + self.crop))
-
-    def __getitem__(self, i: int):
-        path, mask_path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = self._geometry(im.convert("RGB"), Image.Resampling.BILINEAR)
-        with Image.open(mask_path) as m:
-            if m.mode in ("RGB", "RGBA"):
-                a = np.asarray(m.convert("RGB"), dtype=np.int32)
-                ids = a[..., 0] + 256 * a[..., 1]
-            else:
-                ids = np.asarray(m.convert("I"), dtype=np.int32)
-        ids = np.asarray(self._geometry(Image.fromarray(ids), Image.Resampling.NEAREST))
-        mask = torch.from_numpy((ids != 0) & (ids != 1000))
-        return _to_tensor(np.asarray(img), self.normalize), mask, label
-
-
-def image_folder(root: str, resize: int = 256, crop: int = 224, normalize: bool = True,
-                 transform: Optional[Callable] = None):
-    """torchvision ``ImageFolder`` with the standard ImageNet evaluation preprocessing
-    (resize 256, center crop 224, ImageNet normalization unless ``normalize=False``)."""
-    from torchvision import datasets, transforms
-
-    if transform is None:
-        steps = [transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor()]
-        if normalize:
-            steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
-        transform = transforms.Compose(steps)
-    return datasets.ImageFolder(root, transform=transform)
+        return to_tensor(img, self.normalize), torch.from_numpy(mask), label

@@ -1,0 +1,33 @@
+"""Datasets: a synthetic "shapes" benchmark with exact object masks (:mod:`srd_ext.data.shapes`;
+with a shortcut cue: :mod:`srd_ext.data.confounded`), and loaders of real images, ImageNet-S and
+ImageNet-style folders (:mod:`srd_ext.data.real`).
+ImageNet normalization is in :mod:`srd_ext.data.imagenet`; every name is also here, as
+``srd_ext.data.<name>``.
+
+Shapes benchmark
+----------------
+Each image shows one *class object* whose shape alone decides the label (see
+``SHAPES_CLASSES``), on a textured background with distractors in the same colours; image ``i`` of
+a split is rendered from ``(seed, split, i)``; masks are exact. See :mod:`srd_ext.data.shapes`.
+"""
+
+from .confounded import CUE_COLORS, confounded
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .real import ImageNetSFolder, image_folder
+from .shapes import DEFAULT_SIZES, SHAPES_CLASSES, SPLITS, ShapesDataset, generate, render
+
+__all__ = [
+    "SHAPES_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SPLITS",
+    "DEFAULT_SIZES",
+    "ShapesDataset",
+    "generate",
+    "render",
+    "normalize",
+    "ImageNetSFolder",
+    "image_folder",
+    "CUE_COLORS",
+    "confounded",
+]
