@@ -17,8 +17,11 @@ depend only on the seed and the shape of one sample, and are shared by all
 samples of a batch, so a sample's score does not depend on which other
 samples are in the batch (batched and one-by-one calls agree).
 
-Differences to Quantus 0.6 (Hedström et al. 2023), which the paper used with
-its defaults, are listed in each metric's docstring. One applies to all:
+Differences to Quantus (Hedström et al. 2023) are listed in each metric's
+docstring. The paper used Quantus with its defaults without naming a version;
+the versions it could have used (0.5.3 and older) perturb whole pixels in
+``FaithfulnessCorrelation``, as :func:`fidelity` does, while Quantus 0.6
+perturbs single channel entries. One difference applies to all:
 Quantus' default ``normalise_by_max`` divides by the max *absolute* value
 taken over the *whole batch* it is given (per sample only when called with
 one sample) and does not clamp; here the divisor is each sample's own max and
@@ -342,12 +345,13 @@ def fidelity(
     ``batch_size``. The subsets are shared by all samples of the batch.
     Paper: 200 pixels set to 0; defaults here are Quantus' 100 runs, 224.
 
-    Versus Quantus ``FaithfulnessCorrelation``: Quantus broadcasts the map
-    over channels and draws ``subset_size`` of the C*H*W (channel, pixel)
-    entries, so it perturbs single channels and counts a pixel's attribution
-    once per drawn channel; its default baseline "black" is the sample's
-    minimum value, not 0; it draws subsets per sample from NumPy's global RNG
-    and by default returns the batch mean.
+    Versus Quantus ``FaithfulnessCorrelation``: Quantus 0.5.3 and older draw
+    whole pixels, as here; Quantus 0.6 broadcasts the map over channels and
+    draws ``subset_size`` of the C*H*W (channel, pixel) entries, so it perturbs
+    single channels and counts a pixel's attribution once per drawn channel.
+    Quantus' default baseline "black" is the sample's minimum value, not 0;
+    it draws subsets per sample from NumPy's global RNG and by default
+    returns the batch mean (as read in 0.6).
     """
     x = _as_images(x)
     B, C, H, W = x.shape
