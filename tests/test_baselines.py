@@ -1,6 +1,7 @@
 """Baselines of the paper's comparison (srd_ext.baselines) and the evaluation script."""
 import copy
 import csv
+import json
 import sys
 
 import pytest
@@ -12,9 +13,10 @@ pytest.importorskip("captum")
 pytest.importorskip("pytorch_grad_cam")
 
 from srd_ext import baselines  # noqa: E402
+from srd_ext.baselines.cache import cached  # noqa: E402
 
 from models_for_tests import tiny_resnet, tiny_vgg  # noqa: E402
-from scripts import load_script  # noqa: E402
+from programs import run_script  # noqa: E402
 
 VGG_CFG = (4, "M", 8, "M", 8, "M", 8, "M", 8, "M")  # ReLUs at 1, 1/2, ..., 1/16 of the input
 
@@ -207,7 +209,7 @@ def test_lrp_copy_is_the_same_function_and_conserves():
     maps = baselines.get("lrp-z+")(model, x, t)
     note = baselines.NOTES["lrp-z+"]
     assert "Addition_Module" in note and "BatchNorm2d folded" in note
-    net, _ = baselines._cached(model, "lrp", lambda: None)
+    net, _ = cached(model, "lrp", lambda: None)  # the copy the call above made and kept
     with torch.no_grad():
         torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-4)
         logit = model(x).gather(1, t[:, None])[:, 0]
@@ -215,16 +217,13 @@ def test_lrp_copy_is_the_same_function_and_conserves():
     torch.testing.assert_close(maps.sum((1, 2)), logit, rtol=0.2, atol=0.5)
 
 
-def load_eval_table():
-    return load_script("benchmarks/eval_table.py")
+EVAL = "benchmarks/eval_table.py"
 
 
 def test_eval_table_end_to_end(tmp_path):
-    mod = load_eval_table()
-    report = mod.main(["--model", "shapes-resnet", "--random-init", "--num-images", "3", "--batch-size", "2",
-                       "--methods", "saliency,gradcam", "srd-high", "--fidelity-runs", "4",
-                       "--stability-samples", "1", "--examples", "2", "--out", str(tmp_path),
-                       "--no-progress"])
+    run_script(EVAL, "--model", "shapes-resnet", "--random-init", "--num-images", "3", "--batch-size", "2",
+               "--methods", "saliency,gradcam", "srd-high", "--fidelity-runs", "4", "--stability-samples", "1",
+               "--examples", "2", "--out", tmp_path, "--no-progress")
     stem = tmp_path / "shapes-resnet_random"
     for ext in (".md", ".csv", ".json", ".png"):
         assert (stem.with_suffix(ext)).stat().st_size > 0, ext
@@ -233,6 +232,7 @@ def test_eval_table_end_to_end(tmp_path):
     assert "**SRD-high‡** (ours)" in md and "GradCAM†" in md and "**" in md
     for key in ("seed: 0", "fidelity_runs: 4", "stability_samples: 1", "n: 3", "torch:", "captum:"):
         assert key in md, key
+    report = json.loads(stem.with_suffix(".json").read_text())
     assert "gradcam" in report["notes"] and "layer4" in report["notes"]["gradcam"]
     with open(stem.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
@@ -248,18 +248,13 @@ def test_eval_table_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--num-images", "0"], ["--batch-size", "0"], ["--fidelity-runs", "1"],
                                   ["--stability-samples", "-1"], ["--stability-n", "-2"], ["--timeout", "0"]])
-def test_eval_table_bad_arguments_are_named(argv, capsys):
-    mod = load_eval_table()
-    with pytest.raises(SystemExit):
-        mod.parse_args(["--model", "shapes-vgg", *argv])
-    assert argv[0] in capsys.readouterr().err
+def test_eval_table_bad_arguments_are_named(argv):
+    res = run_script(EVAL, "--model", "shapes-vgg", *argv, check=False)
+    assert res.returncode == 2 and argv[0] in res.stderr
 
 
 @pytest.mark.parametrize("argv,new", [(["--n", "5"], "--num-images"), (["--start=2"], "--first-image")])
-def test_eval_table_renamed_options_name_their_new_name(argv, new, capsys):
+def test_eval_table_renamed_options_name_their_new_name(argv, new):
     # torchrun reads --n and --start as abbreviations of its own options, so they were renamed.
-    mod = load_eval_table()
-    with pytest.raises(SystemExit):
-        mod.parse_args(["--model", "shapes-vgg", *argv])
-    err = capsys.readouterr().err
-    assert argv[0].split("=")[0] in err and new in err
+    res = run_script(EVAL, "--model", "shapes-vgg", *argv, check=False)
+    assert res.returncode == 2 and argv[0].split("=")[0] in res.stderr and new in res.stderr

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts import ROOT, load_script
+from programs import ROOT, run_script
 from srd_ext import cli, data, distributed, models
 
 PY = sys.executable
@@ -186,8 +186,12 @@ def test_one_process_session_needs_no_process_group():
 def test_every_option_passes_through_torchrun(script):
     from torch.distributed.run import get_args_parser
 
-    parser = cli.build_parser() if script.endswith("cli.py") else load_script(script).build_parser()
-    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    if script.endswith("cli.py"):
+        parser = cli.build_parser()
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    else:  # the options the program's --help lists
+        usage = run_script(script, "--help").stdout
+        options = sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", usage)) - {"--help"})
     assert options
     for o in options:
         argv = ["script.py", o, "1"]
@@ -452,10 +456,11 @@ def test_eval_table_leaves_out_an_unreadable_image_and_names_it(tmp_path):
         Image.fromarray(img).save(root / "validation" / c / f"im{i}.png")
         Image.fromarray(mask.astype(np.uint8)).save(root / "validation-segmentation" / c / f"im{i}.png")
     (root / "validation" / "c1" / "im3.png").write_bytes(b"\x89PNG truncated")
-    mod = load_script("benchmarks/eval_table.py")
-    report = mod.main(["--model", "shapes-vgg", "--data", str(root), "--num-images", "-1", "--methods", "saliency",
-                       "--batch-size", "2", "--fidelity-runs", "4", "--stability-samples", "0", "--examples", "1",
-                       "--out", str(tmp_path / "out"), "--no-progress"])
+    res = run_script("benchmarks/eval_table.py", "--model", "shapes-vgg", "--data", root, "--num-images", "-1",
+                     "--methods", "saliency", "--batch-size", "2", "--fidelity-runs", "4", "--stability-samples", "0",
+                     "--examples", "1", "--out", tmp_path / "out", "--no-progress", check=False)
+    assert res.returncode == 1, res.stderr  # an image was left out
+    report = json.loads((tmp_path / "out" / "shapes-vgg_ImageNet-S.json").read_text())
     assert [b["image"] for b in report["failed_images"]] == [os.path.join("validation", "c1", "im3.png")]
     assert report["settings"]["n"] == 4 and report["rows"][0]["pointing_game_n"] == 4
     md = (tmp_path / "out" / "shapes-vgg_ImageNet-S.md").read_text()

@@ -1,18 +1,20 @@
-"""Manipulation benchmark: differentiability of SRD maps and the attack script end to end."""
+"""Manipulation benchmark: the differentiable maps it attacks (srd_ext.baselines.differentiable and
+SRD), and benchmarks/manipulation.py run end to end as a program."""
 import copy
-import os
+import csv
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from srd_ext import Explainer, baselines
 
 from models_for_tests import tiny_resnet, tiny_vgg
-from scripts import load_script
+from programs import run_script
 
-
-def load_manipulation():
-    return load_script("benchmarks/manipulation.py")
+SCRIPT = "benchmarks/manipulation.py"
+METHODS = ["gradient", "gradinput", "guidedbackprop", "integratedgradients", "lrp-zplus", "srd"]
+LABELS = ["Gradient", "GradInput", "GuidedBackprop", "InteGrad", "LRP z+", "SRD"]
 
 
 def _check_directional_derivatives(f, x, g):
@@ -29,9 +31,8 @@ def _check_directional_derivatives(f, x, g):
 
 @pytest.mark.parametrize("smooth", [False, True], ids=["relu", "softplus-copy"])
 def test_srd_map_gradient_matches_finite_differences(smooth):
-    mod = load_manipulation()
     model = tiny_vgg(cfg=(3, "M", 4)).double()
-    ex = Explainer(mod.smooth_copy(model, 5.0) if smooth else model, init="constant")
+    ex = Explainer(baselines.smooth_copy(model, 5.0) if smooth else model, init="constant")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
     w = torch.randn(1, 6, 6, generator=g, dtype=torch.float64)
@@ -42,13 +43,12 @@ def test_srd_map_gradient_matches_finite_differences(smooth):
 @pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
 def test_differentiable_lrp_equals_captum(build):
     pytest.importorskip("captum")
-    mod = load_manipulation()
     torch.manual_seed(0)
     model = build().eval()
     x = torch.randn(3, 3, 32, 32)
     t = model(x).argmax(1)
     ref = baselines.get("lrp-z+")(model, x, t)
-    mine, logits = mod.LRPZPlus(model)(x, t)
+    mine, logits = baselines.LRPZPlus(model)(x, t)
     torch.testing.assert_close(logits, model(x))
     torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
@@ -57,10 +57,9 @@ def test_differentiable_lrp_equals_captum(build):
                          ids=["vgg", "resnet"])
 def test_lrp_softplus_copy_gradient_matches_finite_differences(build):
     pytest.importorskip("captum")
-    mod = load_manipulation()
     torch.manual_seed(0)
     model = build().double().eval()
-    lrp = mod.LRPZPlus(model, beta=5.0)
+    lrp = baselines.LRPZPlus(model, beta=5.0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
     w = torch.randn(1, 8, 8, generator=g, dtype=torch.float64)
@@ -69,31 +68,39 @@ def test_lrp_softplus_copy_gradient_matches_finite_differences(build):
 
 
 def test_attack_end_to_end(tmp_path):
-    mod = load_manipulation()
-    paths = mod.main(["--model", "shapes-vgg", "--random-init", "--image-size", "32", "--pairs", "2",
-                      "--steps", "3", "--pool", "8", "--out", str(tmp_path), "--no-progress"])
-    for key in ("md", "csv", "png"):
-        assert os.path.getsize(paths[key]) > 0
-    with open(paths["csv"]) as f:
-        rows = f.read().splitlines()
-    assert len(rows) == 1 + len(mod.METHODS)
-    table = open(paths["md"]).read()
-    for label in mod.LABELS.values():
+    run_script(SCRIPT, "--model", "shapes-vgg", "--random-init", "--image-size", "32", "--pairs", "2", "--steps",
+               "3", "--pool", "8", "--out", tmp_path, "--no-progress")
+    stem = tmp_path / "shapes-vgg_random"
+    for ext in (".md", ".csv", ".png"):
+        assert stem.with_suffix(ext).stat().st_size > 0, ext
+    with open(stem.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == METHODS
+    assert all(r["pairs"] == "2" for r in rows)
+    table = stem.with_suffix(".md").read_text()
+    for label in LABELS:
         assert f"| {label} |" in table
 
 
-@pytest.mark.parametrize("build", [lambda: tiny_vgg(), lambda: tiny_resnet()])
-def test_attack_leaves_model_unchanged(build):
-    mod = load_manipulation()
+@pytest.mark.parametrize("build", [lambda: tiny_vgg(), lambda: tiny_resnet()], ids=["vgg", "resnet"])
+def test_differentiable_maps_leave_model_unchanged(build):
+    """The attack's maps (SRD, LRP z+ and guided backprop on their copies), differentiated with
+    respect to the input as the attack does, change nothing of the user's model."""
+    pytest.importorskip("captum")
     model = build()
     state = copy.deepcopy(model.state_dict())
     modules = [(n, type(m), getattr(m, "inplace", None)) for n, m in model.named_modules()]
     training = [m.training for m in model.modules()]
     grads = [p.requires_grad for p in model.parameters()]
-    args = mod.parse_args(["--model", "tiny", "--pairs", "1", "--steps", "2", "--pool", "4",
-                           "--image-size", "16", "--no-progress", "--device", "cpu"])
-    out = mod.run(args, model)
-    assert set(out["results"]) == set(mod.METHODS)
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    t = model(x).argmax(1)
+    srd = Explainer(baselines.smooth_copy(model, 30.0), init="constant")
+    maps = [srd.explain(x, t, create_graph=True)]
+    for make in (baselines.LRPZPlus, baselines.GuidedBackprop):
+        maps.append(make(model, 30.0)(x, t, create_graph=True)[0])
+    for h in maps:
+        (g,) = torch.autograd.grad(F.mse_loss(h, torch.zeros_like(h)), x)
+        assert torch.isfinite(g).all()
     after = model.state_dict()
     assert state.keys() == after.keys()
     for k in state:
@@ -108,17 +115,16 @@ def test_attack_leaves_model_unchanged(build):
                          ids=["vgg", "resnet"])
 def test_guided_backprop_copy(build):
     pytest.importorskip("captum")
-    mod = load_manipulation()
     torch.manual_seed(0)
     model = build().double().eval()
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
     t = model(x).argmax(1)
     # a very sharp softplus is the ReLU network: captum's guided backprop
-    sharp, _ = mod.GuidedBackprop(model, beta=1e4)(x, t)
+    sharp, _ = baselines.GuidedBackprop(model, beta=1e4)(x, t)
     torch.testing.assert_close(sharp, baselines.get("guided-backprop")(model, x, t),
                                rtol=1e-3, atol=1e-5, check_dtype=False)
-    gbp = mod.GuidedBackprop(model, beta=5.0)
+    gbp = baselines.GuidedBackprop(model, beta=5.0)
     w = torch.randn(2, 8, 8, generator=g, dtype=torch.float64)
     _check_directional_derivatives(lambda z: (w * gbp(z, t, create_graph=True)[0]).sum(), x, g)
 
@@ -126,24 +132,21 @@ def test_guided_backprop_copy(build):
 def test_attack_on_an_image_folder(tmp_path):
     from PIL import Image
 
-    mod = load_manipulation()
     rng = torch.Generator().manual_seed(3)
     for k, cls in enumerate(["a", "a", "b", "b"]):
         (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
         px = (torch.rand(40, 48, 3, generator=rng) * 255).to(torch.uint8).numpy()
         Image.fromarray(px).save(tmp_path / "imgs" / cls / f"{k}.png")
-    paths = mod.main(["--model", "resnet18", "--random-init", "--data", str(tmp_path / "imgs"),
-                      "--image-size", "32", "--pairs", "2", "--steps", "2", "--methods", "srd",
-                      "gradient", "--out", str(tmp_path / "out"), "--no-progress"])
-    with open(paths["csv"]) as f:
-        rows = f.read().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["srd", "gradient"]
-    assert all("nan" not in r for r in rows[1:])
+    run_script(SCRIPT, "--model", "resnet18", "--random-init", "--data", tmp_path / "imgs", "--image-size", "32",
+               "--pairs", "2", "--steps", "2", "--methods", "srd", "gradient", "--out", tmp_path / "out",
+               "--no-progress")
+    with open(tmp_path / "out" / "resnet18_random.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["srd", "gradient"]
+    assert all("nan" not in ",".join(r.values()) for r in rows)
 
 
 @pytest.mark.parametrize("argv", [["--pairs", "0"], ["--steps", "0"], ["--beta", "0"], ["--pool", "1"]])
-def test_bad_arguments_are_named(argv, capsys):
-    mod = load_manipulation()
-    with pytest.raises(SystemExit):
-        mod.parse_args(["--model", "shapes-vgg", *argv])
-    assert argv[0] in capsys.readouterr().err
+def test_bad_arguments_are_named(argv):
+    res = run_script(SCRIPT, "--model", "shapes-vgg", *argv, check=False)
+    assert res.returncode == 2 and argv[0] in res.stderr

@@ -3,9 +3,8 @@ import warnings
 import pytest
 import torch
 
-from scripts import load_script
+from srd_ext import metrics as M
 
-M = load_script("srd_ext/metrics.py", "srd_ext_metrics_under_test")
 
 
 def _gen(seed=0):

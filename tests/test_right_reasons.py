@@ -1,21 +1,21 @@
-"""examples/train_right_reasons.py: the confounded data and the compiled SRD-penalty training step.
+"""The shapes benchmark with a shortcut cue (srd_ext.data.confounded), the SRD penalty
+(srd_ext.metrics.outside_share) and a compiled training step with the penalty, as
+examples/train_right_reasons.py trains with.
 
-The compiled-step test compiles the step with Inductor (C++ kernels on CPU): about 1-2 minutes on
-2 cores with a cold Inductor cache, a few seconds once the cache (``TORCHINDUCTOR_CACHE_DIR``,
-default under /tmp) holds it.
+The compiled-step test compiles the step with Inductor (C++ kernels on CPU): slow with a cold
+Inductor cache, quick once the cache (``TORCHINDUCTOR_CACHE_DIR``) holds it.
 """
 import copy
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.models.vgg import VGG, make_layers
 
-from srd_ext.data import render
-
-from scripts import load_script
-
-rr = load_script("examples/train_right_reasons.py")
+import srd_ext
+from srd_ext.data import CUE_COLORS, confounded, normalize, render
+from srd_ext.metrics import outside_share
 
 
 def small_vgg(num_classes: int = 10) -> VGG:
@@ -31,8 +31,8 @@ def small_vgg(num_classes: int = 10) -> VGG:
 
 def test_confounded_cue():
     size, n = 32, 60
-    train = rr.confounded("train", n, size)
-    test = rr.confounded("test", n, size)
+    train = confounded("train", n, size)
+    test = confounded("test", n, size)
     for d in (train, test):
         assert d["images"].shape == (n, 3, size, size) and d["images"].dtype == torch.uint8
         assert torch.equal(d["labels"], torch.arange(n) % 10)
@@ -46,25 +46,45 @@ def test_confounded_cue():
             assert np.array_equal(d["masks"][i].numpy(), mask) and label == d["labels"][i]
         # The cue's pixels carry its class colour.
         colors = d["images"].permute(0, 2, 3, 1)[d["cue_masks"]].view(n, -1, 3)
-        assert torch.equal(colors, torch.from_numpy(rr.CUE_COLORS)[d["cues"]][:, None].expand_as(colors))
+        assert torch.equal(colors, torch.from_numpy(CUE_COLORS)[d["cues"]][:, None].expand_as(colors))
     assert torch.equal(train["cues"], train["labels"])
     agree = (test["cues"] == test["labels"]).float().mean().item()
     assert agree < 0.3 and len(test["cues"].unique()) >= 8
     # Subsets of classes stay balanced and labelled by shape.
-    sub = rr.confounded("train", 6, size, num_classes=3)
+    sub = confounded("train", 6, size, num_classes=3)
     assert sub["labels"].tolist() == [0, 1, 2, 0, 1, 2] and torch.equal(sub["cues"], sub["labels"])
+
+
+def penalty_step(model, lam, layer):
+    """``step(x, y, mask) -> (loss, ce, penalty)``: cross-entropy on the logits of the explainer's
+    own forward plus ``lam`` times the SRD relevance outside the mask; gradients land in ``.grad``."""
+    explainer = srd_ext.Explainer(model)
+
+    def step(x, y, mask):
+        R, logits = explainer.explain(x, y, layer=layer, return_logits=True, create_graph=True)
+        ce = F.cross_entropy(logits, y)
+        penalty = outside_share(R, mask).mean()
+        loss = ce + lam * penalty
+        loss.backward()
+        return loss.detach(), ce.detach(), penalty.detach()
+
+    return step, explainer
 
 
 def test_compiled_step_matches_eager():
     torch.manual_seed(0)
     model = small_vgg().eval()
     twin = copy.deepcopy(model)
-    d = rr.confounded("train", 4, 32)
-    x, y, mask = rr.to_input(d["images"], "cpu"), d["labels"], d["masks"].float()
+    d = confounded("train", 4, 32)
+    x, y, mask = normalize(d["images"].float() / 255), d["labels"], d["masks"].float()
 
-    eager = rr.make_step(model, 1.0, "input")(x, y, mask)
-    compiled_step = rr.compile_step(rr.make_step(twin, 1.0, "input"))
-    compiled = compiled_step(x, y, mask)
+    eager = penalty_step(model, 1.0, "input")[0](x, y, mask)
+    step, explainer = penalty_step(twin, 1.0, "input")
+    explainer.prepare(x)  # the capture runs eagerly, before compiling
+    compiled_step = torch.compile(step, fullgraph=True, dynamic=False)
+    # trace_autograd_ops: dynamo traces loss.backward() instead of breaking the graph there.
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = compiled_step(x, y, mask)
     for a, b in zip(compiled, eager):  # loss, cross-entropy, penalty
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert eager[2] > 0  # the penalty is active
@@ -76,15 +96,18 @@ def test_compiled_step_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
 
     # The step is one graph: no break from the extension's operators or from backward().
-    graphs, breaks, reasons = rr.graph_breaks(rr.make_step(copy.deepcopy(model), 1.0, "input"), x, y, mask)
-    assert (graphs, breaks) == (1, 0), reasons
+    step, explainer = penalty_step(copy.deepcopy(model), 1.0, "input")
+    explainer.prepare(x)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        e = torch._dynamo.explain(step)(x, y, mask)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), [str(r.reason) for r in e.break_reasons]
 
 
 def test_outside_share():
     R = torch.tensor([[[1.0, -1.0], [2.0, 0.0]]])
     mask = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
-    torch.testing.assert_close(rr.outside_share(R, mask), torch.tensor([2.0 / 4.0]))
+    torch.testing.assert_close(outside_share(R, mask), torch.tensor([2.0 / 4.0]))
     # A coarser map: the mask is averaged down.
     big = torch.zeros(1, 4, 4)
     big[0, :2, :2] = 1
-    torch.testing.assert_close(rr.outside_share(torch.ones(1, 2, 2), big), torch.tensor([0.75]))
+    torch.testing.assert_close(outside_share(torch.ones(1, 2, 2), big), torch.tensor([0.75]))

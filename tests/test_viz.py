@@ -122,22 +122,39 @@ def test_colorbar_image_runs_from_blue_to_red():
     assert (a[0, 50] >= 250).all()  # the middle is 0: white shows through
 
 
-def test_demo_draws_with_viz(tmp_path, monkeypatch):
-    from scripts import load_script
+# Runs examples/demo.py as a program, counting the calls of srd_ext.viz.draw it makes.
+_DEMO = """
+import json, runpy, sys
+from srd_ext import viz
+calls = []
+real = viz.draw
+viz.draw = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+sys.argv = ["demo.py"] + sys.argv[1:]
+g = runpy.run_path("examples/demo.py", run_name="__main__")
+print(json.dumps({"draws": len(calls), "photos": [[w, h] for w, h, _, _ in g["PHOTOS"]]}))
+"""
 
+
+def _run_demo(*args):
+    import json
+    import subprocess
+    import sys
+
+    from programs import ROOT
+
+    res = subprocess.run([sys.executable, "-c", _DEMO, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_demo_draws_with_viz(tmp_path):
     from srd_ext import models
 
     if not (models.WEIGHTS_DIR / "shapes-vgg.pt").exists():
         pytest.skip("shipped weights missing")
-    demo = load_script("examples/demo.py", "demo_under_test")
-    calls = []
-    real = viz.draw
-    monkeypatch.setattr(viz, "draw", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr("sys.argv", ["demo.py", "--n", "2", "--out", str(tmp_path / "demo.png")])
-    demo.main()
-    assert len(calls) == 2 * 6  # 2 images x (2 models x 3 layers), all drawn by srd_ext.viz
+    out = _run_demo("--n", "2", "--out", tmp_path / "demo.png")
+    assert out["draws"] == 2 * 6  # 2 images x (2 models x 3 layers), all drawn by srd_ext.viz
     assert Image.open(tmp_path / "demo.png").size[0] > 500
-    monkeypatch.setattr("sys.argv", ["demo.py", "--photos", str(tmp_path / "photos")])
-    demo.main()
+    out = _run_demo("--photos", tmp_path / "photos")
     sizes = sorted(Image.open(p).size for p in (tmp_path / "photos").iterdir())
-    assert sizes == sorted((w, h) for w, h, _, _ in demo.PHOTOS)
+    assert sizes == sorted(tuple(wh) for wh in out["photos"])
