@@ -1,13 +1,20 @@
 # `make test` and `make demo` set everything up on a fresh clone: a local .venv, the pinned
 # packages, the built extension, and (for the C++ tests) Debian's catch2 and cmake.
+# `make lint` checks the Python (ruff) and C++ (clang-format) sources; `make format` rewrites them.
+# `make check-install` installs srd_ext as a user would, beside the oldest supported torch.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+# C++ sources under clang-format (.clang-format): the operators and their Catch2 tests.
+CXX_FORMAT := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh \
+                tests/cpp/*.cpp tests/cpp/*.h)
+RUFF_VERSION ?= 0.17.6
+CLANG_FORMAT_VERSION ?= 23.1.5
 
-.PHONY: all install test test-cpp test-py demo bench clean
+.PHONY: all install test test-cpp test-py demo bench lint format check-install clean
 
 all: install
 
@@ -52,6 +59,25 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_explain.py
+
+# Linters: ruff and clang-format from PyPI, pinned, into .venv (no extension build needed).
+$(VENV)/.lint:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "ruff==$(RUFF_VERSION)" "clang-format==$(CLANG_FORMAT_VERSION)"
+	touch $@
+
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_FORMAT)
+
+format: $(VENV)/.lint
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_FORMAT)
+
+check-install:
+	tests/install/check_install.sh
 
 clean:
 	rm -rf build *.egg-info srd_ext/_C*.so
