@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine_info
-from peak_memory import CHILD_ENV, peak_growth
 
 from srd_ext import ops
+
+from common import machine_info
+from peak_memory import CHILD_ENV, peak_growth
 
 # ------------------------------------------------------------------------------------------------
 # Workloads

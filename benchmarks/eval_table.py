@@ -68,9 +68,10 @@ from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
-from common import build_model, versions
 
 from srd_ext import baselines, data, distributed, metrics, models
+
+from common import build_model, versions
 
 METRICS = (  # key, column, higher is better
     ("pointing_game", "Poi.", True),

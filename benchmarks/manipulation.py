@@ -56,10 +56,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import build_model
 
 from srd_ext import Explainer, baselines, data, metrics, models
 from srd_ext.baselines import GuidedBackprop, LRPZPlus, smooth_copy
+
+from common import build_model
 
 METHODS = ("gradient", "gradinput", "guidedbackprop", "integratedgradients", "lrp-zplus", "srd")
 LABELS = {"gradient": "Gradient", "gradinput": "GradInput", "guidedbackprop": "GuidedBackprop",
