@@ -1,5 +1,6 @@
 """srd_ext.explain_func (Quantus' explain_func) and srd_ext.SRD (captum's attribution convention),
 driven by Quantus metrics and captum.metrics."""
+
 import numpy as np
 import pytest
 import torch
@@ -47,19 +48,34 @@ def test_quantus_metric_runs_with_explain_func(setup):
     model, x, y = setup
     kwargs = {"layer": "high", "init": "gradcam"}
     metric = quantus.Sparseness(disable_warnings=True, display_progressbar=False)
-    via_func = metric(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=None, device="cpu",
-                      explain_func=srd_ext.explain_func, explain_func_kwargs=kwargs)
+    via_func = metric(
+        model=model,
+        x_batch=x.numpy(),
+        y_batch=y.numpy(),
+        a_batch=None,
+        device="cpu",
+        explain_func=srd_ext.explain_func,
+        explain_func_kwargs=kwargs,
+    )
     # The same metric on maps computed directly with the same options: the options reached SRD.
     a = srd_ext.explain(model, x, y, layer="high", init="gradcam", upsample=True).unsqueeze(1).numpy()
     direct = metric(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a, device="cpu")
     np.testing.assert_allclose(via_func, direct, rtol=1e-6)
-    default = metric(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=None, device="cpu",
-                     explain_func=srd_ext.explain_func)
+    default = metric(
+        model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=None, device="cpu", explain_func=srd_ext.explain_func
+    )
     assert not np.allclose(default, via_func)  # another layer gives other maps
     # A robustness metric calls explain_func on perturbed inputs again.
     sens = quantus.MaxSensitivity(nr_samples=2, disable_warnings=True, display_progressbar=False)
-    scores = sens(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=None, device="cpu",
-                  explain_func=srd_ext.explain_func, explain_func_kwargs={"layer": "input"})
+    scores = sens(
+        model=model,
+        x_batch=x.numpy(),
+        y_batch=y.numpy(),
+        a_batch=None,
+        device="cpu",
+        explain_func=srd_ext.explain_func,
+        explain_func_kwargs={"layer": "input"},
+    )
     assert len(scores) == 4 and np.all(np.isfinite(scores)) and np.all(np.asarray(scores) > 0)
 
 
@@ -105,7 +121,8 @@ def test_captum_infidelity_with_srd(setup):
 
     def perturb_fn(inputs):
         return perturb.repeat_interleave(inputs.shape[0] // x.shape[0], 0), inputs - perturb.repeat_interleave(
-            inputs.shape[0] // x.shape[0], 0)
+            inputs.shape[0] // x.shape[0], 0
+        )
 
     infid = captum_metrics.infidelity(model, perturb_fn, x, attr, target=y, n_perturb_samples=1, normalize=False)
     # captum's definition, by hand: (sum_i I_i phi_i - (f(x) - f(x - I)))^2, and sum_i I_i phi_i
@@ -125,6 +142,7 @@ def test_captum_sensitivity_max_with_srd(setup):
     assert still.shape == (4,) and torch.equal(still, torch.zeros(4))  # the same input, the same map
     moved = captum_metrics.sensitivity_max(srd.attribute, x, target=y, perturb_radius=0.1, n_perturb_samples=3)
     assert moved.shape == (4,) and torch.isfinite(moved).all() and (moved > 0).all()
-    high = captum_metrics.sensitivity_max(srd.attribute, x, target=y, layer="high", perturb_radius=0.1,
-                                          n_perturb_samples=3)
+    high = captum_metrics.sensitivity_max(
+        srd.attribute, x, target=y, layer="high", perturb_radius=0.1, n_perturb_samples=3
+    )
     assert not torch.allclose(high, moved)  # the layer reached SRD

@@ -1,5 +1,6 @@
 """The package as users meet it: what `import srd_ext` loads, the submodules reachable after it,
 one version, and documentation that stays inside the repository."""
+
 import importlib.metadata
 import json
 import re
@@ -100,9 +101,18 @@ def test_license_is_mit_and_declared():
     assert 'license = "MIT"' in (ROOT / "pyproject.toml").read_text()
 
 
-@pytest.mark.parametrize("script", ["benchmarks/eval_table.py", "benchmarks/manipulation.py",
-                                    "benchmarks/bench_ops.py", "examples/apop_accuracy.py", "examples/demo.py",
-                                    "examples/train_right_reasons.py", "examples/train_shapes.py"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "benchmarks/eval_table.py",
+        "benchmarks/manipulation.py",
+        "benchmarks/bench_ops.py",
+        "examples/apop_accuracy.py",
+        "examples/demo.py",
+        "examples/train_right_reasons.py",
+        "examples/train_shapes.py",
+    ],
+)
 def test_scripts_start(script):
     """Every script imports what it uses (the library, benchmarks/common.py) and parses its options."""
     assert "usage:" in run_script(script, "--help").stdout
