@@ -63,7 +63,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
@@ -576,26 +575,16 @@ def run(args, session) -> Optional[Dict]:
     progress = distributed.Progress(session, images.count - earlier, args.model, disable=args.no_progress,
                                     dynamic_ncols=True)
     t_start, c_start = time.perf_counter(), time.process_time()
-    new, skip, error, block = {}, set(), None, None
-    try:
-        for block in distributed.shard(todo, session.rank, session.world_size):
-            progress.working_on(str(block))
-            rec = evaluate_block(args, model, methods, images, block, skip, progress.write, stem)
-            rec["notes"] = dict(baselines.NOTES)
-            manifest.add(block.key, rec)
-            new[block.key] = rec
-            progress.update(len(block))
-    except Exception as e:
-        error = f"failed on {block} ({type(e).__name__}: {e})"
-        progress.write(f"eval_table: rank {session.rank}: {error}\n{traceback.format_exc()}")
-    manifest.close()
-    statuses = session.finish(error, on_wait=progress.refresh)
-    progress.close()
-    lost = distributed.failures(statuses)
-    if lost:
-        if session.is_main:
-            print("eval_table: the run did not finish:\n  " + "\n  ".join(lost) + f"\nThe finished images are "
-                  f"kept in {manifest.folder}; run the same command again to do the rest.", file=sys.stderr)
+    skip = set()
+
+    def work(block):
+        rec = evaluate_block(args, model, methods, images, block, skip, progress.write, stem)
+        rec["notes"] = dict(baselines.NOTES)
+        return rec
+
+    new, error = distributed.run_share(session, todo, work, manifest, progress, "eval_table")
+    if not distributed.finish_run(session, error, progress, "eval_table",
+                                  f"The finished images are kept in {manifest.folder}"):
         raise SystemExit(1)
     gathered = session.gather(new)
     wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 
 import torch
 
@@ -174,25 +173,11 @@ def run(args, session):
     todo = [b for b in units if b.key not in records]
     progress = distributed.Progress(session, images.count - earlier, f"APOP {args.model}", disable=args.no_progress,
                                     dynamic_ncols=True)
-    new, error, block = {}, None, None
-    try:
-        for block in distributed.shard(todo, session.rank, session.world_size):
-            progress.working_on(str(block))
-            rec = count_block(args, model, images, block, len(layers), progress.write)
-            manifest.add(block.key, rec)
-            new[block.key] = rec
-            progress.update(len(block))
-    except Exception as e:
-        error = f"failed on {block} ({type(e).__name__}: {e})"
-        progress.write(f"apop_accuracy: rank {session.rank}: {error}\n{traceback.format_exc()}")
-    manifest.close()
-    statuses = session.finish(error, on_wait=progress.refresh)
-    progress.close()
-    lost = distributed.failures(statuses)
-    if lost:
-        if session.is_main:
-            print("apop_accuracy: the run did not finish:\n  " + "\n  ".join(lost) + f"\nThe finished images are "
-                  f"kept in {manifest.folder}; run the same command again to do the rest.", file=sys.stderr)
+    new, error = distributed.run_share(
+        session, todo, lambda block: count_block(args, model, images, block, len(layers), progress.write), manifest,
+        progress, "apop_accuracy")
+    if not distributed.finish_run(session, error, progress, "apop_accuracy",
+                                  f"The finished images are kept in {manifest.folder}"):
         raise SystemExit(1)
     gathered = session.gather(new)
     if not session.is_main:

@@ -518,7 +518,7 @@ def write_manifest(path: str, items: List[Item], records: Dict[int, dict], out: 
 
 def _run(args, env) -> int:
     import srd_ext
-    from srd_ext import distributed, models, viz
+    from srd_ext import distributed, models
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -722,13 +722,7 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
         progress.write(f"srd-explain: rank {session.rank}: {error}\n{traceback.format_exc()}", file=sys.stderr)
     if state is not None:
         state.close()
-    statuses = session.finish(error, on_wait=progress.refresh)
-    progress.close()
-    lost = distributed.failures(statuses)
-    if lost:
-        if session.is_main:
-            print("srd-explain: the run did not finish:\n  " + "\n  ".join(lost) + "\nThe inputs written so far are "
-                  "kept; run the same command again to do the rest.", file=sys.stderr)
+    if not distributed.finish_run(session, error, progress, "srd-explain", "The inputs written so far are kept"):
         return 1
     gathered = session.gather(outcomes)
     if not session.is_main:

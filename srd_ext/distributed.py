@@ -541,6 +541,43 @@ def failures(statuses: List[dict]) -> List[str]:
     return out
 
 
+def run_share(session: "Session", todo: Sequence["Block"], work: Callable[["Block"], Any], manifest: "Manifest",
+              progress: "Progress", prog: str):
+    """This rank's share of the blocks ``todo``: ``work(block)`` returns the block's record, which
+    goes into ``manifest`` as soon as the block is done. A failure ends the share; its message and
+    traceback are printed (``prog``: the program's name) and returned. Returns (records by block
+    key, error or None); the manifest is closed either way."""
+    import traceback
+
+    new: Dict[str, Any] = {}
+    error, block = None, None
+    try:
+        for block in shard(todo, session.rank, session.world_size):
+            progress.working_on(str(block))
+            rec = work(block)
+            manifest.add(block.key, rec)
+            new[block.key] = rec
+            progress.update(len(block))
+    except Exception as e:
+        error = f"failed on {block} ({type(e).__name__}: {e})"
+        progress.write(f"{prog}: rank {session.rank}: {error}\n{traceback.format_exc()}")
+    manifest.close()
+    return new, error
+
+
+def finish_run(session: "Session", error: Optional[str], progress: "Progress", prog: str, kept: str) -> bool:
+    """The end of a run on every rank: waits for the others (:meth:`Session.finish`) and closes the
+    progress bar. When a rank did not finish its share, rank 0 prints which, what is ``kept``, and
+    that the same command does the rest. Returns whether every rank finished."""
+    statuses = session.finish(error, on_wait=progress.refresh)
+    progress.close()
+    lost = failures(statuses)
+    if lost and session.is_main:
+        print(f"{prog}: the run did not finish:\n  " + "\n  ".join(lost) + f"\n{kept}; run the same command "
+              "again to do the rest.", file=sys.stderr)
+    return not lost
+
+
 class Progress:
     """A progress bar on rank 0 only, counting the images of all ranks."""
 
