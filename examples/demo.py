@@ -17,10 +17,9 @@ one greyscale) to try ``srd-explain`` on:
 import argparse
 import os
 
+import matplotlib
 import numpy as np
 from PIL import Image
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -39,7 +39,6 @@ from srd_ext.data import SHAPES_CLASSES, confounded, normalize
 from srd_ext.models import shapes_vgg
 
 
-
 def to_input(images: torch.Tensor, device) -> torch.Tensor:
     return normalize(images.to(device).float().div_(255))
 

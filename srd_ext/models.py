@@ -9,8 +9,8 @@ normalize) as an :class:`ImageTransform`, which also says where the crop lies in
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch

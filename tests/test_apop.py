@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import torchvision
 
 from srd_ext import apop
-from models_for_tests import Gates, op_models, randomize, tiny_resnet, tiny_vgg
+
+from models_for_tests import Gates, randomize, tiny_resnet, tiny_vgg
 
 
 class Functional(nn.Module):

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from srd_ext import cli, data, distributed
+
 from programs import ROOT, run_script
-from srd_ext import cli, data, distributed, models
 
 PY = sys.executable
 N_IMAGES = 16

@@ -6,7 +6,6 @@ import torch
 from srd_ext import metrics as M
 
 
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

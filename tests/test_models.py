@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from torchvision.models import ResNet, VGG
+from torchvision.models import VGG, ResNet
 from torchvision.models.resnet import BasicBlock
 from torchvision.transforms import Normalize
 
