@@ -525,12 +525,7 @@ def main(argv=None) -> Optional[Dict]:
     """Rank 0 (and a one-process run) returns the report; the other ranks None. Exits with status
     1 when a process could not finish its share (what was finished stays on disk)."""
     args = parse_args(argv)
-    try:
-        with distributed.Session(args.device, args.timeout) as session:
-            return run(args, session)
-    except distributed.DistributedError as e:
-        print(f"eval_table: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, distributed.SettingsMismatch) else 1) from None
+    return distributed.run_in_session("eval_table", args.device, args.timeout, lambda session: run(args, session))
 
 
 def run(args, session) -> Optional[Dict]:

@@ -146,12 +146,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        with distributed.Session(args.device, args.timeout) as session:
-            return run(args, session)
-    except distributed.DistributedError as e:
-        print(f"apop_accuracy: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, distributed.SettingsMismatch) else 1) from None
+    return distributed.run_in_session("apop_accuracy", args.device, args.timeout, lambda session: run(args, session))
 
 
 def run(args, session):

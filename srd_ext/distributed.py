@@ -541,6 +541,18 @@ def failures(statuses: List[dict]) -> List[str]:
     return out
 
 
+def run_in_session(prog: str, device: str, timeout: float, fn: Callable[["Session"], Any]) -> Any:
+    """``fn(session)`` inside a :class:`Session` (the main of a dataset script). A
+    :class:`DistributedError` ends the program with its message: status 2 for a
+    :class:`SettingsMismatch` (a usage error), 1 otherwise."""
+    try:
+        with Session(device, timeout) as session:
+            return fn(session)
+    except DistributedError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, SettingsMismatch) else 1) from None
+
+
 def run_share(session: "Session", todo: Sequence["Block"], work: Callable[["Block"], Any], manifest: "Manifest",
               progress: "Progress", prog: str):
     """This rank's share of the blocks ``todo``: ``work(block)`` returns the block's record, which
