@@ -1,13 +1,15 @@
 # `make test` and `make demo` set everything up on a fresh clone: a local .venv, the pinned
 # packages, the built extension, and (for the C++ tests) Debian's catch2 and cmake.
 SHELL := /bin/bash
+# The PATH before the .venv is put in front of it, for gpu-check (which must not use the .venv).
+SYSTEM_PATH := $(PATH)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: all install test test-cpp test-py demo bench clean
+.PHONY: all install test test-cpp test-py demo bench gpu-check clean
 
 all: install
 
@@ -52,6 +54,13 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_explain.py
+
+# On a GPU machine that already has a CUDA build of torch (no network, no .venv): build the
+# extension against that torch, run the CUDA tests and the compute-sanitizer subset, measure
+# ResNet-50 and VGG16; results in $$OUT or results/gpu/. GPU_PYTHON picks the interpreter.
+GPU_PYTHON ?= python3
+gpu-check:
+	PATH="$(SYSTEM_PATH)" $(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info srd_ext/_C*.so
