@@ -3,6 +3,8 @@
 # `make lint` checks the Python (ruff) and C++ (clang-format) sources; `make format` rewrites them.
 # `make check-install` installs srd_ext as a user would, beside the oldest supported torch.
 SHELL := /bin/bash
+# The PATH before the .venv is put in front of it, for gpu-check (which must not use the .venv).
+SYSTEM_PATH := $(PATH)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -14,7 +16,7 @@ CXX_FORMAT := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cu
 RUFF_VERSION ?= 0.17.6
 CLANG_FORMAT_VERSION ?= 23.1.5
 
-.PHONY: all install test test-cpp test-py demo bench lint format check-install clean
+.PHONY: all install test test-cpp test-py demo bench lint format check-install gpu-check clean
 
 all: install
 
@@ -78,6 +80,13 @@ format: $(VENV)/.lint
 
 check-install:
 	tests/install/check_install.sh
+
+# On a GPU machine that already has a CUDA build of torch (no network, no .venv): build the
+# extension against that torch, run the CUDA tests and the compute-sanitizer subset, measure
+# ResNet-50 and VGG16; results in $$OUT or results/gpu/. GPU_PYTHON picks the interpreter.
+GPU_PYTHON ?= python3
+gpu-check:
+	PATH="$(SYSTEM_PATH)" $(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info srd_ext/_C*.so

@@ -2,7 +2,9 @@
 
 The CUDA kernels are compiled whenever nvcc and a CUDA build of torch are present; otherwise the
 build is CPU-only. SRD_EXT_CUDA=1 forces the CUDA build (and fails without a toolkit), SRD_EXT_CUDA=0
-forces CPU-only. TORCH_CUDA_ARCH_LIST picks the target GPUs (default here: 9.0, Hopper).
+forces CPU-only. TORCH_CUDA_ARCH_LIST picks the target GPUs; without it the build targets the
+visible GPUs (torch's own detection) or, where none is visible, every architecture the installed
+torch was built for, with PTX for the newest so that later GPUs can compile it at load time.
 """
 import glob
 import os
@@ -40,12 +42,25 @@ def want_cuda() -> bool:
     return available
 
 
+def default_cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST for a build without one: None where torch detects the visible GPUs, else
+    the architectures of torch's own kernels (e.g. "7.5;8.0;8.6;9.0;10.0;12.0+PTX")."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return None
+    archs = sorted({int(a[3:]) for a in torch.cuda.get_arch_list() if a.startswith("sm_") and a[3:].isdigit()})
+    if not archs:
+        raise RuntimeError("no GPU is visible and torch reports no CUDA architectures; set TORCH_CUDA_ARCH_LIST")
+    return ";".join(f"{a // 10}.{a % 10}" for a in archs) + "+PTX"
+
+
 def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # torch adds -std=c++20, which ATen needs
     extra = {"cxx": cxx}
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        arch_list = default_cuda_arch_list()
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         return [CUDAExtension("srd_ext._C", sources, include_dirs=[os.path.join(HERE, "csrc")],

@@ -1,6 +1,7 @@
 """Fused srd_ext operators against the unfused PyTorch compositions that compute the same thing.
 
     python benchmarks/bench_ops.py [--quick] [--repeats N] [--threads N] [--out results/bench_ops] [--no-cuda]
+        [--ops conv_tap_norms,...] [--only REGEX] [--no-peak] [--no-materialized] [--paths product,gram]
 
 Runs on the CPU always and on CUDA when a device and the CUDA kernels are present. Every op and
 its composition are timed in the same run with interleaved repeats (median of at least N). For
@@ -11,6 +12,10 @@ that runs the call once (torch's CPU allocations are invisible to tracemalloc: V
 reset of it, or ru_maxrss where that is not possible); on CUDA it is
 torch.cuda.max_memory_allocated above the memory already allocated.
 
+The layers are the distinct conv shapes of ResNet-50 and VGG16 at 224x224 (--only picks some by
+name). --paths also times conv_tap_norms forced onto each named evaluation path, so that the
+automatic choice can be compared with every path in the same run.
+
 Prints a JSON document and markdown tables, and writes both (bench_ops.json, bench_ops.md) to --out.
 """
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -30,27 +36,63 @@ import torch.nn.functional as F
 
 from srd_ext import ops
 
-from common import machine_info
 from peak_memory import CHILD_ENV, peak_growth
 
 # ------------------------------------------------------------------------------------------------
 # Workloads
 # ------------------------------------------------------------------------------------------------
-# (name, C_in, C_out, H, W, k, stride, padding): layers of ResNet-50 / VGG16 at 224x224.
-LAYERS = [
-    ("r50.layer1 3x3 64->64 @56", 64, 64, 56, 56, 3, 1, 1),
-    ("r50.layer2 3x3 128->128 @28", 128, 128, 28, 28, 3, 1, 1),
-    ("r50.layer2.0 3x3 s2 128->128 @56", 128, 128, 56, 56, 3, 2, 1),
-    ("r50.layer1 1x1 256->64 @56", 256, 64, 56, 56, 1, 1, 0),
+# (name, C_in, C_out, H, W, k, stride, padding): the distinct conv shapes of ResNet-50 (torchvision,
+# stride in the 3x3) and VGG16 at 224x224.
+R50_LAYERS = [
     ("r50.stem 7x7 s2 3->64 @224", 3, 64, 224, 224, 7, 2, 3),
+    ("r50.layer1 1x1 64->64 @56", 64, 64, 56, 56, 1, 1, 0),
+    ("r50.layer1 3x3 64->64 @56", 64, 64, 56, 56, 3, 1, 1),
+    ("r50.layer1 1x1 64->256 @56", 64, 256, 56, 56, 1, 1, 0),
+    ("r50.layer1 1x1 256->64 @56", 256, 64, 56, 56, 1, 1, 0),
+    ("r50.layer2.0 3x3 s2 128->128 @56", 128, 128, 56, 56, 3, 2, 1),
+    ("r50.layer2.0 down 1x1 s2 256->512 @56", 256, 512, 56, 56, 1, 2, 0),
+    ("r50.layer2 3x3 128->128 @28", 128, 128, 28, 28, 3, 1, 1),
+    ("r50.layer2 1x1 128->512 @28", 128, 512, 28, 28, 1, 1, 0),
+    ("r50.layer3 3x3 256->256 @14", 256, 256, 14, 14, 3, 1, 1),
+    ("r50.layer3 1x1 256->1024 @14", 256, 1024, 14, 14, 1, 1, 0),
+    ("r50.layer3 1x1 1024->256 @14", 1024, 256, 14, 14, 1, 1, 0),
+    ("r50.layer4 3x3 512->512 @7", 512, 512, 7, 7, 3, 1, 1),
+    ("r50.layer4 1x1 512->2048 @7", 512, 2048, 7, 7, 1, 1, 0),
 ]
-VGG_LAYERS = [("vgg16.conv3 3x3 256->256 @56", 256, 256, 56, 56, 3, 1, 1)]
+VGG_LAYERS = [
+    ("vgg16.conv1_1 3x3 3->64 @224", 3, 64, 224, 224, 3, 1, 1),
+    ("vgg16.conv1_2 3x3 64->64 @224", 64, 64, 224, 224, 3, 1, 1),
+    ("vgg16.conv2_1 3x3 64->128 @112", 64, 128, 112, 112, 3, 1, 1),
+    ("vgg16.conv2_2 3x3 128->128 @112", 128, 128, 112, 112, 3, 1, 1),
+    ("vgg16.conv3_1 3x3 128->256 @56", 128, 256, 56, 56, 3, 1, 1),
+    ("vgg16.conv3_2 3x3 256->256 @56", 256, 256, 56, 56, 3, 1, 1),
+    ("vgg16.conv4_1 3x3 256->512 @28", 256, 512, 28, 28, 3, 1, 1),
+    ("vgg16.conv4_2 3x3 512->512 @28", 512, 512, 28, 28, 3, 1, 1),
+    ("vgg16.conv5 3x3 512->512 @14", 512, 512, 14, 14, 3, 1, 1),
+]
+LAYERS = R50_LAYERS + VGG_LAYERS
+# Grouped convs (a 9th entry: groups): ResNeXt-50 32x4d's 3x3 convs and MobileNetV2 depthwise ones.
+GROUPED_LAYERS = [
+    ("resnext50.layer1 3x3 g32 128->128 @56", 128, 128, 56, 56, 3, 1, 1, 32),
+    ("resnext50.layer2 3x3 g32 256->256 @28", 256, 256, 28, 28, 3, 1, 1, 32),
+    ("resnext50.layer3 3x3 g32 512->512 @14", 512, 512, 14, 14, 3, 1, 1, 32),
+    ("resnext50.layer4 3x3 g32 1024->1024 @7", 1024, 1024, 7, 7, 3, 1, 1, 32),
+    ("mobilenetv2 dw 3x3 96 @56", 96, 96, 56, 56, 3, 1, 1, 96),
+    ("mobilenetv2 dw 3x3 s2 144 @56", 144, 144, 56, 56, 3, 2, 1, 144),
+    ("mobilenetv2 dw 3x3 576 @14", 576, 576, 14, 14, 3, 1, 1, 576),
+]
+LAYER_SETS = {"default": LAYERS, "grouped": GROUPED_LAYERS, "all": LAYERS + GROUPED_LAYERS}
+ALL_OPS = ["activation_share", "conv_tap_norms", "bias_share_scatter", "pfv_decompose"]
 QUICK_LAYERS = [
     ("3x3 32->32 @28", 32, 32, 28, 28, 3, 1, 1),
     ("3x3 s2 32->32 @28", 32, 32, 28, 28, 3, 2, 1),
     ("1x1 64->32 @28", 64, 32, 28, 28, 1, 1, 0),
     ("stem 7x7 s2 3->16 @64", 3, 16, 64, 64, 7, 2, 3),
 ]
+
+
+def groups_of(layer):
+    return layer[8] if len(layer) > 8 else 1
 
 
 def out_size(n, k, s, p, d=1):
@@ -159,21 +201,26 @@ def max_rel_diff(a, b):
 # Peak memory
 # ------------------------------------------------------------------------------------------------
 def layer_inputs(layer, batch, device, seed=0):
-    _, cin, cout, H, W, k, s, p = layer
+    _, cin, cout, H, W, k, s, p = layer[:8]
+    groups = groups_of(layer)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cin, H, W, generator=g).to(device)
-    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device)
+    w = (torch.randn(cout, cin // groups, k, k, generator=g) / (cin // groups * k * k) ** 0.5).to(device)
     return x, w
 
 
 def peak_fns(layer, x, w):
-    _, _, _, H, W, k, s, p = layer
+    _, _, _, H, W, k, s, p = layer[:8]
+    groups = groups_of(layer)
     taps = _tap_slices(H, W, out_size(H, k, s, p), out_size(W, k, s, p), k, k, s, p, 1)
-    return {
-        "tap_norms": lambda: ops.conv_tap_norms(x, w, s, p),
+    fns = {
+        "tap_norms": lambda: ops.conv_tap_norms(x, w, s, p, groups=groups),
         "materialized": lambda: tap_norms_materialized(x, w, s, p, taps),
-        "conv2d": lambda: F.conv2d(x, w, None, s, p),
+        "conv2d": lambda: F.conv2d(x, w, None, s, p, groups=groups),
     }
+    if groups > 1:  # the composition is written for groups = 1
+        del fns["materialized"]
+    return fns
 
 
 def _peak_child(spec: str) -> None:
@@ -181,7 +228,7 @@ def _peak_child(spec: str) -> None:
     args = json.loads(spec)
     torch.set_num_threads(args["threads"])
     layer = tuple(args["layer"])
-    small = (layer[0], layer[1], layer[2], 16, 16, layer[5], layer[6], layer[7])
+    small = (layer[0], layer[1], layer[2], 16, 16) + tuple(layer[5:])
     with torch.no_grad():
         peak_fns(small, *layer_inputs(small, 1, "cpu"))[args["fn"]]()  # load libraries, thread pools
         x, w = layer_inputs(layer, args["batch"], "cpu")
@@ -211,11 +258,29 @@ def peak_cuda(fn, device) -> int:
 # Benchmarks
 # ------------------------------------------------------------------------------------------------
 def _row(op, case, t, fused, unfused, diff, **extra):
-    return dict(op=op, case=case, fused_ms=t[fused], unfused_ms=t[unfused], min_ms=t["min"],
+    return dict(op=op, case=case, fused_ms=t[fused], unfused_ms=t.get(unfused), min_ms=t["min"],
                 samples=t["samples"], max_rel_diff=diff, **extra)
 
 
-def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log):
+PATH_ENV = "SRD_EXT_TAP_NORMS_PATH"
+
+
+def with_path(path, fn):
+    """fn run with conv_tap_norms forced onto one evaluation path (see csrc/cpu/conv_tap_norms.cpp)."""
+    def run():
+        old = os.environ.get(PATH_ENV)
+        os.environ[PATH_ENV] = path
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[PATH_ENV]
+            else:
+                os.environ[PATH_ENV] = old
+    return run
+
+
+def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts):
     rows = []
     g = torch.Generator().manual_seed(1)
 
@@ -227,51 +292,95 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log):
         rows.append(_row(op, case, t, "fused", "unfused", max_rel_diff(fused(), unfused()), **extra))
         log(rows[-1])
 
-    a, grad, z = rnd(*act_shape), rnd(*act_shape), rnd(*act_shape)
-    z[:, :, 0, 0] = 0  # pixels that take the zero guard
-    pair("activation_share", f"{tuple(act_shape)}", lambda a=a, grad=grad, z=z: ops.activation_share(a, grad, z),
-         lambda a=a, grad=grad, z=z: activation_share_unfused(a, grad, z))
-    del a, grad, z
+    if "activation_share" in opts.ops:
+        a, grad, z = rnd(*act_shape), rnd(*act_shape), rnd(*act_shape)
+        z[:, :, 0, 0] = 0  # pixels that take the zero guard
+        pair("activation_share", f"{tuple(act_shape)}", lambda: ops.activation_share(a, grad, z),
+             lambda: activation_share_unfused(a, grad, z))
+        del a, grad, z
 
     for layer in layers:
-        name, cin, cout, H, W, k, s, p = layer
+        name, cin, cout, H, W, k, s, p = layer[:8]
         x, w = layer_inputs(layer, batch, device)
-        fns = peak_fns(layer, x, w)
-        t = time_interleaved(fns, device, repeats)
-        row = _row("conv_tap_norms", name, t, "tap_norms", "materialized",
-                   max_rel_diff(fns["tap_norms"](), fns["materialized"]()), conv_ms=t["conv2d"],
-                   shape=f"x {(batch, cin, H, W)}, w {(cout, cin, k, k)}, stride {s}, padding {p}")
-        for n in fns:
-            row[f"peak_{n}_bytes"] = peak_cuda(fns[n], device) if device.type == "cuda" else peak_cpu(n, layer, batch)
-        rows.append(row)
-        log(row)
+        if "conv_tap_norms" in opts.ops:
+            fns = peak_fns(layer, x, w)
+            if not opts.materialized:
+                fns.pop("materialized", None)
+            for path in opts.paths:
+                fns[f"path:{path}"] = with_path(path, fns["tap_norms"])
+            t = time_interleaved(fns, device, repeats)
+            ref = fns["materialized"]() if "materialized" in fns else None
+            row = _row("conv_tap_norms", name, t, "tap_norms", "materialized",
+                       max_rel_diff(fns["tap_norms"](), ref) if ref is not None else None, conv_ms=t["conv2d"],
+                       shape=f"x {(batch, cin, H, W)}, w {tuple(w.shape)}, stride {s}, padding {p}, "
+                             f"groups {groups_of(layer)}",
+                       path_ms={pth: t[f"path:{pth}"] for pth in opts.paths})
+            del ref
+            if opts.peak:
+                for n in ("tap_norms", "materialized", "conv2d"):
+                    if n in fns:
+                        row[f"peak_{n}_bytes"] = (peak_cuda(fns[n], device) if device.type == "cuda"
+                                                  else peak_cpu(n, layer, batch))
+            rows.append(row)
+            log(row)
+            del fns
 
-        n = ops.conv_tap_norms(x, w, s, p)
-        d = rnd(batch, out_size(H, k, s, p), out_size(W, k, s, p))
-        pair("bias_share_scatter", name, lambda n=n, d=d, k=k, s=s, p=p: ops.bias_share_scatter(n, d, k, s, p),
-             lambda n=n, d=d, k=k, s=s, p=p: bias_share_scatter_unfold_fold(n, d, k, s, p), shape=f"n {tuple(n.shape)}, d {tuple(d.shape)}")
-        del x, w, n, d, fns
+        if "bias_share_scatter" in opts.ops:
+            n = ops.conv_tap_norms(x, w, s, p, groups=groups_of(layer))
+            d = rnd(batch, out_size(H, k, s, p), out_size(W, k, s, p))
+            pair("bias_share_scatter", name, lambda: ops.bias_share_scatter(n, d, k, s, p),
+                 lambda: bias_share_scatter_unfold_fold(n, d, k, s, p),
+                 shape=f"n {tuple(n.shape)}, d {tuple(d.shape)}")
+            del n, d
+        del x, w
 
-    name, cin, cout, H, W, k, s, p = layers[0]
-    x, w = layer_inputs(layers[0], batch, device)
-    bias = rnd(cout)
-    pos = torch.stack([torch.randint(0, m, (pfv_rows,), generator=g)
-                       for m in (batch, out_size(H, k, s, p), out_size(W, k, s, p))], 1).to(device)
-    args = ([s, s], [p, p], [1, 1], "contribution")
-    pair("pfv_decompose", f"{name}, {pfv_rows} positions", lambda: ops.pfv_decompose(x, w, bias, pos, *args),
-         lambda: ops.pfv_decompose_reference(x, w, bias, pos, *args))
+    first = next((lay for lay in layers if groups_of(lay) == 1), None)  # pfv_decompose: groups = 1
+    if "pfv_decompose" in opts.ops and first is not None:
+        name, cin, cout, H, W, k, s, p = first
+        x, w = layer_inputs(first, batch, device)
+        bias = rnd(cout)
+        pos = torch.stack([torch.randint(0, m, (pfv_rows,), generator=g)
+                           for m in (batch, out_size(H, k, s, p), out_size(W, k, s, p))], 1).to(device)
+        args = ([s, s], [p, p], [1, 1], "contribution")
+        pair("pfv_decompose", f"{name}, {pfv_rows} positions", lambda: ops.pfv_decompose(x, w, bias, pos, *args),
+             lambda: ops.pfv_decompose_reference(x, w, bias, pos, *args))
 
     for r in rows:
         r["device"] = str(device)
-        r["speedup"] = r["unfused_ms"] / r["fused_ms"]
+        r["speedup"] = r["unfused_ms"] / r["fused_ms"] if r["unfused_ms"] is not None else None
         if r["op"] == "conv_tap_norms":
             r["tap_norms_over_conv"] = r["fused_ms"] / r["conv_ms"]
-            r["mem_ratio"] = r["peak_tap_norms_bytes"] / max(r["peak_materialized_bytes"], 1)
+            r["path_over_conv"] = {pth: v / r["conv_ms"] for pth, v in r["path_ms"].items()}
+            if "peak_tap_norms_bytes" in r and "peak_materialized_bytes" in r:
+                r["mem_ratio"] = r["peak_tap_norms_bytes"] / max(r["peak_materialized_bytes"], 1)
     return rows
+
+
+def machine_info():
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg": [round(v, 2) for v in os.getloadavg()]}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return info
 
 
 def _ms(v):
     return f"{v:.3f}" if v < 1 else f"{v:.2f}"
+
+
+def _opt(v, fmt, none="-"):
+    return none if v is None else fmt(v)
 
 
 def markdown(doc):
@@ -285,33 +394,43 @@ def markdown(doc):
              "(more for fast cases: `samples` in the JSON).", ""]
     for dev in doc["devices"]:
         res = [r for r in doc["results"] if r["device"] == dev["device"]]
-        lines += [f"## {dev['device']} (batch {dev['batch']})", "",
-                  "### conv_tap_norms: against one conv and against the materializing composition", "",
-                  "| layer | tap norms ms | conv2d ms | **tap norms / conv** (<= 2) | materializing ms "
-                  "| **materializing / tap norms** | peak tap norms MB | peak materializing MB "
-                  "| **mem ratio** (<= 0.25) | peak conv2d MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in res:
-            if r["op"] != "conv_tap_norms":
-                continue
-            ok_t = "ok" if r["tap_norms_over_conv"] <= 2 else "MISS"
-            ok_m = "ok" if r["mem_ratio"] <= 0.25 else "MISS"
-            lines.append(f"| {r['case']} | {_ms(r['fused_ms'])} | {_ms(r['conv_ms'])} | "
-                         f"**{r['tap_norms_over_conv']:.2f}** {ok_t} | {_ms(r['unfused_ms'])} | "
-                         f"**{r['speedup']:.2f}x** | {r['peak_tap_norms_bytes'] / mb:.1f} | "
-                         f"{r['peak_materialized_bytes'] / mb:.1f} | **{r['mem_ratio']:.3f}** {ok_m} | "
-                         f"{r['peak_conv2d_bytes'] / mb:.1f} |")
-        lines += ["", "### Fused op against the unfused composition", "",
-                  "| op | case | fused ms | unfused ms | **speedup** (unfused / fused) | max rel diff |",
-                  "|---|---|---:|---:|---:|---:|"]
-        for r in res:
-            lines.append(f"| {r['op']} | {r['case']} | {_ms(r['fused_ms'])} | {_ms(r['unfused_ms'])} | "
-                         f"**{r['speedup']:.2f}x** | {r['max_rel_diff']:.1e} |")
+        paths = dev.get("paths", [])
+        tap = [r for r in res if r["op"] == "conv_tap_norms"]
+        if tap:
+            lines += [f"## {dev['device']} (batch {dev['batch']})", "",
+                      "### conv_tap_norms: against one conv and against the materializing composition", "",
+                      "| layer | tap norms ms | conv2d ms | **tap norms / conv** (<= 2) | "
+                      + "".join(f"{p} / conv | " for p in paths)
+                      + "materializing ms | **materializing / tap norms** | peak tap norms MB "
+                      "| peak materializing MB | **mem ratio** (<= 0.25) | peak conv2d MB |",
+                      "|---|---:|---:|---:|" + "---:|" * len(paths) + "---:|---:|---:|---:|---:|---:|"]
+            for r in tap:
+                ok_t = "ok" if r["tap_norms_over_conv"] <= 2 else "MISS"
+                mem = r.get("mem_ratio")
+                ok_m = "" if mem is None else (" ok" if mem <= 0.25 else " MISS")
+                lines.append(
+                    f"| {r['case']} | {_ms(r['fused_ms'])} | {_ms(r['conv_ms'])} | "
+                    f"**{r['tap_norms_over_conv']:.2f}** {ok_t} | "
+                    + "".join(f"{r['path_over_conv'][p]:.2f} | " for p in paths)
+                    + f"{_opt(r['unfused_ms'], _ms)} | {_opt(r['speedup'], lambda v: f'**{v:.2f}x**')} | "
+                    f"{_opt(r.get('peak_tap_norms_bytes'), lambda v: f'{v / mb:.1f}')} | "
+                    f"{_opt(r.get('peak_materialized_bytes'), lambda v: f'{v / mb:.1f}')} | "
+                    f"{_opt(mem, lambda v: f'**{v:.3f}**')}{ok_m} | "
+                    f"{_opt(r.get('peak_conv2d_bytes'), lambda v: f'{v / mb:.1f}')} |")
+        other = [r for r in res if r["unfused_ms"] is not None]
+        if other:
+            lines += ["", f"### Fused op against the unfused composition ({dev['device']})", "",
+                      "| op | case | fused ms | unfused ms | **speedup** (unfused / fused) | max rel diff |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for r in other:
+                lines.append(f"| {r['op']} | {r['case']} | {_ms(r['fused_ms'])} | {_ms(r['unfused_ms'])} | "
+                             f"**{r['speedup']:.2f}x** | {r['max_rel_diff']:.1e} |")
         lines.append("")
     lines += ["Compositions: activation_share = `(a*G).sum(1)`, `z*R/(z*z).sum(1)` with a zero guard; "
               "materializing tap norms = unfold + one batched matmul into (B, kh*kw, C_out, H_out*W_out), "
               "then norms, scattered to input pixels; bias_share_scatter = unfold of every tap channel "
               "(diagonal) + fold; pfv_decompose = gather + einsum (`srd_ext.ops.pfv_decompose_reference`). "
+              "`<path> / conv`: conv_tap_norms forced onto one evaluation path (SRD_EXT_TAP_NORMS_PATH). "
               "Peak memory: CPU = peak-RSS growth of a fresh process over one call, CUDA = "
               "max_memory_allocated growth.", ""]
     return "\n".join(lines)
@@ -325,36 +444,57 @@ def main(argv=None):
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 in the CUDA conv/matmul baselines")
+    ap.add_argument("--ops", default=",".join(ALL_OPS),
+                    help=f"comma-separated subset of {','.join(ALL_OPS)}")
+    ap.add_argument("--layers", choices=sorted(LAYER_SETS), default="default",
+                    help="layer shapes: ResNet-50 and VGG16 (default), grouped convs, or all")
+    ap.add_argument("--only", default=None, help="regular expression on the layer names")
+    ap.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak-memory measurements")
+    ap.add_argument("--no-materialized", dest="materialized", action="store_false",
+                    help="skip the materializing tap-norms composition")
+    ap.add_argument("--paths", default="",
+                    help="comma-separated conv_tap_norms paths to time as well, forced through "
+                         f"{PATH_ENV} (CPU: product, gram, direct; CUDA: gemm, direct)")
     ap.add_argument("--_peak", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._peak:
         return _peak_child(args._peak)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.ops = [o for o in args.ops.split(",") if o]
+    bad = [o for o in args.ops if o not in ALL_OPS]
+    if bad:
+        ap.error(f"unknown ops {bad}; choose from {ALL_OPS}")
+    args.paths = [p for p in args.paths.split(",") if p]
+    pick = (lambda layers: [lay for lay in layers if re.search(args.only, lay[0])]) if args.only else (lambda v: v)
 
     if torch.cuda.is_available():  # same precision for the baselines as for the fused ops
         torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = True
     plan = [(torch.device("cpu"), dict(
-        layers=QUICK_LAYERS if args.quick else LAYERS, batch=2 if args.quick else 4,
+        layers=pick(QUICK_LAYERS if args.quick else LAYER_SETS[args.layers]), batch=2 if args.quick else 4,
         act_shape=(2, 64, 28, 28) if args.quick else (8, 256, 56, 56), pfv_rows=256 if args.quick else 1024,
         repeats=args.repeats or (5 if args.quick else 7)))]
     if torch.cuda.is_available() and ops.cuda_kernels_built() and not args.no_cuda:
         plan.append((torch.device("cuda"), dict(
-            layers=QUICK_LAYERS if args.quick else LAYERS + VGG_LAYERS, batch=8 if args.quick else 32,
+            layers=pick(QUICK_LAYERS if args.quick else LAYER_SETS[args.layers]), batch=8 if args.quick else 32,
             act_shape=(8, 64, 28, 28) if args.quick else (32, 256, 56, 56),
             pfv_rows=1024 if args.quick else 8192, repeats=args.repeats or 25)))
 
     doc = {"machine": machine_info(), "devices": [], "results": []}
-    log = lambda r: print(f"  {r['op']:<20} {r['case']:<40} fused {r['fused_ms']:9.2f} ms  "  # noqa: E731
-                          f"unfused {r['unfused_ms']:9.2f} ms", file=sys.stderr, flush=True)
+    def log(r):
+        extra = (f"conv {r['conv_ms']:9.2f} ms  ratio {r['fused_ms'] / r['conv_ms']:.2f}"
+                 + "".join(f"  {p} {v / r['conv_ms']:.2f}" for p, v in r["path_ms"].items())
+                 if r["op"] == "conv_tap_norms" else f"unfused {r['unfused_ms']:9.2f} ms")
+        print(f"  {r['op']:<20} {r['case']:<40} fused {r['fused_ms']:9.2f} ms  {extra}", file=sys.stderr, flush=True)
     for device, cfg in plan:
         print(f"[{device}] batch {cfg['batch']}, {cfg['repeats']} repeats", file=sys.stderr, flush=True)
         with torch.no_grad():
             doc["results"] += bench_device(device, cfg["layers"], cfg["batch"], cfg["act_shape"],
-                                           cfg["pfv_rows"], cfg["repeats"], log)
-        doc["devices"].append({"device": str(device), "batch": cfg["batch"], "repeats": cfg["repeats"]})
+                                           cfg["pfv_rows"], cfg["repeats"], log, args)
+        doc["devices"].append({"device": str(device), "batch": cfg["batch"], "repeats": cfg["repeats"],
+                               "paths": args.paths})
     doc["repeats"] = ", ".join(f"{d['repeats']} ({d['device']})" for d in doc["devices"])
 
     md = markdown(doc)

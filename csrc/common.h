@@ -1,11 +1,23 @@
-// Shared argument checks and conv geometry for the CPU and CUDA kernels of srd_ext.
+// Shared argument checks of the CPU and CUDA kernels of srd_ext, and the checked conv geometry.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/irange.h>
 #include <string>
 #include <vector>
 
+#include "conv_geometry.h"
+#include "numerics.h"
+
 namespace srd_ext {
+
+// Scope of a kernel's nested ATen calls: they record no autograd history (the inputs may require
+// grad) and are not autocast (under torch.autocast they would otherwise run in reduced precision
+// in the middle of an op that promises float32 or float64 results).
+struct NestedCallGuard {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 inline std::string shape_str(const at::Tensor& t) {
   std::string s = "(";
@@ -33,17 +45,12 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t, co
               t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
 }
 
-struct Geometry {
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-  int64_t out_size(int64_t in, int axis) const {
-    const int64_t k = axis == 0 ? kh : kw, s = axis == 0 ? sh : sw, p = axis == 0 ? ph : pw,
-                  d = axis == 0 ? dh : dw;
-    return (in + 2 * p - d * (k - 1) - 1) / s + 1;
-  }
-};
-
-inline Geometry make_geometry(const char* op, int64_t kh, int64_t kw, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation) {
+// The conv geometry of a call, checked: positive kernel size, stride and dilation, non-negative
+// padding, and a padded input at least as large as the dilated kernel (what F.conv2d checks).
+// `input` and `kernel` describe the tensors in the error messages.
+inline ConvGeometry make_geometry(const char* op, int64_t kh, int64_t kw, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t H,
+                                  int64_t W, const std::string& input, const std::string& kernel) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "srd_ext::", op,
               ": stride, padding and dilation must each have 2 entries");
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "srd_ext::", op, ": stride must be positive, got (",
@@ -54,11 +61,18 @@ inline Geometry make_geometry(const char* op, int64_t kh, int64_t kw, at::IntArr
               ": padding must be non-negative, got (", padding[0], ", ", padding[1], ")");
   TORCH_CHECK(kh > 0 && kw > 0, "srd_ext::", op, ": kernel size must be positive, got (", kh, ", ",
               kw, ")");
-  return Geometry{kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+  const int64_t ho = conv_out_size(H, kh, stride[0], padding[0], dilation[0]);
+  const int64_t wo = conv_out_size(W, kw, stride[1], padding[1], dilation[1]);
+  TORCH_CHECK(ho > 0 && wo > 0, "srd_ext::", op, ": ", input, " is too small for ", kernel,
+              ": the padded input is (", H + 2 * padding[0], ", ", W + 2 * padding[1],
+              ") but the dilated kernel is (", dilation[0] * (kh - 1) + 1, ", ",
+              dilation[1] * (kw - 1) + 1, ")");
+  return ConvGeometry{ConvAxis{kh, stride[0], padding[0], dilation[0], H, ho},
+                      ConvAxis{kw, stride[1], padding[1], dilation[1], W, wo}};
 }
 
 // Checks of conv_tap_norms' inputs; returns the geometry.
-inline Geometry check_tap_norms_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+inline ConvGeometry check_tap_norms_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, int64_t groups, bool allow_half) {
   TORCH_CHECK(x.dim() == 4, "srd_ext::", op, ": x must be (B, C_in, H, W), got shape ",
@@ -71,14 +85,11 @@ inline Geometry check_tap_norms_args(const char* op, const at::Tensor& x, const 
   TORCH_CHECK(x.size(1) == weight.size(1) * groups && weight.size(0) % groups == 0, "srd_ext::", op,
               ": x ", shape_str(x), " does not fit weight ", shape_str(weight), " with groups=",
               groups);
-  auto g = make_geometry(op, weight.size(2), weight.size(3), stride, padding, dilation);
-  TORCH_CHECK(g.out_size(x.size(2), 0) > 0 && g.out_size(x.size(3), 1) > 0, "srd_ext::", op,
-              ": input ", shape_str(x), " is too small for kernel ", shape_str(weight),
-              " with this padding and dilation");
-  return g;
+  return make_geometry(op, weight.size(2), weight.size(3), stride, padding, dilation, x.size(2),
+                       x.size(3), "input x " + shape_str(x), "weight " + shape_str(weight));
 }
 
-inline Geometry check_scatter_args(const char* op, const at::Tensor& tap_norms,
+inline ConvGeometry check_scatter_args(const char* op, const at::Tensor& tap_norms,
                                    const at::Tensor& bias_dot, at::IntArrayRef kernel_size,
                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, bool allow_half) {
@@ -89,11 +100,14 @@ inline Geometry check_scatter_args(const char* op, const at::Tensor& tap_norms,
               shape_str(bias_dot));
   check_float(op, "tap_norms", tap_norms, allow_half);
   check_same(op, "bias_dot", bias_dot, tap_norms, "tap_norms");
-  auto g = make_geometry(op, kernel_size[0], kernel_size[1], stride, padding, dilation);
-  TORCH_CHECK(tap_norms.size(1) == g.kh * g.kw, "srd_ext::", op, ": tap_norms ",
-              shape_str(tap_norms), " has ", tap_norms.size(1), " taps but kernel_size is (", g.kh,
-              ", ", g.kw, ")");
-  const int64_t ho = g.out_size(tap_norms.size(2), 0), wo = g.out_size(tap_norms.size(3), 1);
+  const auto g = make_geometry(
+      op, kernel_size[0], kernel_size[1], stride, padding, dilation, tap_norms.size(2),
+      tap_norms.size(3), "tap_norms " + shape_str(tap_norms),
+      "kernel_size (" + std::to_string(kernel_size[0]) + ", " + std::to_string(kernel_size[1]) + ")");
+  TORCH_CHECK(tap_norms.size(1) == g.taps(), "srd_ext::", op, ": tap_norms ",
+              shape_str(tap_norms), " has ", tap_norms.size(1), " taps but kernel_size is (",
+              g.kh(), ", ", g.kw(), ")");
+  const int64_t ho = g.y.out, wo = g.x.out;
   TORCH_CHECK(bias_dot.size(0) == tap_norms.size(0) && bias_dot.size(1) == ho &&
                   bias_dot.size(2) == wo,
               "srd_ext::", op, ": bias_dot ", shape_str(bias_dot), " does not match tap_norms ",
@@ -149,14 +163,14 @@ inline void check_activation_share_backward_args(const char* op, const at::Tenso
   check_same(op, "relevance", relevance, a, "a");
 }
 
-inline Geometry check_tap_norms_backward_args(const char* op, const at::Tensor& grad_tap_norms,
+inline ConvGeometry check_tap_norms_backward_args(const char* op, const at::Tensor& grad_tap_norms,
                                               const at::Tensor& x, const at::Tensor& weight,
                                               const at::Tensor& tap_norms, at::IntArrayRef stride,
                                               at::IntArrayRef padding, at::IntArrayRef dilation,
                                               int64_t groups, bool allow_half) {
-  const Geometry geo =
+  const ConvGeometry geo =
       check_tap_norms_args(op, x, weight, stride, padding, dilation, groups, allow_half);
-  const std::vector<int64_t> want{x.size(0), geo.kh * geo.kw, x.size(2), x.size(3)};
+  const std::vector<int64_t> want{x.size(0), geo.taps(), x.size(2), x.size(3)};
   TORCH_CHECK(grad_tap_norms.sizes() == at::IntArrayRef(want) &&
                   tap_norms.sizes() == at::IntArrayRef(want),
               "srd_ext::", op, ": grad_tap_norms and tap_norms must have shape (B, kh*kw, H, W) = (",
@@ -168,12 +182,12 @@ inline Geometry check_tap_norms_backward_args(const char* op, const at::Tensor& 
   return geo;
 }
 
-inline Geometry check_scatter_backward_args(const char* op, const at::Tensor& grad_relevance,
+inline ConvGeometry check_scatter_backward_args(const char* op, const at::Tensor& grad_relevance,
                                             const at::Tensor& tap_norms, const at::Tensor& bias_dot,
                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                             bool allow_half) {
-  const Geometry geo = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding,
+  const ConvGeometry geo = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding,
                                           dilation, allow_half);
   TORCH_CHECK(grad_relevance.dim() == 3 && grad_relevance.size(0) == tap_norms.size(0) &&
                   grad_relevance.size(1) == tap_norms.size(2) &&

@@ -14,8 +14,19 @@ from srd_ext import ops
 
 F64 = torch.float64
 MODES = ["none", "contribution", "input"]
+NAN = float("nan")
+# conv_tap_norms' evaluation forms (csrc/cpu/conv_tap_norms.cpp), forced through the environment;
+# "auto" is the choice by cost.
+TAP_PATHS = ["auto", "product", "gram", "direct"]
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_kernels_built()),
                                reason="needs a CUDA device and the CUDA kernels")
+
+
+@pytest.fixture(params=TAP_PATHS)
+def tap_path(request, monkeypatch):
+    if request.param != "auto":
+        monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", request.param)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,7 +332,7 @@ def test_activation_share_empty(shape):
 # conv_tap_norms
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("geom", GEOMS, ids=GEOM_IDS)
-def test_conv_tap_norms_matches_reference(geom):
+def test_conv_tap_norms_matches_reference(geom, tap_path):
     x, w, s, p, d, groups = conv_inputs(geom)
     x, w = leaf(x), leaf(w)
     n = ops.conv_tap_norms(x, w, s, p, d, groups)
@@ -339,7 +350,7 @@ def test_conv_tap_norms_matches_reference(geom):
 
 
 @pytest.mark.parametrize("geom", [FIXED_GEOMS[1], FIXED_GEOMS[6], FIXED_GEOMS[9]], ids=["s2g2", "asym", "tiled"])
-def test_conv_tap_norms_noncontiguous(geom):
+def test_conv_tap_norms_noncontiguous(geom, tap_path):
     x, w, s, p, d, groups = conv_inputs(geom)
     channel_step_2 = torch.stack([x, x], 2).flatten(1, 2)[:, ::2]
     xs = [leaf(channels_last_view(x)), leaf(strided_view(x)), leaf(channel_step_2)]
@@ -357,7 +368,7 @@ def test_conv_tap_norms_noncontiguous(geom):
 
 
 @pytest.mark.parametrize("geom", [FIXED_GEOMS[1], FIXED_GEOMS[5], FIXED_GEOMS[9]], ids=["s2g2", "7x7", "tiled"])
-def test_conv_tap_norms_zero(geom):
+def test_conv_tap_norms_zero(geom, tap_path):
     x, w, s, p, d, groups = conv_inputs(geom)
     x, w = torch.zeros_like(x, requires_grad=True), leaf(w)
     n = ops.conv_tap_norms(x, w, s, p, d, groups)
@@ -369,13 +380,211 @@ def test_conv_tap_norms_zero(geom):
     assert (n == 0).all()
 
 
-def test_conv_tap_norms_empty():
+def test_conv_tap_norms_empty(tap_path):
     x, w, s, p, d, groups = conv_inputs(FIXED_GEOMS[1])
     x, w = leaf(x[:0]), leaf(w)
     n = ops.conv_tap_norms(x, w, s, p, d, groups)
     assert n.shape == (0, 9, 9, 8)
     gx, gw = torch.autograd.grad(n.sum(), (x, w))
     assert gx.shape == x.shape and gw.shape == w.shape and (gw == 0).all()
+
+
+# Layer shapes whose cheapest form is known: (geometry, form the cost model must pick).
+CHOICES = [
+    ((1, 3, 24, 24, 16, 7, 7, (2, 2), (3, 3), (1, 1), 1), "direct"),  # RGB stem
+    ((2, 8, 12, 12, 8, 3, 3, (1, 1), (1, 1), (1, 1), 8), "direct"),  # depthwise
+    ((2, 64, 28, 28, 256, 1, 1, (1, 1), (0, 0), (1, 1), 1), "gram"),  # 1x1 expansion
+    ((2, 64, 28, 28, 128, 3, 3, (1, 1), (1, 1), (1, 1), 1), "gram"),  # first conv of a VGG stage
+    ((1, 256, 4, 4, 1024, 1, 1, (1, 1), (0, 0), (1, 1), 1), "product"),  # too few pixels to pay for G_t
+    ((2, 256, 6, 6, 64, 1, 1, (1, 1), (0, 0), (1, 1), 1), "product"),  # 1x1 reduction
+    ((2, 64, 7, 7, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1), "product"),  # 3x3, C_in = C_out
+]
+
+
+@pytest.mark.parametrize("geom,form", CHOICES, ids=[f"{f}{i}" for i, (_, f) in enumerate(CHOICES)])
+def test_conv_tap_norms_picks_form_by_cost(geom, form, monkeypatch):
+    """The automatic choice gives bit for bit what the expected form gives (and each form is
+    checked against the reference above)."""
+    x, w, s, p, d, groups = conv_inputs(geom, dtype=torch.float32)
+    auto = ops.conv_tap_norms(x, w, s, p, d, groups)
+    forced = {}
+    for f in ("product", "gram", "direct"):
+        monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", f)
+        forced[f] = ops.conv_tap_norms(x, w, s, p, d, groups)
+    assert torch.equal(auto, forced[form])
+    assert any(not torch.equal(auto, v) for f, v in forced.items() if f != form)  # the forms do differ
+
+
+def test_conv_tap_norms_bad_path(monkeypatch):
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", "fast")
+    with pytest.raises(RuntimeError, match="SRD_EXT_TAP_NORMS_PATH.*fast"):
+        ops.conv_tap_norms(X, Wt, 1, 1)
+
+
+def test_conv_tap_norms_gram_accuracy_float32(monkeypatch):
+    """The Gram form rounds <G_t x, x>, whose terms may cancel. Where the cost model picks it
+    (fewer input than output channels: W_t is tall), ||W_t x|| >= sigma_min ||x||, so n^2 keeps a
+    relative error of about eps * cond(W_t)^2, also for x along W_t's weakest direction."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 32, 1, 1, generator=g, dtype=F64)
+    sv = torch.linalg.svd(w[:, :, 0, 0])
+    cond = (sv.S[0] / sv.S[-1]).item()
+    x = torch.randn(2, 32, 5, 5, generator=g, dtype=F64)
+    x[1] = sv.Vh[-1][:, None, None] + 1e-3 * x[1]  # sample 1: along the weakest direction
+    want = ops.conv_tap_norms(x, w, 1, 0)
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", "gram")
+    got = ops.conv_tap_norms(x.float(), w.float(), 1, 0).double()
+    rel = ((got - want).abs() / want).max().item()
+    assert rel <= 32 * 1.2e-7 * cond**2, (rel, cond)
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry: the ops accept exactly the inputs F.conv2d accepts
+# ------------------------------------------------------------------------------------------------
+def _conv2d_accepts(x, w, s, p, d):
+    try:
+        F.conv2d(x, w, None, s, p, d)
+        return True
+    except RuntimeError:
+        return False
+
+
+AXIS_CASES = [(n, k, s, p, d) for n in range(1, 6) for k in range(1, 5) for s in (1, 2, 3)
+              for p in (0, 1, 2) for d in (1, 2)]
+
+
+@pytest.mark.parametrize("axis", [0, 1], ids=["rows", "cols"])
+def test_geometry_rejects_what_conv2d_rejects(axis):
+    rejected = 0
+    for n, k, s, p, d in AXIS_CASES:
+        H, W = (n, 6) if axis == 0 else (6, n)
+        kh, kw = (k, 3) if axis == 0 else (3, k)
+        x, w = randn(1, 2, H, W, seed=1), randn(3, 2, kh, kw, seed=2)
+        stride, padding, dilation = [(s, 1), (p, 1), (d, 1)] if axis == 0 else [(1, s), (1, p), (1, d)]
+        ok = _conv2d_accepts(x, w, stride, padding, dilation)
+        Ho = out_size(H, kh, stride[0], padding[0], dilation[0])
+        Wo = out_size(W, kw, stride[1], padding[1], dilation[1])
+        n_ = torch.rand(1, kh * kw, H, W, dtype=F64)
+        calls = {
+            "conv_tap_norms": lambda: ops.conv_tap_norms(x, w, stride, padding, dilation),
+            "bias_share_scatter": lambda: ops.bias_share_scatter(n_, randn(1, max(Ho, 1), max(Wo, 1), seed=3),
+                                                                 (kh, kw), stride, padding, dilation),
+            "pfv_decompose": lambda: ops.pfv_decompose(x, w, None, torch.zeros(1, 3, dtype=torch.long),
+                                                       stride, padding, dilation),
+        }
+        for name, call in calls.items():
+            if ok:
+                call()
+            else:
+                with pytest.raises(RuntimeError, match=f"srd_ext::{name}: .* is too small for"):
+                    call()
+        rejected += not ok
+    assert 0 < rejected < len(AXIS_CASES)
+
+
+def test_geometry_rejects_truncated_output():
+    """Kernel 3, stride 2, no padding on 2 pixels: (2 - 3) // 2 + 1 = 0 outputs, but division
+    toward 0 gives 1; F.conv2d rejects the input, and so do the ops."""
+    x, w = randn(1, 2, 2, 6, seed=1), randn(3, 2, 3, 3, seed=2)
+    assert not _conv2d_accepts(x, w, 2, 0, 1)
+    with pytest.raises(RuntimeError, match=r"srd_ext::conv_tap_norms: input x \(1, 2, 2, 6\) is too small"):
+        ops.conv_tap_norms(x, w, 2, 0)
+    with pytest.raises(RuntimeError, match="srd_ext::bias_share_scatter: tap_norms .* is too small"):
+        ops.bias_share_scatter(torch.rand(1, 9, 2, 6, dtype=F64), randn(1, 1, 2, seed=3), 3, 2, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN reaches the outputs that depend on it, and only those
+# ------------------------------------------------------------------------------------------------
+def assert_same_nans(got, want):
+    """NaN exactly where the reference has NaN (somewhere), the reference's values elsewhere."""
+    assert torch.equal(got.isnan(), want.isnan()), (got.isnan().sum(), want.isnan().sum())
+    assert want.isnan().any()
+    keep = ~want.isnan()
+    assert_close(got[keep], want[keep])
+
+
+@pytest.mark.parametrize("geom", [FIXED_GEOMS[0], FIXED_GEOMS[1], FIXED_GEOMS[5], FIXED_GEOMS[9]],
+                         ids=["3x3", "s2g2", "7x7", "tiled"])
+def test_conv_tap_norms_nan(geom, tap_path):
+    x, w, s, p, d, groups = conv_inputs(geom)
+    x[0, -1, geom[2] // 2, geom[3] // 2] = NAN
+    x, w = leaf(x), leaf(w)
+    n = ops.conv_tap_norms(x, w, s, p, d, groups)
+    ref = ref_tap_norms(x, w, s, p, d, groups)
+    assert_same_nans(n, ref)
+    assert not n.isnan().all()
+    # Gradients: NaN at the NaN pixel (through its norms) and in the taps of the weight that
+    # reach it, the reference's values elsewhere.
+    dn = randn(*n.shape, seed=3)
+    gx, gw = torch.autograd.grad(n, (x, w), dn)
+    rx, rw = torch.autograd.grad(ref, (x, w), dn)
+    assert_same_nans(gx, rx)
+    assert not gx.isnan().all()
+    assert_same_nans(gw, rw)
+
+
+@pytest.mark.parametrize("where", ["a", "z"])
+def test_activation_share_nan(where):
+    a, grad, z, extra = act_inputs((2, 5, 4, 3), True)
+    (a if where == "a" else z)[1, 2, 2, 1] = NAN
+    rel, g = ops.activation_share(a, grad, z, extra)
+    want_rel = torch.zeros_like(rel)
+    want_g = torch.zeros_like(g)
+    if where == "a":
+        want_rel[1, 2, 1] = NAN
+    want_g[1, :, 2, 1] = NAN  # the pixel's scale R / ||z||^2 is NaN either way
+    ref_rel, ref_g = ref_activation_share(a.nan_to_num(), grad, z.nan_to_num(), extra)
+    if where == "a":
+        assert_same_nans(rel, ref_rel + want_rel)
+    else:
+        assert_close(rel, ref_rel)
+    assert_same_nans(g, ref_g + want_g)
+    assert not g.isnan().all()
+
+
+def ref_scatter_nan(n, d, kernel_size, stride, padding, dilation):
+    """ref_scatter with NaN sums S_j passed on to c_j = d_j / S_j."""
+    B, _, H, W = n.shape
+    Ho, Wo = d.shape[1:]
+    taps = taps_of(*kernel_size, H, W, Ho, Wo, stride, padding, dilation)
+    S = d.new_zeros(B, Ho, Wo)
+    for t, oy, iy, ox, ix in taps:
+        S[:, oy[:, None], ox[None, :]] += n[:, t][:, iy[:, None], ix[None, :]]
+    c = torch.where(S.isnan(), S, safe_div(d, S))
+    R = n.new_zeros(B, H, W)
+    for t, oy, iy, ox, ix in taps:
+        R[:, iy[:, None], ix[None, :]] += n[:, t][:, iy[:, None], ix[None, :]] * c[:, oy[:, None], ox[None, :]]
+    return R
+
+
+@pytest.mark.parametrize("geom", [FIXED_GEOMS[0], FIXED_GEOMS[1], FIXED_GEOMS[5]], ids=["3x3", "s2g2", "7x7"])
+def test_bias_share_scatter_nan(geom):
+    n, bd, k, s, p, d = scatter_inputs(geom)
+    n[0, k[0] * k[1] // 2, geom[2] // 2, geom[3] // 2] = NAN
+    R = ops.bias_share_scatter(n, bd, k, s, p, d)
+    assert_same_nans(R, ref_scatter_nan(n, bd, k, s, p, d))
+    assert not R.isnan().all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pfv_decompose_nan(mode):
+    geom = FIXED_GEOMS[0]
+    x, w, bias, pos, s, p, d = pfv_inputs(geom, True, n_rows=24)
+    iy, ix = 3, 4
+    x[0, 1, iy, ix] = NAN
+    v, mu = ops.pfv_decompose(x, w, bias, pos, s, p, d, mode)
+    # Rows that read the NaN pixel under some tap: z is NaN, so every ratio is NaN.
+    ty, tx = torch.arange(3).repeat_interleave(3), torch.arange(3).repeat(3)
+    reads = ((pos[:, 0:1] == 0) & (pos[:, 1:2] * s[0] - p[0] + ty * d[0] == iy)
+             & (pos[:, 2:3] * s[1] - p[1] + tx * d[1] == ix))
+    touched = reads.any(1)
+    assert touched.any() and not touched.all()
+    assert mu[touched].isnan().all() and v[reads].isnan().all()
+    assert torch.isfinite(mu[~touched]).all() and torch.isfinite(v[~touched]).all()
+    rv, rmu = ref_pfv(x, w, bias, pos[~touched], s, p, d, mode)
+    assert_close(v[~touched], rv)
+    assert_close(mu[~touched], rmu)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -529,6 +738,8 @@ def _f32_cases():
         "conv_tap_norms_s2g2": (ops.conv_tap_norms, list(conv_inputs(g3))),
         "conv_tap_norms_7x7": (ops.conv_tap_norms, list(conv_inputs(g7))),
         "conv_tap_norms_tiled": (ops.conv_tap_norms, list(conv_inputs(gt))),
+        "conv_tap_norms_expand": (ops.conv_tap_norms,
+                                  list(conv_inputs((2, 16, 7, 6, 48, 3, 3, (1, 1), (1, 1), (1, 1), 1)))),
         "bias_share_scatter": (ops.bias_share_scatter, list(scatter_inputs(g3))),
         "pfv_decompose": (ops.pfv_decompose, list(pfv_inputs(FIXED_GEOMS[2], True)) + ["contribution"]),
     }
@@ -538,7 +749,9 @@ F32_CASES = _f32_cases()
 
 
 @pytest.mark.parametrize("case", list(F32_CASES))
-def test_float32_agrees_with_float64(case):
+def test_float32_agrees_with_float64(case, tap_path):
+    if tap_path != "auto" and not case.startswith("conv_tap_norms"):
+        pytest.skip("the path only matters to conv_tap_norms")
     fn, args = F32_CASES[case]
     args32 = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
     args64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args32]
@@ -620,7 +833,9 @@ GRADCHECK_CASES = _gradcheck_cases()
 
 
 @pytest.mark.parametrize("case", list(GRADCHECK_CASES))
-def test_gradcheck(case):
+def test_gradcheck(case, tap_path):
+    if tap_path != "auto" and not case.startswith("conv_tap_norms"):
+        pytest.skip("the path only matters to conv_tap_norms")
     fn, args = GRADCHECK_CASES[case]
     inputs = [leaf(t) for t in args]
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)

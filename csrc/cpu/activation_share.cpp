@@ -43,8 +43,7 @@ std::tuple<at::Tensor, at::Tensor> activation_share_cpu(const at::Tensor& a_in,
                                                         const at::Tensor& grad_in,
                                                         const at::Tensor& z_in,
                                                         const c10::optional<at::Tensor>& extra_in) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "activation_share";
   check_activation_share_args(op, a_in, grad_in, z_in, extra_in, /*allow_half=*/false);
   const auto a = a_in.contiguous(), grad = grad_in.contiguous(), z = z_in.contiguous();
@@ -81,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> activation_share_cpu(const at::Tensor& a_in,
       }
       for (int64_t p = 0; p < n; ++p) {
         pR[b * L.P + p0 + p] = static_cast<scalar_t>(r[p]);
-        r[p] = n2[p] > 0 ? r[p] / n2[p] : acc_t(0);  // now the scale R / n2
+        r[p] = positive_or_nan(n2[p]) ? r[p] / n2[p] : acc_t(0);  // now the scale R / n2
       }
       for (int64_t c = 0; c < L.C; ++c) {
         const int64_t off = (b * L.C + c) * L.P + p0;
@@ -96,8 +95,7 @@ std::tuple<at::Tensor, at::Tensor> activation_share_cpu(const at::Tensor& a_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> activation_share_backward_cpu(
     const at::Tensor& dR_in, const at::Tensor& dg_in, const at::Tensor& a_in,
     const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& R_in) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "activation_share_backward";
   check_activation_share_backward_args(op, dR_in, dg_in, a_in, grad_in, z_in, R_in,
                                        /*allow_half=*/false);
@@ -138,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> activation_share_back
       acc_t dRt[kPixelBlock], s[kPixelBlock], k[kPixelBlock];
       for (int64_t p = 0; p < n; ++p) {
         const int64_t i = b * L.P + p0 + p;
-        const bool nz = n2[p] > 0;
+        const bool nz = positive_or_nan(n2[p]);
         s[p] = nz ? static_cast<acc_t>(pR[i]) / n2[p] : acc_t(0);
         dRt[p] = static_cast<acc_t>(pdR[i]) + (nz ? q[p] / n2[p] : acc_t(0));
         k[p] = nz ? 2 * q[p] * s[p] / n2[p] : acc_t(0);

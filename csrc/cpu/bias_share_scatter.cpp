@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "../common.h"
-#include "tap_range.h"
 
 namespace srd_ext {
 namespace cpu {
@@ -21,54 +20,43 @@ namespace {
 
 struct Dims {
   int64_t B, T, H, W, Ho, Wo;
-  std::vector<TapRange> rx;  // per tap column tx
+  std::vector<TapRun> rx;  // per tap column tx
 };
 
-Dims make_dims(const at::Tensor& n, const Geometry& geo) {
-  Dims D{n.size(0), n.size(1), n.size(2), n.size(3), geo.out_size(n.size(2), 0),
-         geo.out_size(n.size(3), 1), {}};
-  for (int64_t tx = 0; tx < geo.kw; ++tx)
-    D.rx.push_back(tap_range(D.W, D.Wo, geo.sw, geo.pw, geo.dw, tx));
+Dims make_dims(const at::Tensor& n, const ConvGeometry& geo) {
+  Dims D{n.size(0), n.size(1), n.size(2), n.size(3), geo.y.out, geo.x.out, {}};
+  for (int64_t tx = 0; tx < geo.kw(); ++tx) D.rx.push_back(geo.x.run(tx));
   return D;
-}
-
-// Output row oy of input row iy under tap row ty, or -1.
-inline int64_t out_row(const Geometry& geo, int64_t Ho, int64_t iy, int64_t ty) {
-  const int64_t num = iy + geo.ph - ty * geo.dh;
-  if (num < 0 || num % geo.sh != 0) return -1;
-  const int64_t oy = num / geo.sh;
-  return oy < Ho ? oy : -1;
 }
 
 // Calls f(t, iy, rx) for every tap whose row ty maps output row oy inside the input.
 template <typename F>
-void for_taps_of_output_row(const Geometry& geo, const Dims& D, int64_t oy, const F& f) {
-  for (int64_t ty = 0; ty < geo.kh; ++ty) {
-    const int64_t iy = oy * geo.sh - geo.ph + ty * geo.dh;
-    if (iy < 0 || iy >= D.H) continue;
-    for (int64_t tx = 0; tx < geo.kw; ++tx)
-      if (D.rx[tx].count > 0) f(ty * geo.kw + tx, iy, D.rx[tx]);
+void for_taps_of_output_row(const ConvGeometry& geo, const Dims& D, int64_t oy, const F& f) {
+  for (int64_t ty = 0; ty < geo.kh(); ++ty) {
+    const int64_t iy = geo.y.in_coord(oy, ty);
+    if (!geo.y.inside(iy)) continue;
+    for (int64_t tx = 0; tx < geo.kw(); ++tx)
+      if (D.rx[tx].count > 0) f(ty * geo.kw() + tx, iy, D.rx[tx]);
   }
 }
 
 // Calls f(t, oy, rx) for every tap that maps input row iy to an output row.
 template <typename F>
-void for_taps_of_input_row(const Geometry& geo, const Dims& D, int64_t iy, const F& f) {
-  for (int64_t ty = 0; ty < geo.kh; ++ty) {
-    const int64_t oy = out_row(geo, D.Ho, iy, ty);
+void for_taps_of_input_row(const ConvGeometry& geo, const Dims& D, int64_t iy, const F& f) {
+  for (int64_t ty = 0; ty < geo.kh(); ++ty) {
+    const int64_t oy = geo.y.out_coord(iy, ty);
     if (oy < 0) continue;
-    for (int64_t tx = 0; tx < geo.kw; ++tx)
-      if (D.rx[tx].count > 0) f(ty * geo.kw + tx, oy, D.rx[tx]);
+    for (int64_t tx = 0; tx < geo.kw(); ++tx)
+      if (D.rx[tx].count > 0) f(ty * geo.kw() + tx, oy, D.rx[tx]);
   }
 }
 
 at::Tensor bias_share_scatter_cpu(const at::Tensor& n_in, const at::Tensor& d_in,
                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "bias_share_scatter";
-  const Geometry geo = check_scatter_args(op, n_in, d_in, kernel_size, stride, padding, dilation,
+  const ConvGeometry geo = check_scatter_args(op, n_in, d_in, kernel_size, stride, padding, dilation,
                                           /*allow_half=*/false);
   const auto n = n_in.contiguous(), d = d_in.contiguous();
   const Dims D = make_dims(n, geo);
@@ -80,7 +68,7 @@ at::Tensor bias_share_scatter_cpu(const at::Tensor& n_in, const at::Tensor& d_in
     const scalar_t* pn = n.data_ptr<scalar_t>();
     const scalar_t* pd = d.data_ptr<scalar_t>();
     scalar_t* pR = R.data_ptr<scalar_t>();
-    const int64_t HW = D.H * D.W, sw = geo.sw;
+    const int64_t HW = D.H * D.W, sw = geo.x.s;
     std::vector<acc_t> cmap(D.B * D.Ho * D.Wo);  // c_j = d_j / S_j
 
     at::parallel_for(0, D.B * D.Ho, 1, [&](int64_t begin, int64_t end) {
@@ -88,7 +76,7 @@ at::Tensor bias_share_scatter_cpu(const at::Tensor& n_in, const at::Tensor& d_in
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / D.Ho, oy = row % D.Ho;
         std::fill(S.begin(), S.end(), acc_t(0));
-        for_taps_of_output_row(geo, D, oy, [&](int64_t t, int64_t iy, const TapRange& rx) {
+        for_taps_of_output_row(geo, D, oy, [&](int64_t t, int64_t iy, const TapRun& rx) {
           const scalar_t* src = pn + (b * D.T + t) * HW + iy * D.W + rx.i0;
           acc_t* s = S.data() + rx.o0;
           for (int64_t l = 0; l < rx.count; ++l) s[l] += src[l * sw];
@@ -96,7 +84,7 @@ at::Tensor bias_share_scatter_cpu(const at::Tensor& n_in, const at::Tensor& d_in
         const scalar_t* drow = pd + row * D.Wo;
         acc_t* crow = cmap.data() + row * D.Wo;
         for (int64_t ox = 0; ox < D.Wo; ++ox)
-          crow[ox] = S[ox] > 0 ? static_cast<acc_t>(drow[ox]) / S[ox] : acc_t(0);
+          crow[ox] = positive_or_nan(S[ox]) ? static_cast<acc_t>(drow[ox]) / S[ox] : acc_t(0);
       }
     });
 
@@ -105,7 +93,7 @@ at::Tensor bias_share_scatter_cpu(const at::Tensor& n_in, const at::Tensor& d_in
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / D.H, iy = row % D.H;
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for_taps_of_input_row(geo, D, iy, [&](int64_t t, int64_t oy, const TapRange& rx) {
+        for_taps_of_input_row(geo, D, iy, [&](int64_t t, int64_t oy, const TapRun& rx) {
           const scalar_t* src = pn + (b * D.T + t) * HW + iy * D.W + rx.i0;
           const acc_t* c = cmap.data() + (b * D.Ho + oy) * D.Wo + rx.o0;
           acc_t* r = acc.data() + rx.i0;
@@ -124,10 +112,9 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cpu(
     const at::Tensor& dR_in, const at::Tensor& n_in, const at::Tensor& d_in,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "bias_share_scatter_backward";
-  const Geometry geo = check_scatter_backward_args(op, dR_in, n_in, d_in, kernel_size, stride,
+  const ConvGeometry geo = check_scatter_backward_args(op, dR_in, n_in, d_in, kernel_size, stride,
                                                    padding, dilation, /*allow_half=*/false);
 
   const auto dR = dR_in.contiguous(), n = n_in.contiguous(), d = d_in.contiguous();
@@ -143,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cpu(
     const scalar_t* pd = d.data_ptr<scalar_t>();
     scalar_t* pgn = grad_n.data_ptr<scalar_t>();
     scalar_t* pgd = grad_d.data_ptr<scalar_t>();
-    const int64_t HW = D.H * D.W, sw = geo.sw;
+    const int64_t HW = D.H * D.W, sw = geo.x.s;
     // Per output pixel: a_j = u_j / S_j and c_j = d_j / S_j (both 0 where S_j = 0), and S_j > 0.
     const int64_t nout = D.B * D.Ho * D.Wo;
     std::vector<acc_t> amap(nout), cmap(nout);
@@ -155,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cpu(
         const int64_t b = row / D.Ho, oy = row % D.Ho;
         std::fill(S.begin(), S.end(), acc_t(0));
         std::fill(u.begin(), u.end(), acc_t(0));
-        for_taps_of_output_row(geo, D, oy, [&](int64_t t, int64_t iy, const TapRange& rx) {
+        for_taps_of_output_row(geo, D, oy, [&](int64_t t, int64_t iy, const TapRun& rx) {
           const scalar_t* src = pn + (b * D.T + t) * HW + iy * D.W + rx.i0;
           const scalar_t* g = pdR + b * HW + iy * D.W + rx.i0;
           for (int64_t l = 0; l < rx.count; ++l) {
@@ -166,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cpu(
         });
         for (int64_t ox = 0; ox < D.Wo; ++ox) {
           const int64_t j = row * D.Wo + ox;
-          const bool p = S[ox] > 0;
+          const bool p = positive_or_nan(S[ox]);
           pos[j] = p;
           amap[j] = p ? u[ox] / S[ox] : acc_t(0);
           cmap[j] = p ? static_cast<acc_t>(pd[j]) / S[ox] : acc_t(0);
@@ -179,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cpu(
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / D.H, iy = row % D.H;
         const scalar_t* g = pdR + row * D.W;
-        for_taps_of_input_row(geo, D, iy, [&](int64_t t, int64_t oy, const TapRange& rx) {
+        for_taps_of_input_row(geo, D, iy, [&](int64_t t, int64_t oy, const TapRun& rx) {
           const int64_t j0 = (b * D.Ho + oy) * D.Wo + rx.o0;
           scalar_t* out = pgn + (b * D.T + t) * HW + iy * D.W + rx.i0;
           for (int64_t l = 0; l < rx.count; ++l) {

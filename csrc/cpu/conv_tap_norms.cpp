@@ -1,8 +1,11 @@
-// CPU kernels of srd_ext::conv_tap_norms and its backward. Two evaluation paths:
+// CPU kernels of srd_ext::conv_tap_norms and its backward. Three forms of evaluation; each call
+// takes the cheapest by an estimate of its multiply-adds (choose_form), or the one named in the
+// environment variable SRD_EXT_TAP_NORMS_PATH (product | gram | direct; for tests and
+// benchmarks).
 //
-// Product path (more than kGramMaxCg input channels per group). Polyphase layout: the input
-// pixels a tap reaches all lie on one of the sh*sw sub-lattices (phases) x[:, :, py::sh, px::sw],
-// and inside its phase they form a rectangle. Work items are runs of pixels of one phase (in
+// Product form: n_t(i) = ||W_t x_i||_2 from the products. Polyphase layout: the input pixels a
+// tap reaches all lie on one of the sh*sw sub-lattices (phases) x[:, :, py::sh, px::sw], and
+// inside its phase they form a rectangle. Work items are runs of pixels of one phase (in
 // (b, y, x) order across the batch): the run is gathered pixel-major, (len, C_in), and one GEMM
 // against the phase's stacked tap matrices ((group, tap, o) rows x C_in/groups) gives the
 // products of every tap of the phase, which are reduced to norms at once and dropped. Only one
@@ -11,7 +14,23 @@
 // computed in excess). Float32 GEMMs run as 1x1 oneDNN convolutions when available (about twice
 // as fast as the BLAS sgemm on some CPUs), everything else through at::mm.
 //
-// Gram path (few input channels per group): see gram_forward below.
+// Gram form: n_t(i)^2 = <G_t x_i, x_i> per group, with G_t = W_t^T W_t (Cg x Cg). Same layout
+// and GEMMs, with the Gram matrices stacked in place of the tap matrices, then a row-wise dot
+// with the gathered inputs: Cg instead of C_out/groups multiply-adds per (pixel, tap, input
+// channel), so it wins whenever a group has fewer input than output channels (1x1 expansions,
+// the first conv of a VGG stage). Its backward needs no product at all: grad x_i = sum_t c G_t x_i
+// and grad W_t = W_t sum_i c x_i x_i^T with c = dn / n. The terms of <G_t x, x> may cancel: its
+// absolute error is about eps ||W_t||^2 ||x_i||^2, against eps ||W_t|| ||x_i|| on the norm for
+// the product form. Where the cost model picks it, W_t is tall (more rows than columns), so
+// n >= sigma_min(W_t) ||x_i|| and n^2 keeps a relative error of about eps cond(W_t)^2; forced onto
+// a wide W_t, a norm near 0 can be off by sqrt(eps) ||W_t|| ||x_i||. A negative rounding of n^2
+// is clamped to 0.
+//
+// Direct form (a handful of input channels per group: an RGB stem, depthwise convs, where a
+// GEMM with an inner dimension of 1 to 4 runs far below its peak): the Gram form with plain
+// loops, in double; see direct_forward below.
+//
+// NaN in the inputs gives NaN in the norms (and gradients) of the pixels it reaches.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -22,6 +41,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -30,7 +51,6 @@
 #endif
 
 #include "../common.h"
-#include "tap_range.h"
 
 namespace srd_ext {
 namespace cpu {
@@ -53,6 +73,60 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return t;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Choice of the form.
+
+enum class Form { kProduct, kGram, kDirect };
+
+// Estimated cost of each form for one call, per group, in units of a float32 GEMM multiply-add
+// at full speed: `pairs` (pixel, tap) pairs times the form's work per pair, plus, for the Gram
+// and direct forms, the Gram matrices (T x C_out/groups x Cg^2 multiply-adds in double). A GEMM
+// whose inner dimension (Cg) is short runs below its peak; the direct form runs scalar double
+// loops. With these constants the choice was the fastest form, or within the timing noise of it,
+// on every ResNet-50, VGG16, ResNeXt-50 and MobileNetV2 layer shape timed with
+// benchmarks/bench_ops.py --paths product,gram,direct (CPU, float32, batch 4, 1 and 2 threads).
+constexpr double kShortInner = 16;  // inner dimension below which a GEMM slows down in proportion
+constexpr double kDirectCost = 4;   // one multiply-add of the direct form
+constexpr double kReduceCost = 1;   // one element of the square-sum or the row-wise dot
+constexpr double kSetupCost = 3;    // one multiply-add of the Gram matrices (double, batched)
+
+double form_cost(Form f, double Cg, double Cog, double T, double pairs) {
+  const double slow = std::max(1.0, kShortInner / std::max(1.0, Cg));
+  const double setup = kSetupCost * T * Cog * Cg * Cg;
+  switch (f) {
+    case Form::kProduct:
+      return pairs * (Cog * Cg * slow + kReduceCost * Cog);
+    case Form::kGram:
+      return pairs * (Cg * Cg * slow + 2 * kReduceCost * Cg) + setup;
+    case Form::kDirect:
+      return pairs * kDirectCost * Cg * (Cg + 1) / 2 + setup;
+  }
+  return 0;
+}
+
+Form choose_form(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                 const ConvGeometry& geo, int64_t groups) {
+  const char* env = std::getenv("SRD_EXT_TAP_NORMS_PATH");
+  const std::string forced = env == nullptr ? "" : env;
+  if (forced == "product") return Form::kProduct;
+  if (forced == "gram") return Form::kGram;
+  if (forced == "direct") return Form::kDirect;
+  TORCH_CHECK(forced.empty() || forced == "auto", "srd_ext::", op,
+              ": SRD_EXT_TAP_NORMS_PATH must be auto, product, gram or direct on the CPU, got \"",
+              forced, "\"");
+  const double Cg = static_cast<double>(weight.size(1));
+  const double Cog = static_cast<double>(weight.size(0) / groups);
+  const double T = static_cast<double>(geo.taps());
+  const double pairs = static_cast<double>(x.size(0)) * static_cast<double>(geo.out_pixels()) * T;
+  Form best = Form::kProduct;
+  for (Form f : {Form::kGram, Form::kDirect})
+    if (form_cost(f, Cg, Cog, T, pairs) < form_cost(best, Cg, Cog, T, pairs)) best = f;
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Product and Gram forms.
+
 // Bytes of gathered inputs, and of tap products, per work item (one item per thread is alive).
 constexpr int64_t kTileBytes = 1 << 20;
 constexpr int64_t kMinTilePixels = 32, kReuseTilePixels = 256, kMaxTilePixels = 4096;
@@ -65,8 +139,10 @@ struct TapRect {
 struct Phase {
   int64_t py, px, Hp, Wp;
   std::vector<int64_t> taps;
-  at::Tensor w;      // (groups*ntaps*Cog, Cg): rows ordered (group, tap of the phase, o)
-  int64_t row0 = 0;  // first row of `w` in the stacked (all phases) weight layout
+  // (groups*ntaps*R, Cg): rows ordered (group, tap of the phase, r). Product form: the tap
+  // matrices W_t (R = C_out/groups rows each); Gram form: the Gram matrices G_t (R = Cg).
+  at::Tensor w;
+  int64_t row0 = 0;  // first row of `w` in the stacked (all phases) layout
   int64_t M() const { return w.size(0); }
 };
 
@@ -75,16 +151,18 @@ struct Chunk {
 };
 
 struct Plan {
-  int64_t B, C_in, H, W, C_out, groups, Cg, Cog, T, rows = 0, max_len = 0, max_M = 0;
-  Geometry geo;
+  int64_t B, C_in, H, W, C_out, groups, Cg, Cog, T, R, rows = 0, max_len = 0, max_M = 0;
+  ConvGeometry geo;
+  Form form;
   bool mkldnn = false;
+  at::Tensor wt;  // (T, groups, Cog, Cg): the tap-major weight
   std::vector<TapRect> taps;
   std::vector<Phase> phases;
   std::vector<Chunk> chunks;
 };
 
-Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const Geometry& geo,
-               int64_t groups) {
+Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& geo,
+               int64_t groups, Form form) {
   Plan P;
   P.B = x.size(0);
   P.C_in = x.size(1);
@@ -94,44 +172,49 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const Geometry& ge
   P.groups = groups;
   P.Cg = P.C_in / groups;
   P.Cog = P.C_out / groups;
-  P.T = geo.kh * geo.kw;
+  P.T = geo.taps();
   P.geo = geo;
+  P.form = form;
+  P.R = form == Form::kGram ? P.Cg : P.Cog;
   P.mkldnn = x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
              at::globalContext().userEnabledMkldnn();
-  const int64_t Ho = geo.out_size(P.H, 0), Wo = geo.out_size(P.W, 1);
+  const int64_t sh = geo.y.s, sw = geo.x.s;
 
-  std::vector<int64_t> phase_of(geo.sh * geo.sw, -1);
+  std::vector<int64_t> phase_of(sh * sw, -1);
   P.taps.resize(P.T);
   for (int64_t t = 0; t < P.T; ++t) {
-    const TapRange ry = tap_range(P.H, Ho, geo.sh, geo.ph, geo.dh, t / geo.kw);
-    const TapRange rx = tap_range(P.W, Wo, geo.sw, geo.pw, geo.dw, t % geo.kw);
+    const TapRun ry = geo.y.run(t / geo.kw()), rx = geo.x.run(t % geo.kw());
     if (ry.count == 0 || rx.count == 0) continue;
-    const int64_t py = ry.i0 % geo.sh, px = rx.i0 % geo.sw, key = py * geo.sw + px;
+    const int64_t py = ry.i0 % sh, px = rx.i0 % sw, key = py * sw + px;
     if (phase_of[key] < 0) {
       phase_of[key] = static_cast<int64_t>(P.phases.size());
       Phase ph;
       ph.py = py;
       ph.px = px;
-      ph.Hp = (P.H - py + geo.sh - 1) / geo.sh;
-      ph.Wp = (P.W - px + geo.sw - 1) / geo.sw;
+      ph.Hp = (P.H - py + sh - 1) / sh;
+      ph.Wp = (P.W - px + sw - 1) / sw;
       P.phases.push_back(std::move(ph));
     }
     TapRect& r = P.taps[t];
     r.phase = phase_of[key];
-    r.y0 = ry.i0 / geo.sh;
+    r.y0 = ry.i0 / sh;
     r.ny = ry.count;
-    r.x0 = rx.i0 / geo.sw;
+    r.x0 = rx.i0 / sw;
     r.nx = rx.count;
     P.phases[r.phase].taps.push_back(t);
   }
   if (P.B == 0 || P.C_in == 0 || P.C_out == 0) P.phases.clear();  // all norms are 0
 
-  // (T, groups, Cog, Cg): tap-major weight.
-  const auto wt = weight.permute({2, 3, 0, 1}).contiguous().view({P.T, groups, P.Cog, P.Cg});
+  P.wt = weight.permute({2, 3, 0, 1}).contiguous().view({P.T, groups, P.Cog, P.Cg});
+  at::Tensor mats = P.wt;  // (T, groups, R, Cg)
+  if (form == Form::kGram && !P.phases.empty()) {
+    const auto wd = P.wt.to(at::kDouble);  // Gram matrices rounded once, from exact products
+    mats = at::matmul(wd.transpose(2, 3), wd).to(x.scalar_type());
+  }
   int64_t total = 0;
   for (auto& ph : P.phases) {
     const auto idx = at::tensor(ph.taps, at::TensorOptions().dtype(at::kLong));
-    ph.w = wt.index_select(0, idx).transpose(0, 1).contiguous().view({-1, P.Cg});
+    ph.w = mats.index_select(0, idx).transpose(0, 1).contiguous().view({-1, P.Cg});
     ph.row0 = P.rows;
     P.rows += ph.M();
     P.max_M = std::max(P.max_M, ph.M());
@@ -168,7 +251,7 @@ void for_row_runs(const Plan& P, const Phase& ph, int64_t q0, int64_t q1, const 
   for (int64_t q = q0; q < q1;) {
     const int64_t b = q / HWp, r = q % HWp, yp = r / ph.Wp, xp = r % ph.Wp;
     const int64_t n = std::min(q1 - q, ph.Wp - xp);
-    f(Run{b, (yp * P.geo.sh + ph.py) * P.W + xp * P.geo.sw + ph.px, q, n, yp, xp});
+    f(Run{b, (yp * P.geo.y.s + ph.py) * P.W + xp * P.geo.x.s + ph.px, q, n, yp, xp});
     q += n;
   }
 }
@@ -181,7 +264,7 @@ constexpr int64_t kBlock = 16;
 template <typename scalar_t>
 void gather_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scalar_t* x,
                    scalar_t* dst) {
-  const int64_t HW = P.H * P.W, sw = P.geo.sw, C = P.C_in;
+  const int64_t HW = P.H * P.W, sw = P.geo.x.s, C = P.C_in;
   for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
     scalar_t* d = dst + (run.q - ch.q0) * C;
     const scalar_t* s = x + run.b * C * HW + run.base;
@@ -197,7 +280,7 @@ void gather_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scalar
 template <typename scalar_t>
 void scatter_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scalar_t* src,
                     scalar_t* x) {
-  const int64_t HW = P.H * P.W, sw = P.geo.sw, C = P.C_in;
+  const int64_t HW = P.H * P.W, sw = P.geo.x.s, C = P.C_in;
   for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
     const scalar_t* s = src + (run.q - ch.q0) * C;
     scalar_t* d = x + run.b * C * HW + run.base;
@@ -213,7 +296,7 @@ void scatter_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scala
 // that reaches an output from it; i is the pixel's offset in an (H, W) plane of sample b.
 template <typename F>
 void for_valid_pairs(const Plan& P, const Phase& ph, const Chunk& ch, const F& f) {
-  const int64_t nt = static_cast<int64_t>(ph.taps.size()), sw = P.geo.sw;
+  const int64_t nt = static_cast<int64_t>(ph.taps.size()), sw = P.geo.x.s;
   for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
     for (int64_t k = 0; k < nt; ++k) {
       const int64_t t = ph.taps[k];
@@ -259,10 +342,26 @@ inline acc_t sum_squares(const scalar_t* v, int64_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-at::Tensor product_forward(const at::Tensor& x_in, const at::Tensor& weight, const Geometry& geo,
-                           int64_t groups) {
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t o = 0;
+  for (; o + 8 <= n; o += 8)
+    for (int k = 0; k < 8; ++k) s[k] += static_cast<acc_t>(a[o + k]) * static_cast<acc_t>(b[o + k]);
+  for (; o < n; ++o) s[0] += static_cast<acc_t>(a[o]) * static_cast<acc_t>(b[o]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// Square root of a sum of squares or of a Gram form (which may round below 0); NaN stays NaN.
+template <typename acc_t>
+inline acc_t root(acc_t s) {
+  return s < acc_t(0) ? acc_t(0) : std::sqrt(s);
+}
+
+at::Tensor gemm_forward(const at::Tensor& x_in, const at::Tensor& weight, const ConvGeometry& geo,
+                        int64_t groups, Form form) {
   const auto x = x_in.contiguous();
-  const Plan P = make_plan(x, weight, geo, groups);
+  const Plan P = make_plan(x, weight, geo, groups, form);
   auto out = empty_output({P.B, P.T, P.H, P.W}, x.options()).zero_();
   if (P.chunks.empty()) return out;
 
@@ -271,6 +370,7 @@ at::Tensor product_forward(const at::Tensor& x_in, const at::Tensor& weight, con
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* pout = out.data_ptr<scalar_t>();
     const int64_t HW = P.H * P.W;
+    const bool gram = P.form == Form::kGram;
     at::parallel_for(0, static_cast<int64_t>(P.chunks.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> xbuf(P.max_len * P.C_in), ybuf(P.mkldnn ? 0 : P.max_len * P.max_M);
       for (int64_t c = begin; c < end; ++c) {
@@ -282,11 +382,17 @@ at::Tensor product_forward(const at::Tensor& x_in, const at::Tensor& weight, con
                                     ybuf.data());
         const scalar_t* py = Y.data_ptr<scalar_t>();
         for_valid_pairs(P, ph, ch, [&](int64_t b, int64_t k, int64_t t, int64_t q, int64_t i) {
-          const scalar_t* yq = py + (q - ch.q0) * M + k * P.Cog;
+          const scalar_t* yq = py + (q - ch.q0) * M + k * P.R;
           acc_t s = 0;
-          for (int64_t g = 0; g < P.groups; ++g)
-            s += sum_squares<scalar_t, acc_t>(yq + g * Mg, P.Cog);
-          pout[(b * P.T + t) * HW + i] = static_cast<scalar_t>(std::sqrt(s));
+          if (gram) {  // <G_t x, x> per group
+            const scalar_t* xq = xbuf.data() + (q - ch.q0) * P.C_in;
+            for (int64_t g = 0; g < P.groups; ++g)
+              s += dot<scalar_t, acc_t>(yq + g * Mg, xq + g * P.Cg, P.Cg);
+          } else {
+            for (int64_t g = 0; g < P.groups; ++g)
+              s += sum_squares<scalar_t, acc_t>(yq + g * Mg, P.Cog);
+          }
+          pout[(b * P.T + t) * HW + i] = static_cast<scalar_t>(root(s));
         });
       }
     });
@@ -294,21 +400,22 @@ at::Tensor product_forward(const at::Tensor& x_in, const at::Tensor& weight, con
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> product_backward(const at::Tensor& dn_in, const at::Tensor& x_in,
-                                                    const at::Tensor& weight,
-                                                    const at::Tensor& n_in, const Geometry& geo,
-                                                    int64_t groups) {
+std::tuple<at::Tensor, at::Tensor> gemm_backward(const at::Tensor& dn_in, const at::Tensor& x_in,
+                                                 const at::Tensor& weight, const at::Tensor& n_in,
+                                                 const ConvGeometry& geo, int64_t groups,
+                                                 Form form) {
   const auto x = x_in.contiguous(), dn = dn_in.contiguous(), n = n_in.contiguous();
-  const Plan P = make_plan(x, weight, geo, groups);
+  const Plan P = make_plan(x, weight, geo, groups, form);
+  const bool gram = P.form == Form::kGram;
   const auto opt = x.options();
   auto grad_x = at::zeros_like(x);
   auto grad_w = at::zeros({P.T, P.C_out, P.Cg}, opt);  // tap-major
   const int64_t nchunk = static_cast<int64_t>(P.chunks.size());
-  // Weight grads in the stacked layout, one partial per part of the chunk list, summed in a
-  // fixed order.
+  // Stacked-layout weight grads (product form: of the tap matrices; Gram form: the matrices
+  // M_t = sum_i c x_i x_i^T), one partial per part of the chunk list, summed in a fixed order.
   const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunk));
   auto gw_parts = at::zeros({nparts, P.rows, P.Cg}, opt);
-  // Per phase, its tap matrices transposed per group as a 1x1 conv weight (groups*Cg, Mg, 1, 1).
+  // Per phase, its stacked matrices transposed per group as a 1x1 conv weight (groups*Cg, Mg, 1, 1).
   std::vector<at::Tensor> w_back;
   for (const Phase& ph : P.phases)
     w_back.push_back(ph.w.view({P.groups, ph.M() / P.groups, P.Cg})
@@ -325,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> product_backward(const at::Tensor& dn_in, con
       const int64_t HW = P.H * P.W;
       at::parallel_for(0, nparts, 1, [&](int64_t pbegin, int64_t pend) {
         std::vector<scalar_t> xbuf(P.max_len * P.C_in), gxbuf(P.max_len * P.C_in),
-            ybuf(P.mkldnn ? 0 : P.max_len * P.max_M), coef;
+            ybuf(P.mkldnn && !gram ? 0 : P.max_len * P.max_M), coef;
         for (int64_t part = pbegin; part < pend; ++part) {
           auto gw = gw_parts[part];
           for (int64_t c = part * nchunk / nparts; c < (part + 1) * nchunk / nparts; ++c) {
@@ -333,28 +440,55 @@ std::tuple<at::Tensor, at::Tensor> product_backward(const at::Tensor& dn_in, con
             const Phase& ph = P.phases[ch.phase];
             const int64_t len = ch.q1 - ch.q0, M = ph.M(), Mg = M / P.groups;
             const int64_t nt = static_cast<int64_t>(ph.taps.size());
-            // dY = Y * dn / n per (pixel, tap); 0 where the pair is invalid or n = 0.
+            // c = dn / n per (pixel, tap); 0 where the pair is invalid or n = 0.
             coef.assign(len * nt, scalar_t(0));
             bool any = false;
             for_valid_pairs(P, ph, ch, [&](int64_t b, int64_t k, int64_t t, int64_t q, int64_t i) {
               const int64_t e = (b * P.T + t) * HW + i;
-              const scalar_t v = pn[e] > 0 ? pdn[e] / pn[e] : scalar_t(0);
+              const scalar_t v = positive_or_nan(pn[e]) ? pdn[e] / pn[e] : scalar_t(0);
               coef[(q - ch.q0) * nt + k] = v;
               any = any || v != 0;
             });
             if (!any) continue;  // these pixels of grad_x stay zero
             gather_pixels(P, ph, ch, px, xbuf.data());
             const auto X = at::from_blob(xbuf.data(), {len, P.C_in}, opt);
-            auto Y = tap_products(P, ph, X, ybuf.data());
-            scalar_t* py = Y.data_ptr<scalar_t>();
-            for (int64_t q = 0; q < len; ++q)
-              for (int64_t g = 0; g < P.groups; ++g)
-                for (int64_t k = 0; k < nt; ++k) {
-                  scalar_t* y = py + q * M + g * Mg + k * P.Cog;
-                  const scalar_t s = coef[q * nt + k];
-                  for (int64_t o = 0; o < P.Cog; ++o) y[o] *= s;
-                }
-            // grad of X = dY times the transposed tap matrices; grad of the matrices = dY^T X.
+            // dY (len, M). Product form: the products scaled by c; Gram form: c x, once per tap.
+            at::Tensor Y;
+            if (gram) {
+              Y = at::from_blob(ybuf.data(), {len, M}, opt);
+              scalar_t* py = ybuf.data();
+              for (int64_t q = 0; q < len; ++q)
+                for (int64_t g = 0; g < P.groups; ++g)
+                  for (int64_t k = 0; k < nt; ++k) {
+                    scalar_t* y = py + q * M + g * Mg + k * P.Cg;
+                    const scalar_t* xq = xbuf.data() + q * P.C_in + g * P.Cg;
+                    const scalar_t s = coef[q * nt + k];
+                    for (int64_t o = 0; o < P.Cg; ++o) y[o] = s == 0 ? scalar_t(0) : s * xq[o];
+                  }
+            } else {
+              Y = tap_products(P, ph, X, ybuf.data());
+              scalar_t* py = Y.data_ptr<scalar_t>();
+              for (int64_t q = 0; q < len; ++q)
+                for (int64_t g = 0; g < P.groups; ++g)
+                  for (int64_t k = 0; k < nt; ++k) {
+                    scalar_t* y = py + q * M + g * Mg + k * P.Cog;
+                    const scalar_t s = coef[q * nt + k];
+                    if (s == 0)
+                      std::fill(y, y + P.Cog, scalar_t(0));  // also where the product is NaN
+                    else
+                      for (int64_t o = 0; o < P.Cog; ++o) y[o] *= s;
+                  }
+            }
+            // Pixels without a share in the gradient drop out of the weight grad (a NaN
+            // there would otherwise reach every weight through 0 * NaN).
+            for (int64_t q = 0; q < len; ++q) {
+              bool used = false;
+              for (int64_t k = 0; k < nt && !used; ++k) used = coef[q * nt + k] != 0;
+              if (!used)
+                std::fill(xbuf.data() + q * P.C_in, xbuf.data() + (q + 1) * P.C_in, scalar_t(0));
+            }
+            // grad of X = dY times the stacked matrices (transposed per group); grad of the
+            // matrices = dY^T X.
             const scalar_t* pgxr = gxbuf.data();
             at::Tensor GX;
             if (P.mkldnn) {
@@ -379,54 +513,50 @@ std::tuple<at::Tensor, at::Tensor> product_backward(const at::Tensor& dn_in, con
 
   const auto gw_sum = gw_parts.sum(0);
   for (const Phase& ph : P.phases) {
-    // Stacked rows (group, tap, o) back to tap-major (tap, group*Cog + o).
+    // Stacked rows (group, tap, r) back to tap-major (tap, group, r).
     const int64_t nt = static_cast<int64_t>(ph.taps.size());
-    const auto rows = gw_sum.narrow(0, ph.row0, ph.M())
-                          .view({P.groups, nt, P.Cog, P.Cg})
-                          .transpose(0, 1)
-                          .reshape({nt, P.C_out, P.Cg});
-    grad_w.index_copy_(0, at::tensor(ph.taps, at::TensorOptions().dtype(at::kLong)), rows);
+    const auto idx = at::tensor(ph.taps, at::TensorOptions().dtype(at::kLong));
+    auto rows = gw_sum.narrow(0, ph.row0, ph.M()).view({P.groups, nt, P.R, P.Cg}).transpose(0, 1);
+    if (gram) rows = at::matmul(P.wt.index_select(0, idx), rows);  // W_t M_t
+    grad_w.index_copy_(0, idx, rows.reshape({nt, P.C_out, P.Cg}));
   }
   return {grad_x,
-          grad_w.view({geo.kh, geo.kw, P.C_out, P.Cg}).permute({2, 3, 0, 1}).contiguous()};
+          grad_w.view({geo.kh(), geo.kw(), P.C_out, P.Cg}).permute({2, 3, 0, 1}).contiguous()};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gram path, for few input channels per group (an RGB stem, depthwise convs). There a product
-// W_t x_i holds many more values than x_i, so n^2 = sum_g x_g^T (W_tg^T W_tg) x_g is evaluated
-// directly, in double: Cg(Cg+1)/2 multiply-adds per group and (pixel, tap) pair and, unlike a
-// float GEMM, no loss of relative accuracy when the products nearly cancel.
+// Direct form, for a handful of input channels per group (an RGB stem, depthwise convs). There a
+// product W_t x_i holds many more values than x_i, and a GEMM with so short an inner dimension
+// runs far below its peak, so n^2 = sum_g x_g^T (W_tg^T W_tg) x_g is evaluated with plain loops,
+// in double: Cg(Cg+1)/2 multiply-adds per group and (pixel, tap) pair and, unlike a float GEMM,
+// no loss of relative accuracy when the products nearly cancel.
 
-constexpr int64_t kGramMaxCg = 4;
 constexpr int64_t kLanes = 8;
 
-struct GramGeo {
+struct DirectGeo {
   int64_t B, C_in, H, W, groups, Cg, Cog, T;
-  Geometry geo;
-  std::vector<TapRange> ry, rx;  // per tap row ty / column tx
+  ConvGeometry geo;
+  std::vector<TapRun> ry, rx;  // per tap row ty / column tx
   // Index of input row iy in the lattice of tap row ty, or -1.
   int64_t lattice_row(int64_t ty, int64_t iy) const {
-    const TapRange& r = ry[ty];
-    if (r.count == 0 || iy < r.i0 || (iy - r.i0) % geo.sh != 0) return -1;
-    const int64_t k = (iy - r.i0) / geo.sh;
+    const TapRun& r = ry[ty];
+    if (r.count == 0 || iy < r.i0 || (iy - r.i0) % geo.y.s != 0) return -1;
+    const int64_t k = (iy - r.i0) / geo.y.s;
     return k < r.count ? k : -1;
   }
 };
 
-GramGeo make_gram_geo(const at::Tensor& x, const at::Tensor& weight, const Geometry& geo,
-                      int64_t groups) {
-  GramGeo G{x.size(0), x.size(1), x.size(2), x.size(3), groups, x.size(1) / groups,
-            weight.size(0) / groups, geo.kh * geo.kw, geo, {}, {}};
-  const int64_t Ho = geo.out_size(G.H, 0), Wo = geo.out_size(G.W, 1);
-  for (int64_t ty = 0; ty < geo.kh; ++ty)
-    G.ry.push_back(tap_range(G.H, Ho, geo.sh, geo.ph, geo.dh, ty));
-  for (int64_t tx = 0; tx < geo.kw; ++tx)
-    G.rx.push_back(tap_range(G.W, Wo, geo.sw, geo.pw, geo.dw, tx));
+DirectGeo make_direct_geo(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& geo,
+                          int64_t groups) {
+  DirectGeo G{x.size(0), x.size(1), x.size(2), x.size(3), groups, x.size(1) / groups,
+              weight.size(0) / groups, geo.taps(), geo, {}, {}};
+  for (int64_t ty = 0; ty < geo.kh(); ++ty) G.ry.push_back(geo.y.run(ty));
+  for (int64_t tx = 0; tx < geo.kw(); ++tx) G.rx.push_back(geo.x.run(tx));
   return G;
 }
 
 // (T, groups, Cog, Cg) tap-major weight, in double.
-at::Tensor tap_weight_double(const at::Tensor& weight, const GramGeo& G) {
+at::Tensor tap_weight_double(const at::Tensor& weight, const DirectGeo& G) {
   return weight.permute({2, 3, 0, 1}).reshape({G.T, G.groups, G.Cog, G.Cg}).to(at::kDouble);
 }
 
@@ -444,10 +574,10 @@ void split_row(const scalar_t* xrow, int64_t C, int64_t HW, int64_t W, int64_t s
     }
 }
 
-at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const Geometry& geo,
+at::Tensor direct_forward(const at::Tensor& x_in, const at::Tensor& weight, const ConvGeometry& geo,
                         int64_t groups) {
   const auto x = x_in.contiguous();
-  const GramGeo G = make_gram_geo(x, weight, geo, groups);
+  const DirectGeo G = make_direct_geo(x, weight, geo, groups);
   if (G.B * G.H * G.W == 0 || G.Cog == 0 || G.Cg == 0)
     return at::zeros({G.B, G.T, G.H, G.W}, x.options());
   // Written once, element by element (zeros included): a separate zero fill of the output
@@ -457,7 +587,7 @@ at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const 
   // off-diagonal terms doubled, packed per (tap, group) in the order of the pair loop below.
   const auto w = tap_weight_double(weight, G);
   const auto gram = at::matmul(w.transpose(2, 3), w).contiguous();  // (T, groups, Cg, Cg)
-  const int64_t Cg = G.Cg, npair = Cg * (Cg + 1) / 2, HW = G.H * G.W, sw = geo.sw;
+  const int64_t Cg = G.Cg, npair = Cg * (Cg + 1) / 2, HW = G.H * G.W, sw = geo.x.s;
   const int64_t Wph = (G.W + sw - 1) / sw;
   std::vector<double> A(G.T * G.groups * npair);
   {
@@ -468,7 +598,7 @@ at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const 
         for (int64_t d = c; d < Cg; ++d) A[k++] = pg[(tg * Cg + c) * Cg + d] * (c == d ? 1 : 2);
   }
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_cpu_gram", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_cpu_direct", [&] {
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* pout = out.data_ptr<scalar_t>();
     at::parallel_for(0, G.B * G.H, 1, [&](int64_t begin, int64_t end) {
@@ -478,7 +608,7 @@ at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const 
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / G.H, iy = r % G.H;
         bool used = false;
-        for (int64_t ty = 0; ty < geo.kh && !used; ++ty) used = G.lattice_row(ty, iy) >= 0;
+        for (int64_t ty = 0; ty < geo.kh() && !used; ++ty) used = G.lattice_row(ty, iy) >= 0;
         if (used) {
           // Channel-pair products of the row, shared by every tap that reaches it.
           split_row(px + b * G.C_in * HW + iy * G.W, G.C_in, HW, G.W, sw, Wph, row.data());
@@ -491,11 +621,11 @@ at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const 
                 for (int64_t j = 0; j < stride_k; ++j) p[j] = xc[j] * xd[j];
               }
         }
-        for (int64_t ty = 0; ty < geo.kh; ++ty) {
+        for (int64_t ty = 0; ty < geo.kh(); ++ty) {
           const bool row_used = G.lattice_row(ty, iy) >= 0;
-          for (int64_t tx = 0; tx < geo.kw; ++tx) {
-            const TapRange& rx = G.rx[tx];
-            const int64_t t = ty * geo.kw + tx, off = (rx.i0 % sw) * Wph + rx.i0 / sw;
+          for (int64_t tx = 0; tx < geo.kw(); ++tx) {
+            const TapRun& rx = G.rx[tx];
+            const int64_t t = ty * geo.kw() + tx, off = (rx.i0 % sw) * Wph + rx.i0 / sw;
             scalar_t* orow = pout + ((b * G.T + t) * G.H + iy) * G.W;
             std::fill(orow, orow + G.W, scalar_t(0));
             if (!row_used || rx.count == 0) continue;
@@ -511,7 +641,7 @@ at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const 
               }
               const int64_t nb = std::min(kLanes, rx.count - l0);
               for (int64_t j = 0; j < nb; ++j)
-                o[(l0 + j) * sw] = std::sqrt(static_cast<scalar_t>(std::max(acc[j], 0.0)));
+                o[(l0 + j) * sw] = static_cast<scalar_t>(root(acc[j]));
             }
           }
         }
@@ -521,14 +651,14 @@ at::Tensor gram_forward(const at::Tensor& x_in, const at::Tensor& weight, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& dn_in, const at::Tensor& x_in,
+std::tuple<at::Tensor, at::Tensor> direct_backward(const at::Tensor& dn_in, const at::Tensor& x_in,
                                                  const at::Tensor& weight, const at::Tensor& n_in,
-                                                 const Geometry& geo, int64_t groups) {
+                                                 const ConvGeometry& geo, int64_t groups) {
   const auto x = x_in.contiguous(), dn = dn_in.contiguous(), n = n_in.contiguous();
-  const GramGeo G = make_gram_geo(x, weight, geo, groups);
+  const DirectGeo G = make_direct_geo(x, weight, geo, groups);
   auto grad_x = at::zeros_like(x);
   const auto w = tap_weight_double(weight, G);
-  const int64_t Cg = G.Cg, HW = G.H * G.W, sw = geo.sw, rows = G.B * G.H;
+  const int64_t Cg = G.Cg, HW = G.H * G.W, sw = geo.x.s, rows = G.B * G.H;
   const int64_t Wph = (G.W + sw - 1) / sw, msize = G.T * G.groups * Cg * Cg;
   // Per input row, grad_x += c * G_t x with c = dn/n; per tap, M_t += c * x x^T, and in the end
   // grad_W_t = W_t M_t. Rows are owned by one task each; M is reduced per part in a fixed order.
@@ -537,7 +667,7 @@ std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& dn_in, const 
   if (rows > 0 && G.Cog > 0 && Cg > 0) {
     const auto gram = at::matmul(w.transpose(2, 3), w).contiguous();  // (T, groups, Cg, Cg)
     const double* pg = gram.data_ptr<double>();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_backward_cpu_gram", [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_backward_cpu_direct", [&] {
       const scalar_t* px = x.data_ptr<scalar_t>();
       const scalar_t* pdn = dn.data_ptr<scalar_t>();
       const scalar_t* pn = n.data_ptr<scalar_t>();
@@ -549,16 +679,16 @@ std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& dn_in, const 
           for (int64_t r = part * rows / nparts; r < (part + 1) * rows / nparts; ++r) {
             const int64_t b = r / G.H, iy = r % G.H;
             bool loaded = false;
-            for (int64_t ty = 0; ty < geo.kh; ++ty) {
+            for (int64_t ty = 0; ty < geo.kh(); ++ty) {
               if (G.lattice_row(ty, iy) < 0) continue;
-              for (int64_t tx = 0; tx < geo.kw; ++tx) {
-                const TapRange& rx = G.rx[tx];
-                const int64_t t = ty * geo.kw + tx;
+              for (int64_t tx = 0; tx < geo.kw(); ++tx) {
+                const TapRun& rx = G.rx[tx];
+                const int64_t t = ty * geo.kw() + tx;
                 const int64_t e0 = (b * G.T + t) * HW + iy * G.W + rx.i0;
                 bool any = false;
                 for (int64_t l = 0; l < rx.count; ++l) {
                   const scalar_t nv = pn[e0 + l * sw];
-                  coef[l] = nv > 0 ? static_cast<double>(pdn[e0 + l * sw]) / nv : 0.0;
+                  coef[l] = positive_or_nan(nv) ? static_cast<double>(pdn[e0 + l * sw]) / nv : 0.0;
                   any = any || coef[l] != 0;
                 }
                 if (!any) continue;
@@ -609,7 +739,7 @@ std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& dn_in, const 
     for (int64_t k = 0; k < msize; ++k) ps[k] += m_parts[part * msize + k];
   // (T, groups, Cog, Cg) -> (C_out, Cg, kh, kw)
   const auto gw = at::matmul(w, msum)
-                      .view({geo.kh, geo.kw, G.groups * G.Cog, Cg})
+                      .view({geo.kh(), geo.kw(), G.groups * G.Cog, Cg})
                       .permute({2, 3, 0, 1})
                       .to(x.scalar_type())
                       .contiguous();
@@ -619,20 +749,25 @@ std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& dn_in, const 
 at::Tensor conv_tap_norms_cpu(const at::Tensor& x, const at::Tensor& weight,
                               at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation, int64_t groups) {
-  const Geometry geo = check_tap_norms_args("conv_tap_norms", x, weight, stride, padding, dilation,
-                                            groups, /*allow_half=*/false);
-  return x.size(1) / groups <= kGramMaxCg ? gram_forward(x, weight, geo, groups)
-                                          : product_forward(x, weight, geo, groups);
+  const NestedCallGuard nested;
+  const char* op = "conv_tap_norms";
+  const ConvGeometry geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,
+                                                /*allow_half=*/false);
+  const Form form = choose_form(op, x, weight, geo, groups);
+  return form == Form::kDirect ? direct_forward(x, weight, geo, groups)
+                               : gemm_forward(x, weight, geo, groups, form);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cpu(
     const at::Tensor& dn, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& n,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const NestedCallGuard nested;
   const char* op = "conv_tap_norms_backward";
-  const Geometry geo = check_tap_norms_backward_args(op, dn, x, weight, n, stride, padding,
-                                                     dilation, groups, /*allow_half=*/false);
-  return x.size(1) / groups <= kGramMaxCg ? gram_backward(dn, x, weight, n, geo, groups)
-                                          : product_backward(dn, x, weight, n, geo, groups);
+  const ConvGeometry geo = check_tap_norms_backward_args(op, dn, x, weight, n, stride, padding,
+                                                         dilation, groups, /*allow_half=*/false);
+  const Form form = choose_form(op, x, weight, geo, groups);
+  return form == Form::kDirect ? direct_backward(dn, x, weight, n, geo, groups)
+                               : gemm_backward(dn, x, weight, n, geo, groups, form);
 }
 
 }  // namespace

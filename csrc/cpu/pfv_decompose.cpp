@@ -23,15 +23,14 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
                                                      at::IntArrayRef padding,
                                                      at::IntArrayRef dilation,
                                                      c10::string_view bias_share) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "pfv_decompose";
-  const Geometry geo = check_tap_norms_args(op, x_in, weight_in, stride, padding, dilation,
-                                            /*groups=*/1, /*allow_half=*/false);
+  const ConvGeometry geo = check_tap_norms_args(op, x_in, weight_in, stride, padding, dilation,
+                                                /*groups=*/1, /*allow_half=*/false);
   const int64_t mode = bias_share_mode(op, bias_share);
   const int64_t B = x_in.size(0), C_in = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t C_out = weight_in.size(0), T = geo.kh * geo.kw;
-  const int64_t Ho = geo.out_size(H, 0), Wo = geo.out_size(W, 1);
+  const int64_t C_out = weight_in.size(0), T = geo.taps();
+  const int64_t Ho = geo.y.out, Wo = geo.x.out;
 
   TORCH_CHECK(positions_in.scalar_type() == at::kLong, "srd_ext::", op,
               ": positions must be int64, got ", positions_in.scalar_type());
@@ -79,9 +78,9 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = pp[3 * r], oy = pp[3 * r + 1], ox = pp[3 * r + 2];
         for (int64_t t = 0; t < T; ++t) {
-          const int64_t iy = oy * geo.sh - geo.ph + (t / geo.kw) * geo.dh;
-          const int64_t ix = ox * geo.sw - geo.pw + (t % geo.kw) * geo.dw;
-          if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+          const int64_t iy = geo.y.in_coord(oy, t / geo.kw());
+          const int64_t ix = geo.x.in_coord(ox, t % geo.kw());
+          if (!geo.y.inside(iy) || !geo.x.inside(ix)) continue;
           const scalar_t* xi = px + b * C_in * HW + iy * W + ix;
           scalar_t* dst = pX + (t * N + r) * C_in;
           double xn = 0;
@@ -127,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
         acc_t zn = 0;
         for (int64_t o = 0; o < C_out; ++o) zn += z[o] * z[o];
         for (int64_t t = 0; t < T; ++t) {
-          const acc_t share = S > 0 ? nt[t] / S : acc_t(0);
+          const acc_t share = positive_or_nan(S) ? nt[t] / S : acc_t(0);
           const scalar_t* y = py + (t * N + r) * C_out;
           scalar_t* v = pv + (r * T + t) * C_out;
           acc_t dot = 0;
@@ -137,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
             v[o] = static_cast<scalar_t>(vo);
             dot += vo * z[o];
           }
-          pmu[r * T + t] = static_cast<scalar_t>(zn > 0 ? dot / zn : acc_t(0));
+          pmu[r * T + t] = static_cast<scalar_t>(positive_or_nan(zn) ? dot / zn : acc_t(0));
         }
       }
     });

@@ -5,43 +5,43 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "cuda/conv_geometry.cuh"
 #include "cuda/cuda_common.cuh"
 
 namespace srd_ext {
 namespace cuda {
 namespace {
 
-// Per output pixel: S_j = sum of the valid taps' norms; coef_j = S_j > 0 ? d_j / S_j : 0.
+// Per output pixel: S_j = sum of the valid taps' norms; coef_j = S_j > 0 ? d_j / S_j : 0 (NaN
+// when S_j is NaN).
 // With dR given (backward) also w_j = S_j > 0 ? u_j / S_j : 0, u_j = sum_t n * dR[i(j,t)],
 // written to both w (acc) and grad_d.
 template <typename scalar_t, typename acc_t>
 __global__ void per_output_kernel(const scalar_t* __restrict__ n, const scalar_t* __restrict__ d,
                                   const scalar_t* __restrict__ d_rel,  // null in the forward
                                   acc_t* __restrict__ coef, acc_t* __restrict__ w,
-                                  scalar_t* __restrict__ grad_d, ConvGeom g, int64_t total) {
-  const int64_t T = g.kh * g.kw, plane_in = g.hin * g.win, plane_out = g.hout * g.wout;
+                                  scalar_t* __restrict__ grad_d, ConvGeometry g, int64_t total) {
+  const int64_t T = g.taps(), plane_in = g.in_pixels(), plane_out = g.out_pixels();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += stride) {
     const int64_t b = idx / plane_out, rem = idx % plane_out;
-    const int64_t oy = rem / g.wout, ox = rem % g.wout;
+    const int64_t oy = rem / g.x.out, ox = rem % g.x.out;
     const scalar_t* nb = n + b * T * plane_in;
     const scalar_t* drb = d_rel != nullptr ? d_rel + b * plane_in : nullptr;
     acc_t S = 0, u = 0;
-    for (int64_t ty = 0; ty < g.kh; ++ty) {
-      const int64_t iy = ConvGeom::in_coord(oy, ty, g.sh, g.ph, g.dh);
-      if (iy < 0 || iy >= g.hin) continue;
-      for (int64_t tx = 0; tx < g.kw; ++tx) {
-        const int64_t ix = ConvGeom::in_coord(ox, tx, g.sw, g.pw, g.dw);
-        if (ix < 0 || ix >= g.win) continue;
-        const int64_t i = iy * g.win + ix;
-        const acc_t nv = static_cast<acc_t>(nb[(ty * g.kw + tx) * plane_in + i]);
+    for (int64_t ty = 0; ty < g.kh(); ++ty) {
+      const int64_t iy = g.y.in_coord(oy, ty);
+      if (iy < 0 || iy >= g.y.in) continue;
+      for (int64_t tx = 0; tx < g.kw(); ++tx) {
+        const int64_t ix = g.x.in_coord(ox, tx);
+        if (ix < 0 || ix >= g.x.in) continue;
+        const int64_t i = iy * g.x.in + ix;
+        const acc_t nv = static_cast<acc_t>(nb[(ty * g.kw() + tx) * plane_in + i]);
         S += nv;
         if (drb != nullptr) u += nv * static_cast<acc_t>(drb[i]);
       }
     }
-    const bool pos = S > acc_t(0);
+    const bool pos = positive_or_nan(S);  // NaN norms give NaN shares
     coef[idx] = pos ? static_cast<acc_t>(d[idx]) / S : acc_t(0);
     if (drb != nullptr) {
       const acc_t wv = pos ? u / S : acc_t(0);
@@ -54,23 +54,23 @@ __global__ void per_output_kernel(const scalar_t* __restrict__ n, const scalar_t
 // R_i = sum_t n[t, i] * coef_{j(i,t)}.
 template <typename scalar_t, typename acc_t>
 __global__ void scatter_kernel(const scalar_t* __restrict__ n, const acc_t* __restrict__ coef,
-                               scalar_t* __restrict__ rel, ConvGeom g, int64_t total) {
-  const int64_t T = g.kh * g.kw, plane_in = g.hin * g.win, plane_out = g.hout * g.wout;
+                               scalar_t* __restrict__ rel, ConvGeometry g, int64_t total) {
+  const int64_t T = g.taps(), plane_in = g.in_pixels(), plane_out = g.out_pixels();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += stride) {
     const int64_t b = idx / plane_in, i = idx % plane_in;
-    const int64_t iy = i / g.win, ix = i % g.win;
+    const int64_t iy = i / g.x.in, ix = i % g.x.in;
     const scalar_t* nb = n + b * T * plane_in + i;
     const acc_t* cb = coef + b * plane_out;
     acc_t r = 0;
-    for (int64_t ty = 0; ty < g.kh; ++ty) {
-      const int64_t oy = ConvGeom::out_coord(iy, ty, g.sh, g.ph, g.dh, g.hout);
+    for (int64_t ty = 0; ty < g.kh(); ++ty) {
+      const int64_t oy = g.y.out_coord(iy, ty);
       if (oy < 0) continue;
-      for (int64_t tx = 0; tx < g.kw; ++tx) {
-        const int64_t ox = ConvGeom::out_coord(ix, tx, g.sw, g.pw, g.dw, g.wout);
+      for (int64_t tx = 0; tx < g.kw(); ++tx) {
+        const int64_t ox = g.x.out_coord(ix, tx);
         if (ox < 0) continue;
-        r += static_cast<acc_t>(nb[(ty * g.kw + tx) * plane_in]) * cb[oy * g.wout + ox];
+        r += static_cast<acc_t>(nb[(ty * g.kw() + tx) * plane_in]) * cb[oy * g.x.out + ox];
       }
     }
     rel[idx] = static_cast<scalar_t>(r);
@@ -81,27 +81,27 @@ __global__ void scatter_kernel(const scalar_t* __restrict__ n, const acc_t* __re
 template <typename scalar_t, typename acc_t>
 __global__ void scatter_backward_kernel(const scalar_t* __restrict__ d_rel,
                                         const acc_t* __restrict__ coef, const acc_t* __restrict__ w,
-                                        scalar_t* __restrict__ grad_n, ConvGeom g, int64_t total) {
-  const int64_t T = g.kh * g.kw, plane_in = g.hin * g.win, plane_out = g.hout * g.wout;
+                                        scalar_t* __restrict__ grad_n, ConvGeometry g, int64_t total) {
+  const int64_t T = g.taps(), plane_in = g.in_pixels(), plane_out = g.out_pixels();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += stride) {
     const int64_t b = idx / plane_in, i = idx % plane_in;
-    const int64_t iy = i / g.win, ix = i % g.win;
+    const int64_t iy = i / g.x.in, ix = i % g.x.in;
     const acc_t dr = static_cast<acc_t>(d_rel[idx]);
     const acc_t* cb = coef + b * plane_out;
     const acc_t* wb = w + b * plane_out;
     scalar_t* gb = grad_n + b * T * plane_in + i;
-    for (int64_t ty = 0; ty < g.kh; ++ty) {
-      const int64_t oy = ConvGeom::out_coord(iy, ty, g.sh, g.ph, g.dh, g.hout);
-      for (int64_t tx = 0; tx < g.kw; ++tx) {
-        const int64_t ox = oy < 0 ? -1 : ConvGeom::out_coord(ix, tx, g.sw, g.pw, g.dw, g.wout);
+    for (int64_t ty = 0; ty < g.kh(); ++ty) {
+      const int64_t oy = g.y.out_coord(iy, ty);
+      for (int64_t tx = 0; tx < g.kw(); ++tx) {
+        const int64_t ox = oy < 0 ? -1 : g.x.out_coord(ix, tx);
         acc_t v = 0;
         if (ox >= 0) {
-          const int64_t j = oy * g.wout + ox;
+          const int64_t j = oy * g.x.out + ox;
           if (cb[j] != acc_t(0)) v = (dr - wb[j]) * cb[j];
         }
-        gb[(ty * g.kw + tx) * plane_in] = static_cast<scalar_t>(v);
+        gb[(ty * g.kw() + tx) * plane_in] = static_cast<scalar_t>(v);
       }
     }
   }
@@ -110,19 +110,17 @@ __global__ void scatter_backward_kernel(const scalar_t* __restrict__ d_rel,
 at::Tensor bias_share_scatter_cuda(const at::Tensor& tap_norms, const at::Tensor& bias_dot,
                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "bias_share_scatter";
-  const auto geo = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding, dilation,
+  const ConvGeometry g = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding, dilation,
                                       /*allow_half=*/true);
   check_cuda(op, "tap_norms", tap_norms);  // bias_dot was checked to share its device
   const c10::cuda::CUDAGuard guard(tap_norms.device());
 
   const auto nc = tap_norms.contiguous(), dc = bias_dot.contiguous();
   const int64_t B = tap_norms.size(0);
-  const ConvGeom g = make_conv_geom(geo, tap_norms.size(2), tap_norms.size(3));
-  auto rel = at::empty({B, g.hin, g.win}, tap_norms.options());
-  const int64_t n_in = B * g.hin * g.win, n_out = B * g.hout * g.wout;
+  auto rel = at::empty({B, g.y.in, g.x.in}, tap_norms.options());
+  const int64_t n_in = B * g.in_pixels(), n_out = B * g.out_pixels();
   if (n_in == 0) return rel;
   if (n_out == 0) return rel.zero_();
 
@@ -148,10 +146,9 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cuda(
     const at::Tensor& grad_relevance, const at::Tensor& tap_norms, const at::Tensor& bias_dot,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "bias_share_scatter_backward";
-  const auto geo = check_scatter_backward_args(op, grad_relevance, tap_norms, bias_dot, kernel_size,
+  const ConvGeometry g = check_scatter_backward_args(op, grad_relevance, tap_norms, bias_dot, kernel_size,
                                                stride, padding, dilation, /*allow_half=*/true);
   check_cuda(op, "tap_norms", tap_norms);
   const c10::cuda::CUDAGuard guard(tap_norms.device());
@@ -159,10 +156,9 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cuda(
   const auto drc = grad_relevance.contiguous(), nc = tap_norms.contiguous(),
              dc = bias_dot.contiguous();
   const int64_t B = tap_norms.size(0);
-  const ConvGeom g = make_conv_geom(geo, tap_norms.size(2), tap_norms.size(3));
   auto grad_n = at::empty_like(nc);
   auto grad_d = at::empty_like(dc);
-  const int64_t n_in = B * g.hin * g.win, n_out = B * g.hout * g.wout;
+  const int64_t n_in = B * g.in_pixels(), n_out = B * g.out_pixels();
   if (n_in == 0) return {grad_n, grad_d.zero_()};  // no input pixel: every S_j is 0
   if (n_out == 0) return {grad_n.zero_(), grad_d};
 

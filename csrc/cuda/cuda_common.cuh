@@ -10,6 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+
+#include "common.h"
 
 namespace srd_ext {
 namespace cuda {
@@ -25,6 +29,18 @@ inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
 inline unsigned int grid_for(int64_t n, int threads = kThreads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20)));
+}
+
+// Streaming multiprocessors of a device (queried once per device).
+inline int64_t multiprocessors(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  const int d = static_cast<int>(device);
+  int n = d >= 0 && d < 64 ? cache[d].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d));
+    if (d >= 0 && d < 64) cache[d].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 __device__ __forceinline__ float dev_sqrt(float v) { return sqrtf(v); }

@@ -1,4 +1,7 @@
 // CUDA kernel of pfv_decompose (groups = 1).
+// The positions are checked on the device (a host check would copy them back and synchronize,
+// which CUDA graphs cannot capture): a row outside the output raises a device-side assertion
+// that names the row, like an out-of-range index in torch's own CUDA kernels.
 // Three passes over the requested output pixels (rows):
 //   1. one block per (row, tap): Y_t = W_t x_i (into an accumulation-dtype buffer) and n_t;
 //   2. one block per row: z = sum_t Y_t + bias, ||z||^2 and S = sum_t n_t;
@@ -8,7 +11,6 @@
 #include <limits>
 
 #include "common.h"
-#include "cuda/conv_geometry.cuh"
 #include "cuda/cuda_common.cuh"
 
 namespace srd_ext {
@@ -23,24 +25,33 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     tap_outputs_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ wp,
                        const int64_t* __restrict__ pos, acc_t* __restrict__ y,
-                       acc_t* __restrict__ tap_norm, ConvGeom g, int64_t c_in, int64_t c_out,
-                       int mode) {
+                       acc_t* __restrict__ tap_norm, ConvGeometry g, int64_t batch, int64_t c_in,
+                       int64_t c_out, int mode) {
   __shared__ acc_t xs[kThreads];
   __shared__ acc_t scratch[32];
-  const int64_t T = g.kh * g.kw;
+  const int64_t T = g.taps();
   const int64_t rt = blockIdx.x, r = rt / T, t = rt % T;
   const int tid = threadIdx.x;
   const int64_t b = pos[r * 3], oy = pos[r * 3 + 1], ox = pos[r * 3 + 2];
-  const int64_t iy = ConvGeom::in_coord(oy, t / g.kw, g.sh, g.ph, g.dh);
-  const int64_t ix = ConvGeom::in_coord(ox, t % g.kw, g.sw, g.pw, g.dw);
+  const bool valid = b >= 0 && b < batch && oy >= 0 && oy < g.y.out && ox >= 0 && ox < g.x.out;
+  // One report per row (its first tap's block, thread 0); every thread leaves the row alone.
+  CUDA_KERNEL_ASSERT_PRINTF(
+      valid || t != 0 || tid != 0,
+      "srd_ext::pfv_decompose: positions row %lld is (b, y, x) = (%lld, %lld, %lld) but the valid "
+      "ranges are b in [0, %lld), y in [0, %lld), x in [0, %lld)",
+      static_cast<long long>(r), static_cast<long long>(b), static_cast<long long>(oy),
+      static_cast<long long>(ox), static_cast<long long>(batch), static_cast<long long>(g.y.out),
+      static_cast<long long>(g.x.out));
+  const int64_t iy = g.y.in_coord(oy, t / g.kw());
+  const int64_t ix = g.x.in_coord(ox, t % g.kw());
   acc_t* yr = y + rt * c_out;
-  if (iy < 0 || iy >= g.hin || ix < 0 || ix >= g.win) {  // whole block
+  if (!valid || !g.y.inside(iy) || !g.x.inside(ix)) {  // whole block
     for (int64_t o = tid; o < c_out; o += blockDim.x) yr[o] = acc_t(0);
     if (tid == 0) tap_norm[rt] = acc_t(0);
     return;
   }
-  const int64_t plane = g.hin * g.win;
-  const scalar_t* xp = x + b * c_in * plane + iy * g.win + ix;
+  const int64_t plane = g.in_pixels();
+  const scalar_t* xp = x + b * c_in * plane + iy * g.x.in + ix;
   const scalar_t* wt = wp + t * c_in * c_out;
 
   acc_t x2 = 0, y2 = 0;
@@ -115,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t rt = blockIdx.x, r = rt / T;
   const int tid = threadIdx.x;
   const acc_t S = row_sums[2 * r], z2 = row_sums[2 * r + 1];
-  const acc_t share = S > acc_t(0) ? tap_norm[rt] / S : acc_t(0);
+  const acc_t share = positive_or_nan(S) ? tap_norm[rt] / S : acc_t(0);
   acc_t dot = 0;
   for (int64_t o = tid; o < c_out; o += blockDim.x) {
     acc_t v = y[rt * c_out + o];
@@ -124,7 +135,7 @@ __global__ void __launch_bounds__(kThreads)
     dot += v * z[r * c_out + o];
   }
   dot = block_sum(dot, scratch);
-  if (tid == 0) mu[rt] = static_cast<scalar_t>(z2 > acc_t(0) ? dot / z2 : acc_t(0));
+  if (tid == 0) mu[rt] = static_cast<scalar_t>(positive_or_nan(z2) ? dot / z2 : acc_t(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -133,14 +144,13 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(const at::Tensor& x, const
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                                       at::IntArrayRef dilation,
                                                       c10::string_view bias_share) {
-  // Nested ATen calls must not record autograd history (inputs may require grad).
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const NestedCallGuard nested;
   const char* op = "pfv_decompose";
-  const auto geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, /*groups=*/1,
-                                        /*allow_half=*/true);
+  const ConvGeometry g = check_tap_norms_args(op, x, weight, stride, padding, dilation,
+                                              /*groups=*/1, /*allow_half=*/true);
   const int mode = static_cast<int>(bias_share_mode(op, bias_share));
   check_cuda(op, "x", x);
-  const int64_t B = x.size(0), c_in = x.size(1), c_out = weight.size(0), T = geo.kh * geo.kw;
+  const int64_t B = x.size(0), c_in = x.size(1), c_out = weight.size(0), T = g.taps();
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c_out, "srd_ext::", op,
                 ": bias must have shape (", c_out, ",), got ", shape_str(*bias));
@@ -154,20 +164,7 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(const at::Tensor& x, const
               positions.device(), " but x is on ", x.device(), "; all tensors must be on one device");
   const c10::cuda::CUDAGuard guard(x.device());
 
-  const ConvGeom g = make_conv_geom(geo, x.size(2), x.size(3));
   const int64_t N = positions.size(0);
-  {
-    // Validated on the host (a small copy and a sync) so that the error can name the row.
-    const auto pc = positions.to(at::kCPU).contiguous();
-    const int64_t* p = pc.const_data_ptr<int64_t>();
-    for (int64_t r = 0; r < N; ++r) {
-      const int64_t b = p[3 * r], oy = p[3 * r + 1], ox = p[3 * r + 2];
-      TORCH_CHECK(b >= 0 && b < B && oy >= 0 && oy < g.hout && ox >= 0 && ox < g.wout, "srd_ext::",
-                  op, ": positions row ", r, " is (b, y, x) = (", b, ", ", oy, ", ", ox,
-                  ") but the valid ranges are b in [0, ", B, "), y in [0, ", g.hout, "), x in [0, ",
-                  g.wout, ") for x ", shape_str(x), " and weight ", shape_str(weight));
-    }
-  }
   auto v_hat = at::empty({N, T, c_out}, x.options());
   auto mu = at::empty({N, T}, x.options());
   if (N == 0) return {v_hat, mu};
@@ -193,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(const at::Tensor& x, const
     const scalar_t* bp = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
     tap_outputs_kernel<scalar_t, acc_t><<<blocks_rt, kThreads, 0, stream>>>(
         xc.const_data_ptr<scalar_t>(), wp.const_data_ptr<scalar_t>(), pos.const_data_ptr<int64_t>(),
-        y.mutable_data_ptr<acc_t>(), tap_norm.mutable_data_ptr<acc_t>(), g, c_in, c_out, mode);
+        y.mutable_data_ptr<acc_t>(), tap_norm.mutable_data_ptr<acc_t>(), g, B, c_in, c_out, mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     row_sums_kernel<scalar_t, acc_t><<<blocks_r, kThreads, 0, stream>>>(
         y.const_data_ptr<acc_t>(), tap_norm.const_data_ptr<acc_t>(), bp, z.mutable_data_ptr<acc_t>(),

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "conv_geometry.h"
+
 #ifdef SRD_CATCH2_V3
 #include <catch2/catch_test_macros.hpp>
 #else
@@ -10,7 +12,9 @@
 #endif
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -343,7 +347,8 @@ struct ConvCase {
 };
 
 const std::vector<ConvCase>& conv_cases() {
-  // Up to 4 input channels per group take the Gram path, more the product (GEMM) path.
+  // Few input channels per group take the direct path, more the product or Gram path; the path
+  // tests below force each path on every case.
   static const std::vector<ConvCase> cases = {
       {"1x1", 2, 3, 4, 1, 5, 6, {1, 1, 1, 1, 0, 0, 1, 1}},
       {"1x1 stride 2, 6 channels", 2, 6, 4, 1, 5, 6, {1, 1, 2, 2, 0, 0, 1, 1}},
@@ -483,6 +488,37 @@ TEST_CASE("conv_tap_norms matches the reference", "[conv_tap_norms]") {
       auto nf = conv_tap_norms(x.to(at::kFloat), w.to(at::kFloat), cc.g, cc.groups);
       CHECK(nf.scalar_type() == at::kFloat);
       check_close(nf, n, 1e-4, 1e-4);
+    }
+  }
+}
+
+// Forces conv_tap_norms onto one evaluation path while alive ("" = the choice by cost).
+struct TapPath {
+  explicit TapPath(const char* path) {
+    if (*path)
+      setenv("SRD_EXT_TAP_NORMS_PATH", path, 1);
+    else
+      unsetenv("SRD_EXT_TAP_NORMS_PATH");
+  }
+  ~TapPath() { unsetenv("SRD_EXT_TAP_NORMS_PATH"); }
+};
+
+TEST_CASE("every conv_tap_norms path matches the reference", "[conv_tap_norms][paths]") {
+  for (const char* path : {"product", "gram", "direct"}) {
+    for (const auto& cc : conv_cases()) {
+      SECTION(std::string(path) + ": " + cc.name) {
+        at::manual_seed(14);
+        const TapPath forced(path);
+        auto x = randn({cc.B, cc.Ci, cc.H, cc.W});
+        auto w = randn({cc.Co, cc.Ci / cc.groups, cc.g.kh, cc.g.kw});
+        auto n = conv_tap_norms(x, w, cc.g, cc.groups);
+        check_close(n, ref_tap_norms(x, w, cc.g, cc.groups));
+        auto dn = randn(n.sizes());
+        auto [gx, gw] = conv_tap_norms_backward(dn, x, w, n, cc.g, cc.groups);
+        auto [gx_ref, gw_ref] = ref_tap_norms_backward(dn, x, w, n, cc.g, cc.groups);
+        check_close(gx, gx_ref);
+        check_close(gw, gw_ref, 1e-10, 1e-9);
+      }
     }
   }
 }
@@ -731,4 +767,128 @@ TEST_CASE("pfv_decompose rejects bad inputs", "[pfv_decompose][errors]") {
   CHECK(throws([&] { pfv_decompose(x, w, Opt(), pos, g, "bogus"); }));
   CHECK(throws([&] { pfv_decompose(x, w, Opt(randn({3})), pos, g, "input"); }));
   CHECK(throws([&] { pfv_decompose(x, randn({4, 1, 3, 3}), Opt(), pos, g, "input"); }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conv geometry (csrc/conv_geometry.h) against brute force, and what the ops reject.
+
+TEST_CASE("ConvAxis matches a brute-force enumeration", "[geometry]") {
+  int64_t valid = 0, rejected = 0;
+  for (int64_t in = 0; in <= 7; ++in)
+    for (int64_t k = 1; k <= 4; ++k)
+      for (int64_t s = 1; s <= 3; ++s)
+        for (int64_t p = 0; p <= 3; ++p)
+          for (int64_t d = 1; d <= 3; ++d) {
+            INFO("in " << in << " k " << k << " s " << s << " p " << p << " d " << d);
+            // Windows o*s .. o*s + d*(k-1) of the padded input [0, in + 2p).
+            int64_t out = 0;
+            while (out * s + d * (k - 1) <= in + 2 * p - 1) ++out;
+            const int64_t got = srd_ext::conv_out_size(in, k, s, p, d);
+            if (out == 0) {
+              CHECK(got == -1);
+              ++rejected;
+              continue;
+            }
+            CHECK(got == out);
+            ++valid;
+            const srd_ext::ConvAxis ax{k, s, p, d, in, out};
+            for (int64_t t = 0; t < k; ++t) {
+              // Outputs whose input under offset t lies inside: one contiguous run.
+              std::vector<int64_t> os;
+              for (int64_t o = 0; o < out; ++o)
+                if (ax.inside(o * s - p + t * d)) os.push_back(o);
+              const auto run = ax.run(t);
+              REQUIRE(run.count == static_cast<int64_t>(os.size()));
+              for (int64_t j = 0; j < run.count; ++j) {
+                CHECK(os[j] == run.o0 + j);
+                CHECK(ax.in_coord(run.o0 + j, t) == run.i0 + j * s);
+              }
+              // out_coord inverts in_coord on the run, and is -1 for every other input.
+              for (int64_t i = 0; i < in; ++i) {
+                const int64_t o = ax.out_coord(i, t);
+                const bool hit = (i - run.i0) % s == 0 && i >= run.i0 &&
+                                 (i - run.i0) / s < run.count;
+                CHECK(o == (hit ? run.o0 + (i - run.i0) / s : -1));
+              }
+            }
+          }
+  CHECK(valid > 0);
+  CHECK(rejected > 0);
+}
+
+TEST_CASE("the ops reject an input smaller than the dilated kernel", "[geometry][errors]") {
+  // 2 rows, kernel 3, stride 2, no padding: truncating division would give 1 output row.
+  const Geo g{3, 3, 2, 1, 0, 1, 1, 1};
+  auto x = randn({1, 2, 2, 6}), w = randn({3, 2, 3, 3});
+  const auto msg = error_of([&] { conv_tap_norms(x, w, g, 1); });
+  CHECK(contains(msg, "srd_ext::conv_tap_norms"));
+  CHECK(contains(msg, "too small"));
+  CHECK(contains(msg, "(1, 2, 2, 6)"));
+  CHECK(contains(error_of([&] { bias_share_scatter(at::rand({1, 9, 2, 6}, kD), randn({1, 1, 6}), g); }),
+                 "too small"));
+  CHECK(contains(error_of([&] { pfv_decompose(x, w, Opt(), at::zeros({1, 3}, at::kLong), g, "input"); }),
+                 "too small"));
+  // Padding 1 makes it fit, as in F.conv2d.
+  CHECK_FALSE(throws([&] { conv_tap_norms(x, w, Geo{3, 3, 2, 1, 1, 1, 1, 1}, 1); }));
+  // Dilation 2 makes a 3-tap kernel span 5 pixels.
+  CHECK(throws([&] { conv_tap_norms(randn({1, 2, 4, 6}), w, Geo{3, 3, 1, 1, 0, 1, 2, 1}, 1); }));
+  CHECK_FALSE(throws([&] { conv_tap_norms(randn({1, 2, 5, 6}), w, Geo{3, 3, 1, 1, 0, 1, 2, 1}, 1); }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// NaN reaches the outputs of its pixel, and only those.
+
+TEST_CASE("NaN passes through conv_tap_norms on every path", "[nan][conv_tap_norms]") {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const Geo g{3, 3, 2, 2, 1, 1, 1, 1};
+  for (const char* path : {"", "product", "gram", "direct"}) {
+    SECTION(*path ? path : "auto") {
+      const TapPath forced(path);
+      at::manual_seed(21);
+      auto x = randn({2, 6, 7, 8}), w = randn({8, 3, 3, 3});
+      x[1][4][3][5] = nan;
+      auto n = conv_tap_norms(x, w, g, 2);
+      auto ref = ref_tap_norms(x, w, g, 2);
+      // The reference has NaN exactly at the pixel's reached taps.
+      CHECK(at::equal(at::isnan(n), at::isnan(ref)));
+      CHECK(at::isnan(ref).any().item<bool>());
+      CHECK(at::isnan(n.select(0, 1).select(1, 3).select(1, 5)).sum().item<int64_t>() ==
+            at::isnan(ref.select(0, 1).select(1, 3).select(1, 5)).sum().item<int64_t>());
+      const auto keep = at::logical_not(at::isnan(ref));
+      check_close(n.masked_select(keep), ref.masked_select(keep));
+    }
+  }
+}
+
+TEST_CASE("NaN passes through activation_share, bias_share_scatter and pfv_decompose", "[nan]") {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  at::manual_seed(22);
+  SECTION("activation_share: NaN pre-activation") {
+    auto a = randn({2, 4, 3, 3}), gr = randn({2, 4, 3, 3}), z = randn({2, 4, 3, 3});
+    z[1][2][0][1] = nan;
+    auto [R, out] = activation_share(a, gr, z, Opt());
+    CHECK(at::isnan(out.select(0, 1).select(1, 0).select(1, 1)).all().item<bool>());
+    CHECK(at::isnan(out).sum().item<int64_t>() == 4);
+    CHECK(at::isfinite(R).all().item<bool>());
+  }
+  SECTION("bias_share_scatter: NaN norm") {
+    const Geo g{3, 3, 1, 1, 1, 1, 1, 1};
+    auto n = at::rand({1, 9, 5, 5}, kD), d = randn({1, 5, 5});
+    n[0][4][2][2] = nan;  // the centre tap of output (2, 2)
+    auto R = bias_share_scatter(n, d, g);
+    // Output (2, 2) reads input rows and columns 1..3: those pixels get its NaN share.
+    auto expect = at::zeros({1, 5, 5}, at::kBool);
+    expect.slice(1, 1, 4).slice(2, 1, 4).fill_(true);
+    CHECK(at::equal(at::isnan(R), expect));
+  }
+  SECTION("pfv_decompose: NaN input pixel") {
+    const Geo g{3, 3, 1, 1, 1, 1, 1, 1};
+    auto x = randn({1, 3, 6, 6}), w = randn({4, 3, 3, 3}), b = randn({4});
+    x[0][1][2][2] = nan;
+    auto pos = at::tensor({0, 2, 2, 0, 5, 5}, at::kLong).view({2, 3});  // reads it; does not
+    auto [v, mu] = pfv_decompose(x, w, Opt(b), pos, g, "contribution");
+    CHECK(at::isnan(mu[0]).all().item<bool>());
+    CHECK(at::isfinite(mu[1]).all().item<bool>());
+    CHECK(at::isfinite(v[1]).all().item<bool>());
+  }
 }
