@@ -9,6 +9,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
+# The development build compiles the CUDA kernels for one architecture (+PTX, which newer GPUs
+# compile at load time), to keep a build on this 2-core machine short; a user's build, and
+# `make gpu-check`, target the GPUs torch finds (setup.py).
+DEV_CUDA_ARCHS ?= 8.0+PTX
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 # C++ sources under clang-format (.clang-format): the operators and their Catch2 tests.
 CXX_FORMAT := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh \
@@ -32,7 +36,7 @@ $(VENV)/.extras: $(VENV)/.deps requirements-extras.txt
 	touch $@
 
 $(VENV)/.ext: $(VENV)/.deps $(CSRC) setup.py pyproject.toml
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(DEV_CUDA_ARCHS)}" $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.ext

@@ -6,6 +6,7 @@ forces CPU-only. TORCH_CUDA_ARCH_LIST picks the target GPUs; without it the buil
 visible GPUs (torch's own detection) or, where none is visible, every architecture the installed
 torch was built for, with PTX for the newest so that later GPUs can compile it at load time.
 """
+
 import glob
 import os
 
@@ -17,8 +18,10 @@ if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.i
 try:
     import torch  # noqa: E402
 except ImportError:  # an isolated build (plain `pip install .`) has no torch
-    raise SystemExit("srd_ext is compiled against the torch it will run with: install torch first, then "
-                     "build with `pip install --no-build-isolation .`") from None
+    raise SystemExit(
+        "srd_ext is compiled against the torch it will run with: install torch first, then "
+        "build with `pip install --no-build-isolation .`"
+    ) from None
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -63,11 +66,25 @@ def extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
-        return [CUDAExtension("srd_ext._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                              extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                              define_macros=[("SRD_EXT_WITH_CUDA", "1")])]
-    return [CppExtension("srd_ext._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                         extra_compile_args=extra, extra_link_args=["-fopenmp"])]
+        return [
+            CUDAExtension(
+                "srd_ext._C",
+                sources,
+                include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args=extra,
+                extra_link_args=["-fopenmp"],
+                define_macros=[("SRD_EXT_WITH_CUDA", "1")],
+            )
+        ]
+    return [
+        CppExtension(
+            "srd_ext._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -15,6 +15,7 @@ memory growth on CPU, ``torch.cuda.max_memory_allocated`` on GPU. The first call
 
 Prints JSON and a markdown table, writes both and a plot of cost against batch size under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ def build(name: str, device: str) -> torch.nn.Module:
 def have_zennit() -> bool:
     try:
         import zennit  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -54,12 +56,14 @@ def make_runner(model, method: str, x: torch.Tensor):
     import srd_ext
 
     if method == "grad":
+
         def run():
             xi = x.detach().requires_grad_(True)
             logits = model(xi)
             idx = logits.argmax(1)
             (g,) = torch.autograd.grad(logits.gather(1, idx[:, None]).sum(), xi)
             return g * xi
+
         return run
     if method == "lrp":
         from zennit.attribution import Gradient
@@ -72,6 +76,7 @@ def make_runner(model, method: str, x: torch.Tensor):
                 onehot = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(x.dtype)
                 _, rel = attributor(xi, onehot)
             return rel.sum(1)
+
         return run
     layer = method.split("-")[1]
     return lambda: srd_ext.explain(model, x, layer=layer)
@@ -117,14 +122,19 @@ def peak_memory_child(name, method, device, batch):
         base = torch.cuda.memory_allocated()
         run()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     peak, _ = peak_growth(run)
-    return peak / 2 ** 20
+    return peak / 2**20
 
 
 def peak_memory(name, method, device, batch):
-    out = subprocess.run([sys.executable, __file__, "--child", name, method, device, str(batch)],
-                         capture_output=True, text=True, check=True, env=CHILD_ENV)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", name, method, device, str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=CHILD_ENV,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -155,8 +165,9 @@ def plot(report, path):
             ax.set_title(f"{name}: {what}")
             ax.grid(alpha=0.3)
         axes[0][col].legend(fontsize=8)
-    fig.suptitle(f"cost of one explanation against a gradient ({report['device']}, "
-                 f"{report['threads']} threads, 224x224)")
+    fig.suptitle(
+        f"cost of one explanation against a gradient ({report['device']}, {report['threads']} threads, 224x224)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -178,29 +189,45 @@ def main():
     methods = [m for m in args.methods if m != "lrp" or have_zennit()]
     if "grad" not in methods:
         methods.insert(0, "grad")
-    report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "methods": methods, "results": []}
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "methods": methods,
+        "results": [],
+    }
     for name in args.models:
         for batch in args.batches:
             t, capture_s = time_methods(name, args.device, batch, args.repeats, methods)
-            row = {"model": name, "batch": batch, "time_s": t, "capture_s": capture_s,
-                   "ratio_to_grad": {m: t[m] / t["grad"] for m in methods}}
+            row = {
+                "model": name,
+                "batch": batch,
+                "time_s": t,
+                "capture_s": capture_s,
+                "ratio_to_grad": {m: t[m] / t["grad"] for m in methods},
+            }
             if not args.no_memory:
                 mem = {m: peak_memory(name, m, args.device, batch) for m in methods}
                 row["peak_mib"] = mem
                 row["memory_ratio_to_grad"] = {m: mem[m] / mem["grad"] for m in methods}
             report["results"].append(row)
             print(json.dumps(row), flush=True)
-    lines = [f"device: {report['device']}, torch {report['torch']}, {report['threads']} threads, 224x224", "",
-             "| model | batch | method | time / (fwd+grad) | peak memory / (fwd+grad) |", "|---|---|---|---|---|"]
+    lines = [
+        f"device: {report['device']}, torch {report['torch']}, {report['threads']} threads, 224x224",
+        "",
+        "| model | batch | method | time / (fwd+grad) | peak memory / (fwd+grad) |",
+        "|---|---|---|---|---|",
+    ]
     for row in report["results"]:
         for m in methods:
             if m == "grad":
                 continue
             mr = row.get("memory_ratio_to_grad", {}).get(m)
-            lines.append(f"| {row['model']} | {row['batch']} | {m} | {row['ratio_to_grad'][m]:.2f} | "
-                         f"{'' if mr is None else f'{mr:.2f}'} |")
+            lines.append(
+                f"| {row['model']} | {row['batch']} | {m} | {row['ratio_to_grad'][m]:.2f} | "
+                f"{'' if mr is None else f'{mr:.2f}'} |"
+            )
     table = "\n".join(lines)
     print(json.dumps(report, indent=1))
     print(table)

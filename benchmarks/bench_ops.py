@@ -18,6 +18,7 @@ automatic choice can be compared with every path in the same run.
 
 Prints a JSON document and markdown tables, and writes both (bench_ops.json, bench_ops.md) to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,6 +112,7 @@ def activation_share_unfused(a, grad, z):
 
 def _tap_slices(H, W, Ho, Wo, kh, kw, s, p, d):
     """Per tap: (t, output slice, input slice) of the (output, input) pairs inside the image."""
+
     def axis(n_in, n_out, k):
         lo = max(0, -(-(p - k * d) // s))  # first output whose input is >= 0
         hi = min(n_out, (n_in - 1 + p - k * d) // s + 1)
@@ -122,8 +124,10 @@ def _tap_slices(H, W, Ho, Wo, kh, kw, s, p, d):
             ry, rx = axis(H, Ho, ty), axis(W, Wo, tx)
             if ry and rx:
                 o_sl = (slice(ry[0], ry[1]), slice(rx[0], rx[1]))
-                i_sl = (slice(ry[2], ry[2] + (ry[1] - ry[0] - 1) * s + 1, s),
-                        slice(rx[2], rx[2] + (rx[1] - rx[0] - 1) * s + 1, s))
+                i_sl = (
+                    slice(ry[2], ry[2] + (ry[1] - ry[0] - 1) * s + 1, s),
+                    slice(rx[2], rx[2] + (rx[1] - rx[0] - 1) * s + 1, s),
+                )
                 out.append((ty * kw + tx, o_sl, i_sl))
     return out
 
@@ -174,7 +178,7 @@ def time_interleaved(fns: dict, device, repeats: int, warmup: int = 2, min_secon
     start = time.perf_counter()
     r = 0
     while r < repeats or (time.perf_counter() - start < min_seconds and r < 10 * repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             _sync(device)
             t0 = time.perf_counter()
@@ -238,8 +242,13 @@ def _peak_child(spec: str) -> None:
 
 def peak_cpu(fn_name, layer, batch) -> int:
     spec = json.dumps({"fn": fn_name, "layer": list(layer), "batch": batch, "threads": torch.get_num_threads()})
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_peak", spec],
-                         capture_output=True, text=True, check=True, env=CHILD_ENV)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--_peak", spec],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=CHILD_ENV,
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
@@ -258,8 +267,16 @@ def peak_cuda(fn, device) -> int:
 # Benchmarks
 # ------------------------------------------------------------------------------------------------
 def _row(op, case, t, fused, unfused, diff, **extra):
-    return dict(op=op, case=case, fused_ms=t[fused], unfused_ms=t.get(unfused), min_ms=t["min"],
-                samples=t["samples"], max_rel_diff=diff, **extra)
+    return dict(
+        op=op,
+        case=case,
+        fused_ms=t[fused],
+        unfused_ms=t.get(unfused),
+        min_ms=t["min"],
+        samples=t["samples"],
+        max_rel_diff=diff,
+        **extra,
+    )
 
 
 PATH_ENV = "SRD_EXT_TAP_NORMS_PATH"
@@ -267,6 +284,7 @@ PATH_ENV = "SRD_EXT_TAP_NORMS_PATH"
 
 def with_path(path, fn):
     """fn run with conv_tap_norms forced onto one evaluation path (see csrc/cpu/conv_tap_norms.cpp)."""
+
     def run():
         old = os.environ.get(PATH_ENV)
         os.environ[PATH_ENV] = path
@@ -277,6 +295,7 @@ def with_path(path, fn):
                 del os.environ[PATH_ENV]
             else:
                 os.environ[PATH_ENV] = old
+
     return run
 
 
@@ -295,8 +314,12 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
     if "activation_share" in opts.ops:
         a, grad, z = rnd(*act_shape), rnd(*act_shape), rnd(*act_shape)
         z[:, :, 0, 0] = 0  # pixels that take the zero guard
-        pair("activation_share", f"{tuple(act_shape)}", lambda: ops.activation_share(a, grad, z),
-             lambda: activation_share_unfused(a, grad, z))
+        pair(
+            "activation_share",
+            f"{tuple(act_shape)}",
+            lambda: ops.activation_share(a, grad, z),
+            lambda: activation_share_unfused(a, grad, z),
+        )
         del a, grad, z
 
     for layer in layers:
@@ -310,17 +333,24 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
                 fns[f"path:{path}"] = with_path(path, fns["tap_norms"])
             t = time_interleaved(fns, device, repeats)
             ref = fns["materialized"]() if "materialized" in fns else None
-            row = _row("conv_tap_norms", name, t, "tap_norms", "materialized",
-                       max_rel_diff(fns["tap_norms"](), ref) if ref is not None else None, conv_ms=t["conv2d"],
-                       shape=f"x {(batch, cin, H, W)}, w {tuple(w.shape)}, stride {s}, padding {p}, "
-                             f"groups {groups_of(layer)}",
-                       path_ms={pth: t[f"path:{pth}"] for pth in opts.paths})
+            row = _row(
+                "conv_tap_norms",
+                name,
+                t,
+                "tap_norms",
+                "materialized",
+                max_rel_diff(fns["tap_norms"](), ref) if ref is not None else None,
+                conv_ms=t["conv2d"],
+                shape=f"x {(batch, cin, H, W)}, w {tuple(w.shape)}, stride {s}, padding {p}, groups {groups_of(layer)}",
+                path_ms={pth: t[f"path:{pth}"] for pth in opts.paths},
+            )
             del ref
             if opts.peak:
                 for n in ("tap_norms", "materialized", "conv2d"):
                     if n in fns:
-                        row[f"peak_{n}_bytes"] = (peak_cuda(fns[n], device) if device.type == "cuda"
-                                                  else peak_cpu(n, layer, batch))
+                        row[f"peak_{n}_bytes"] = (
+                            peak_cuda(fns[n], device) if device.type == "cuda" else peak_cpu(n, layer, batch)
+                        )
             rows.append(row)
             log(row)
             del fns
@@ -328,9 +358,13 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
         if "bias_share_scatter" in opts.ops:
             n = ops.conv_tap_norms(x, w, s, p, groups=groups_of(layer))
             d = rnd(batch, out_size(H, k, s, p), out_size(W, k, s, p))
-            pair("bias_share_scatter", name, lambda: ops.bias_share_scatter(n, d, k, s, p),
-                 lambda: bias_share_scatter_unfold_fold(n, d, k, s, p),
-                 shape=f"n {tuple(n.shape)}, d {tuple(d.shape)}")
+            pair(
+                "bias_share_scatter",
+                name,
+                lambda: ops.bias_share_scatter(n, d, k, s, p),
+                lambda: bias_share_scatter_unfold_fold(n, d, k, s, p),
+                shape=f"n {tuple(n.shape)}, d {tuple(d.shape)}",
+            )
             del n, d
         del x, w
 
@@ -339,11 +373,20 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
         name, cin, cout, H, W, k, s, p = first
         x, w = layer_inputs(first, batch, device)
         bias = rnd(cout)
-        pos = torch.stack([torch.randint(0, m, (pfv_rows,), generator=g)
-                           for m in (batch, out_size(H, k, s, p), out_size(W, k, s, p))], 1).to(device)
+        pos = torch.stack(
+            [
+                torch.randint(0, m, (pfv_rows,), generator=g)
+                for m in (batch, out_size(H, k, s, p), out_size(W, k, s, p))
+            ],
+            1,
+        ).to(device)
         args = ([s, s], [p, p], [1, 1], "contribution")
-        pair("pfv_decompose", f"{name}, {pfv_rows} positions", lambda: ops.pfv_decompose(x, w, bias, pos, *args),
-             lambda: ops.pfv_decompose_reference(x, w, bias, pos, *args))
+        pair(
+            "pfv_decompose",
+            f"{name}, {pfv_rows} positions",
+            lambda: ops.pfv_decompose(x, w, bias, pos, *args),
+            lambda: ops.pfv_decompose_reference(x, w, bias, pos, *args),
+        )
 
     for r in rows:
         r["device"] = str(device)
@@ -357,9 +400,14 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
 
 
 def machine_info():
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg": [round(v, 2) for v in os.getloadavg()]}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
+    }
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
@@ -386,24 +434,32 @@ def _opt(v, fmt, none="-"):
 def markdown(doc):
     mb = 2**20
     m = doc["machine"]
-    lines = ["# srd_ext ops benchmark", "",
-             f"torch {m['torch']}, {m.get('cpu', platform.processor())} ({m['cpu_count']} CPUs, "
-             f"{m['torch_threads']} torch threads, load average {m['load_avg']})"
-             + (f", GPU {m['gpu']}" if "gpu" in m else "")
-             + f"; float32; median of at least {doc['repeats']} interleaved repeats "
-             "(more for fast cases: `samples` in the JSON).", ""]
+    lines = [
+        "# srd_ext ops benchmark",
+        "",
+        f"torch {m['torch']}, {m.get('cpu', platform.processor())} ({m['cpu_count']} CPUs, "
+        f"{m['torch_threads']} torch threads, load average {m['load_avg']})"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"; float32; median of at least {doc['repeats']} interleaved repeats "
+        "(more for fast cases: `samples` in the JSON).",
+        "",
+    ]
     for dev in doc["devices"]:
         res = [r for r in doc["results"] if r["device"] == dev["device"]]
         paths = dev.get("paths", [])
         tap = [r for r in res if r["op"] == "conv_tap_norms"]
         if tap:
-            lines += [f"## {dev['device']} (batch {dev['batch']})", "",
-                      "### conv_tap_norms: against one conv and against the materializing composition", "",
-                      "| layer | tap norms ms | conv2d ms | **tap norms / conv** (<= 2) | "
-                      + "".join(f"{p} / conv | " for p in paths)
-                      + "materializing ms | **materializing / tap norms** | peak tap norms MB "
-                      "| peak materializing MB | **mem ratio** (<= 0.25) | peak conv2d MB |",
-                      "|---|---:|---:|---:|" + "---:|" * len(paths) + "---:|---:|---:|---:|---:|---:|"]
+            lines += [
+                f"## {dev['device']} (batch {dev['batch']})",
+                "",
+                "### conv_tap_norms: against one conv and against the materializing composition",
+                "",
+                "| layer | tap norms ms | conv2d ms | **tap norms / conv** (<= 2) | "
+                + "".join(f"{p} / conv | " for p in paths)
+                + "materializing ms | **materializing / tap norms** | peak tap norms MB "
+                "| peak materializing MB | **mem ratio** (<= 0.25) | peak conv2d MB |",
+                "|---|---:|---:|---:|" + "---:|" * len(paths) + "---:|---:|---:|---:|---:|---:|",
+            ]
             for r in tap:
                 ok_t = "ok" if r["tap_norms_over_conv"] <= 2 else "MISS"
                 mem = r.get("mem_ratio")
@@ -416,23 +472,33 @@ def markdown(doc):
                     f"{_opt(r.get('peak_tap_norms_bytes'), lambda v: f'{v / mb:.1f}')} | "
                     f"{_opt(r.get('peak_materialized_bytes'), lambda v: f'{v / mb:.1f}')} | "
                     f"{_opt(mem, lambda v: f'**{v:.3f}**')}{ok_m} | "
-                    f"{_opt(r.get('peak_conv2d_bytes'), lambda v: f'{v / mb:.1f}')} |")
+                    f"{_opt(r.get('peak_conv2d_bytes'), lambda v: f'{v / mb:.1f}')} |"
+                )
         other = [r for r in res if r["unfused_ms"] is not None]
         if other:
-            lines += ["", f"### Fused op against the unfused composition ({dev['device']})", "",
-                      "| op | case | fused ms | unfused ms | **speedup** (unfused / fused) | max rel diff |",
-                      "|---|---|---:|---:|---:|---:|"]
+            lines += [
+                "",
+                f"### Fused op against the unfused composition ({dev['device']})",
+                "",
+                "| op | case | fused ms | unfused ms | **speedup** (unfused / fused) | max rel diff |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
             for r in other:
-                lines.append(f"| {r['op']} | {r['case']} | {_ms(r['fused_ms'])} | {_ms(r['unfused_ms'])} | "
-                             f"**{r['speedup']:.2f}x** | {r['max_rel_diff']:.1e} |")
+                lines.append(
+                    f"| {r['op']} | {r['case']} | {_ms(r['fused_ms'])} | {_ms(r['unfused_ms'])} | "
+                    f"**{r['speedup']:.2f}x** | {r['max_rel_diff']:.1e} |"
+                )
         lines.append("")
-    lines += ["Compositions: activation_share = `(a*G).sum(1)`, `z*R/(z*z).sum(1)` with a zero guard; "
-              "materializing tap norms = unfold + one batched matmul into (B, kh*kw, C_out, H_out*W_out), "
-              "then norms, scattered to input pixels; bias_share_scatter = unfold of every tap channel "
-              "(diagonal) + fold; pfv_decompose = gather + einsum (`srd_ext.ops.pfv_decompose_reference`). "
-              "`<path> / conv`: conv_tap_norms forced onto one evaluation path (SRD_EXT_TAP_NORMS_PATH). "
-              "Peak memory: CPU = peak-RSS growth of a fresh process over one call, CUDA = "
-              "max_memory_allocated growth.", ""]
+    lines += [
+        "Compositions: activation_share = `(a*G).sum(1)`, `z*R/(z*z).sum(1)` with a zero guard; "
+        "materializing tap norms = unfold + one batched matmul into (B, kh*kw, C_out, H_out*W_out), "
+        "then norms, scattered to input pixels; bias_share_scatter = unfold of every tap channel "
+        "(diagonal) + fold; pfv_decompose = gather + einsum (`srd_ext.ops.pfv_decompose_reference`). "
+        "`<path> / conv`: conv_tap_norms forced onto one evaluation path (SRD_EXT_TAP_NORMS_PATH). "
+        "Peak memory: CPU = peak-RSS growth of a fresh process over one call, CUDA = "
+        "max_memory_allocated growth.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -444,17 +510,27 @@ def main(argv=None):
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 in the CUDA conv/matmul baselines")
-    ap.add_argument("--ops", default=",".join(ALL_OPS),
-                    help=f"comma-separated subset of {','.join(ALL_OPS)}")
-    ap.add_argument("--layers", choices=sorted(LAYER_SETS), default="default",
-                    help="layer shapes: ResNet-50 and VGG16 (default), grouped convs, or all")
+    ap.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma-separated subset of {','.join(ALL_OPS)}")
+    ap.add_argument(
+        "--layers",
+        choices=sorted(LAYER_SETS),
+        default="default",
+        help="layer shapes: ResNet-50 and VGG16 (default), grouped convs, or all",
+    )
     ap.add_argument("--only", default=None, help="regular expression on the layer names")
     ap.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak-memory measurements")
-    ap.add_argument("--no-materialized", dest="materialized", action="store_false",
-                    help="skip the materializing tap-norms composition")
-    ap.add_argument("--paths", default="",
-                    help="comma-separated conv_tap_norms paths to time as well, forced through "
-                         f"{PATH_ENV} (CPU: product, gram, direct; CUDA: gemm, direct)")
+    ap.add_argument(
+        "--no-materialized",
+        dest="materialized",
+        action="store_false",
+        help="skip the materializing tap-norms composition",
+    )
+    ap.add_argument(
+        "--paths",
+        default="",
+        help="comma-separated conv_tap_norms paths to time as well, forced through "
+        f"{PATH_ENV} (CPU: product, gram, direct; CUDA: gemm, direct)",
+    )
     ap.add_argument("--_peak", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._peak:
@@ -472,29 +548,52 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = True
-    plan = [(torch.device("cpu"), dict(
-        layers=pick(QUICK_LAYERS if args.quick else LAYER_SETS[args.layers]), batch=2 if args.quick else 4,
-        act_shape=(2, 64, 28, 28) if args.quick else (8, 256, 56, 56), pfv_rows=256 if args.quick else 1024,
-        repeats=args.repeats or (5 if args.quick else 7)))]
+    plan = [
+        (
+            torch.device("cpu"),
+            dict(
+                layers=pick(QUICK_LAYERS if args.quick else LAYER_SETS[args.layers]),
+                batch=2 if args.quick else 4,
+                act_shape=(2, 64, 28, 28) if args.quick else (8, 256, 56, 56),
+                pfv_rows=256 if args.quick else 1024,
+                repeats=args.repeats or (5 if args.quick else 7),
+            ),
+        )
+    ]
     if torch.cuda.is_available() and ops.cuda_kernels_built() and not args.no_cuda:
-        plan.append((torch.device("cuda"), dict(
-            layers=pick(QUICK_LAYERS if args.quick else LAYER_SETS[args.layers]), batch=8 if args.quick else 32,
-            act_shape=(8, 64, 28, 28) if args.quick else (32, 256, 56, 56),
-            pfv_rows=1024 if args.quick else 8192, repeats=args.repeats or 25)))
+        plan.append(
+            (
+                torch.device("cuda"),
+                dict(
+                    layers=pick(QUICK_LAYERS if args.quick else LAYER_SETS[args.layers]),
+                    batch=8 if args.quick else 32,
+                    act_shape=(8, 64, 28, 28) if args.quick else (32, 256, 56, 56),
+                    pfv_rows=1024 if args.quick else 8192,
+                    repeats=args.repeats or 25,
+                ),
+            )
+        )
 
     doc = {"machine": machine_info(), "devices": [], "results": []}
+
     def log(r):
-        extra = (f"conv {r['conv_ms']:9.2f} ms  ratio {r['fused_ms'] / r['conv_ms']:.2f}"
-                 + "".join(f"  {p} {v / r['conv_ms']:.2f}" for p, v in r["path_ms"].items())
-                 if r["op"] == "conv_tap_norms" else f"unfused {r['unfused_ms']:9.2f} ms")
+        extra = (
+            f"conv {r['conv_ms']:9.2f} ms  ratio {r['fused_ms'] / r['conv_ms']:.2f}"
+            + "".join(f"  {p} {v / r['conv_ms']:.2f}" for p, v in r["path_ms"].items())
+            if r["op"] == "conv_tap_norms"
+            else f"unfused {r['unfused_ms']:9.2f} ms"
+        )
         print(f"  {r['op']:<20} {r['case']:<40} fused {r['fused_ms']:9.2f} ms  {extra}", file=sys.stderr, flush=True)
+
     for device, cfg in plan:
         print(f"[{device}] batch {cfg['batch']}, {cfg['repeats']} repeats", file=sys.stderr, flush=True)
         with torch.no_grad():
-            doc["results"] += bench_device(device, cfg["layers"], cfg["batch"], cfg["act_shape"],
-                                           cfg["pfv_rows"], cfg["repeats"], log, args)
-        doc["devices"].append({"device": str(device), "batch": cfg["batch"], "repeats": cfg["repeats"],
-                               "paths": args.paths})
+            doc["results"] += bench_device(
+                device, cfg["layers"], cfg["batch"], cfg["act_shape"], cfg["pfv_rows"], cfg["repeats"], log, args
+            )
+        doc["devices"].append(
+            {"device": str(device), "batch": cfg["batch"], "repeats": cfg["repeats"], "paths": args.paths}
+        )
     doc["repeats"] = ", ".join(f"{d['repeats']} ({d['device']})" for d in doc["devices"])
 
     md = markdown(doc)

@@ -11,6 +11,7 @@ Writes results/coverage/coverage.{md,json}; ``--update-readme`` also replaces th
 coverage table and its list of supported ops (generated from the rule registry) between their
 markers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,18 @@ def rows_for(library, names, progress):
 
 
 def table(results):
-    lines = ["| model | library | explained | encoder output | conservation error | unassigned | "
-             "forward error | capture s | explain s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | library | explained | encoder output | conservation error | unassigned | "
+        "forward error | capture s | explain s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if r.explained:
-            lines.append(f"| {r.name} | {r.library} | yes | `{r.encoder}` | {r.budget_error:.0e} | "
-                         f"{r.unassigned:.2%} | {r.forward_error:.0e} | {r.capture_seconds:.1f} | "
-                         f"{r.explain_seconds:.2f} |")
+            lines.append(
+                f"| {r.name} | {r.library} | yes | `{r.encoder}` | {r.budget_error:.0e} | "
+                f"{r.unassigned:.2%} | {r.forward_error:.0e} | {r.capture_seconds:.1f} | "
+                f"{r.explain_seconds:.2f} |"
+            )
         else:
             lines.append(f"| {r.name} | {r.library} | **no**: {r.reason} | | | | | | |")
     return "\n".join(lines)
@@ -115,11 +121,17 @@ def main():
         if args.models:
             names = [n for n in names if n in args.models]
         results += rows_for(lib, names, True)
-    md = (f"{summary(results)}. Excluded from torchvision's list: the transformer families "
-          f"({', '.join(sorted(zoo.TORCHVISION_EXCLUDED))}).\n\n" + table(results))
-    report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "threads": args.threads, "summary": summary(results),
-              "results": [dataclasses.asdict(r) for r in results]}
+    md = (
+        f"{summary(results)}. Excluded from torchvision's list: the transformer families "
+        f"({', '.join(sorted(zoo.TORCHVISION_EXCLUDED))}).\n\n" + table(results)
+    )
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "summary": summary(results),
+        "results": [dataclasses.asdict(r) for r in results],
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "coverage.json"), "w") as f:
         json.dump(report, f, indent=1)

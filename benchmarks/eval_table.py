@@ -54,6 +54,7 @@ is seeded by ``--seed`` (fidelity subsets and stability noise: the same draws fo
 method; SmoothGrad's noise: ``--seed`` and the first image of the batch). ``--random-init`` builds the architecture with random weights (smoke
 tests only: its numbers mean nothing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,29 +86,43 @@ PER_IMAGE_FIELDS = ["index", "image", "label", "target", "method"] + [k for k, _
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True, help=f"one of {models.SHAPES_MODELS + models.IMAGENET_MODELS}")
     ap.add_argument("--weights", help="state_dict file (default for shapes models: the shipped weights)")
     ap.add_argument("--random-init", action="store_true", help="random weights (smoke tests only)")
     ap.add_argument("--data", default="shapes", help="'shapes' or an ImageNet-S folder")
     ap.add_argument("--split", default="validation", help="ImageNet-S split folder (default: validation)")
-    ap.add_argument("--class-index", help="JSON mapping ImageNet-S class folders to model outputs: "
-                    "{wnid: index} or torchvision's {\"0\": [wnid, name], ...}")
-    ap.add_argument("--num-images", type=int, default=752,
-                    help="number of images (default 752, the shapes test split; -1: all from --first-image)")
+    ap.add_argument(
+        "--class-index",
+        help="JSON mapping ImageNet-S class folders to model outputs: "
+        '{wnid: index} or torchvision\'s {"0": [wnid, name], ...}',
+    )
+    ap.add_argument(
+        "--num-images",
+        type=int,
+        default=752,
+        help="number of images (default 752, the shapes test split; -1: all from --first-image)",
+    )
     ap.add_argument("--first-image", type=int, default=0, help="index of the first image (default 0)")
-    ap.add_argument("--methods", nargs="+", default=["all"],
-                    help=f"'all' or names (comma or space separated) from {baselines.names()}")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["all"],
+        help=f"'all' or names (comma or space separated) from {baselines.names()}",
+    )
     ap.add_argument("--target", choices=("label", "pred"), default="label")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--fidelity-runs", type=int, default=100)
-    ap.add_argument("--fidelity-subset", type=int, default=None,
-                    help="pixels per subset (default: 224 * H * W / 224^2)")
+    ap.add_argument(
+        "--fidelity-subset", type=int, default=None, help="pixels per subset (default: 224 * H * W / 224^2)"
+    )
     ap.add_argument("--stability-samples", type=int, default=3, help="noisy copies per image (0: skip)")
-    ap.add_argument("--stability-n", type=int, default=200,
-                    help="stability on the first N images (default 200; -1: all)")
+    ap.add_argument(
+        "--stability-n", type=int, default=200, help="stability on the first N images (default 200; -1: all)"
+    )
     ap.add_argument("--pointing-tolerance", type=int, default=15)
     ap.add_argument("--ig-steps", type=int, default=baselines.IG_STEPS)
     ap.add_argument("--smoothgrad-samples", type=int, default=baselines.SMOOTHGRAD_SAMPLES)
@@ -116,12 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/eval")
     ap.add_argument("--tag", help="output file name stem (default: model[_random][_data])")
-    ap.add_argument("--save-maps", action="store_true",
-                    help="also write every method's raw map of every image: <out>/<tag>.maps/<method>/<index>.npy, "
-                         "listed in <tag>.per-image.csv")
-    ap.add_argument("--timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
-                    help="under torchrun: seconds to wait for the other processes to start, in each exchange, "
-                         "and for a process that makes no progress (default 1800; must exceed one batch's time)")
+    ap.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write every method's raw map of every image: <out>/<tag>.maps/<method>/<index>.npy, "
+        "listed in <tag>.per-image.csv",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=distributed.DEFAULT_TIMEOUT,
+        help="under torchrun: seconds to wait for the other processes to start, in each exchange, "
+        "and for a process that makes no progress (default 1800; must exceed one batch's time)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -132,9 +154,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if hint:
         ap.error(hint)
     args = ap.parse_args(argv)
-    minimum = {"batch_size": 1, "fidelity_runs": 2, "stability_samples": 0, "first_image": 0,
-               "pointing_tolerance": 0, "ig_steps": 1, "smoothgrad_samples": 1, "examples": 0,
-               "threads": 0}
+    minimum = {
+        "batch_size": 1,
+        "fidelity_runs": 2,
+        "stability_samples": 0,
+        "first_image": 0,
+        "pointing_tolerance": 0,
+        "ig_steps": 1,
+        "smoothgrad_samples": 1,
+        "examples": 0,
+        "threads": 0,
+    }
     if args.num_images < 1 and args.num_images != -1:
         ap.error(f"--num-images must be >= 1 or -1 (all images), got {args.num_images}")
     if not args.timeout > 0:
@@ -211,8 +241,13 @@ class Images:
                 bad.append({"index": i, "image": self.name(i), "reason": f"{type(e).__name__}: {str(e)[:200]}"})
         if not items:
             return Loaded(None, None, None, [], bad)
-        return Loaded(torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
-                      torch.tensor([it[2] for it in items]), ok, bad)
+        return Loaded(
+            torch.stack([it[0] for it in items]),
+            torch.stack([it[1] for it in items]),
+            torch.tensor([it[2] for it in items]),
+            ok,
+            bad,
+        )
 
 
 class SharedForward:
@@ -257,20 +292,30 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
     x, masks, labels, indices, bad = images.load(block)
     for b in bad:
         say(f"eval_table: {b['image']} (image {b['index']}) could not be read, left out: {b['reason']}")
-    rec = {"images": [], "failed_images": bad, "scores": {}, "seconds": {}, "failed": {}, "skipped": [],
-           "sizes": {}, "forward_s": 0.0}
+    rec = {
+        "images": [],
+        "failed_images": bad,
+        "scores": {},
+        "seconds": {},
+        "failed": {},
+        "skipped": [],
+        "sizes": {},
+        "forward_s": 0.0,
+    }
     if x is None:
         return rec
     x, masks, labels = x.to(args.device), masks.to(args.device), labels.to(args.device)
     H, W = x.shape[-2:]
-    subset = args.fidelity_subset or max(1, round(224 * H * W / 224 ** 2))
+    subset = args.fidelity_subset or max(1, round(224 * H * W / 224**2))
     if args.target == "label":
         target = labels
     else:
         with torch.no_grad():
             target = model(x).argmax(1)
-    rec["images"] = [{"index": i, "image": images.name(i), "label": int(l), "target": int(t)}
-                     for i, l, t in zip(indices, labels.tolist(), target.tolist())]
+    rec["images"] = [
+        {"index": i, "image": images.name(i), "label": int(l), "target": int(t)}
+        for i, l, t in zip(indices, labels.tolist(), target.tolist())
+    ]
     shared = SharedForward(model)
     stab_end = images.first + (images.count if args.stability_n < 0 else args.stability_n)
     n_stab = sum(i < stab_end for i in indices)  # indices increase: these are the first n_stab
@@ -294,8 +339,17 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
             s["attribution_localization"] = metrics.attribution_localization(maps, masks, normalized=True)
             s["sparseness"] = metrics.sparseness(maps, normalized=True)
             t0, f0 = time.perf_counter(), shared.seconds
-            s["fidelity"] = metrics.fidelity(shared, x, target, maps, n_runs=args.fidelity_runs, subset_size=subset,
-                                             seed=args.seed, batch_size=64, normalized=True)
+            s["fidelity"] = metrics.fidelity(
+                shared,
+                x,
+                target,
+                maps,
+                n_runs=args.fidelity_runs,
+                subset_size=subset,
+                seed=args.seed,
+                batch_size=64,
+                normalized=True,
+            )
             # The shared forwards are counted once, apart from the methods.
             sec["fidelity"] += time.perf_counter() - t0 - (shared.seconds - f0)
             if args.stability_samples > 0 and n_stab > 0:
@@ -309,15 +363,23 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
 
                 t0 = time.perf_counter()
                 s["stability"] = metrics.stability(
-                    explain_fn, xs, ts, n_samples=args.stability_samples, sigma=0.1, seed=args.seed,
-                    batch_size=max(n_stab, args.batch_size), normalized=True)
+                    explain_fn,
+                    xs,
+                    ts,
+                    n_samples=args.stability_samples,
+                    sigma=0.1,
+                    seed=args.seed,
+                    batch_size=max(n_stab, args.batch_size),
+                    normalized=True,
+                )
                 sec["stability"] += time.perf_counter() - t0
                 sec["stability_images"] += n_stab
             if args.save_maps:
                 # Written by this process, the one that computed them, before the block is recorded.
                 for k, i in enumerate(indices):
-                    distributed.save_npy(os.path.join(stem + ".maps", m.name, f"{i:06d}.npy"),
-                                         raw[k].detach().float().cpu().numpy())
+                    distributed.save_npy(
+                        os.path.join(stem + ".maps", m.name, f"{i:06d}.npy"), raw[k].detach().float().cpu().numpy()
+                    )
         except Exception as e:  # keep a long run going; the report names the failure
             rec["failed"][m.name] = f"{type(e).__name__}: {e}"
             skip.add(m.name)
@@ -344,15 +406,21 @@ class Totals:
 def combine(methods, records) -> Totals:
     """The per-method lists and totals ``summarize`` takes, from block records in image order."""
     scores = {m.name: {k: [] for k, _, _ in METRICS} for m in methods}
-    seconds = {m.name: {"explain": 0.0, "fidelity": 0.0, "stability": 0.0, "explained": 0,
-                        "stability_images": 0} for m in methods}
+    seconds = {
+        m.name: {"explain": 0.0, "fidelity": 0.0, "stability": 0.0, "explained": 0, "stability_images": 0}
+        for m in methods
+    }
     failed: Dict[str, str] = {}
     sizes: Dict[str, tuple] = {}
     forward_s, done, failed_images = 0.0, 0, []
     for rec in records:
         for name, msg in rec["failed"].items():
-            failed.setdefault(name, f"{msg} (on images {rec['images'][0]['index']}..{rec['images'][-1]['index']})"
-                              if rec["images"] else msg)
+            failed.setdefault(
+                name,
+                f"{msg} (on images {rec['images'][0]['index']}..{rec['images'][-1]['index']})"
+                if rec["images"]
+                else msg,
+            )
         for name, sc in rec["scores"].items():
             for k, vals in sc.items():
                 scores[name][k].append(torch.tensor(vals, dtype=torch.float64))
@@ -379,7 +447,9 @@ def per_image_rows(methods, records, failed, stem, out, save_maps):
                     vals = sc.get(key, [])
                     row[key] = repr(vals[k]) if k < len(vals) and (key != "stability" or k < n_stab) else None
                 if save_maps:
-                    row["map_file"] = os.path.relpath(os.path.join(stem + ".maps", m.name, f"{img['index']:06d}.npy"), out)
+                    row["map_file"] = os.path.relpath(
+                        os.path.join(stem + ".maps", m.name, f"{img['index']:06d}.npy"), out
+                    )
                 yield row
 
 
@@ -401,7 +471,7 @@ def example_maps(args, model, methods, images, failed):
     x, masks, labels = (torch.cat(v)[:want] for v in (xs, ms, ls))
     x, masks, labels = x.to(args.device), masks.to(args.device), labels.to(args.device)
     probe = x[:1]
-    x, masks, labels = x[:args.examples], masks[:args.examples], labels[:args.examples]
+    x, masks, labels = x[: args.examples], masks[: args.examples], labels[: args.examples]
     if args.examples == 0:
         return examples, probe
     if args.target == "label":
@@ -427,13 +497,20 @@ def example_maps(args, model, methods, images, failed):
 def summarize(methods, scores, seconds, failed, sizes):
     rows = []
     for m in methods:
-        row = {"method": m.name, "label": m.label, "resolution": m.resolution,
-               "map_size": "x".join(map(str, sizes.get(m.name, ()))), "library": m.library}
+        row = {
+            "method": m.name,
+            "label": m.label,
+            "resolution": m.resolution,
+            "map_size": "x".join(map(str, sizes.get(m.name, ()))),
+            "library": m.library,
+        }
         for k, _, _ in METRICS:
             vals = torch.cat(scores[m.name][k]) if scores[m.name][k] else torch.empty(0)
             n = vals.numel()
             row[k] = float(vals.double().mean()) if n and m.name not in failed else float("nan")
-            row[k + "_sem"] = float(vals.double().std() / math.sqrt(n)) if n > 1 and m.name not in failed else float("nan")
+            row[k + "_sem"] = (
+                float(vals.double().std() / math.sqrt(n)) if n > 1 and m.name not in failed else float("nan")
+            )
             row[k + "_n"] = n
         sec = seconds[m.name]
         row["explain_s_per_image"] = sec["explain"] / max(sec["explained"], 1)
@@ -512,9 +589,28 @@ def figure(path, examples, methods, rows_by_name, class_names) -> None:
 
 def fingerprint(args, methods) -> Dict:
     """The options that decide the numbers: a stopped run resumes only with the same ones."""
-    keep = ("model", "weights", "random_init", "data", "split", "class_index", "num_images", "first_image",
-            "target", "batch_size", "fidelity_runs", "fidelity_subset", "stability_samples", "stability_n",
-            "pointing_tolerance", "ig_steps", "smoothgrad_samples", "threads", "seed", "save_maps")
+    keep = (
+        "model",
+        "weights",
+        "random_init",
+        "data",
+        "split",
+        "class_index",
+        "num_images",
+        "first_image",
+        "target",
+        "batch_size",
+        "fidelity_runs",
+        "fidelity_subset",
+        "stability_samples",
+        "stability_n",
+        "pointing_tolerance",
+        "ig_steps",
+        "smoothgrad_samples",
+        "threads",
+        "seed",
+        "save_maps",
+    )
     out = {k: getattr(args, k) for k in keep}
     out["methods"] = [m.name for m in methods]
     out["device"] = torch.device(args.device).type
@@ -538,19 +634,27 @@ def run(args, session) -> Optional[Dict]:
     for item in args.methods:
         names.extend(p for p in item.split(",") if p)
     methods = list(baselines.METHODS.values()) if names in (["all"], []) else [baselines.get(n) for n in names]
-    methods = [m.with_options(n_steps=args.ig_steps) if m.name == "integrated-gradients" else
-               m.with_options(n_samples=args.smoothgrad_samples) if m.name == "smoothgrad" else m
-               for m in methods]
+    methods = [
+        m.with_options(n_steps=args.ig_steps)
+        if m.name == "integrated-gradients"
+        else m.with_options(n_samples=args.smoothgrad_samples)
+        if m.name == "smoothgrad"
+        else m
+        for m in methods
+    ]
     if args.data != "shapes" and args.target == "label" and not args.class_index and session.is_main:
-        print("warning: no --class-index: labels are the indices of the sorted class folders, "
-              "which match the model's outputs only if it was trained on exactly these folders",
-              file=sys.stderr)
+        print(
+            "warning: no --class-index: labels are the indices of the sorted class folders, "
+            "which match the model's outputs only if it was trained on exactly these folders",
+            file=sys.stderr,
+        )
     model = build_model(args.model, args.weights, args.device, args.random_init, args.seed)
     images = Images(args)
     baselines.NOTES.clear()
     data_name = "shapes" if args.data == "shapes" else os.path.basename(os.path.normpath(args.data))
-    tag = args.tag or "_".join([args.model] + (["random"] if args.random_init else [])
-                               + ([] if data_name == "shapes" else [data_name]))
+    tag = args.tag or "_".join(
+        [args.model] + (["random"] if args.random_init else []) + ([] if data_name == "shapes" else [data_name])
+    )
     stem = os.path.join(args.out, tag)
 
     # The work: blocks of images, the same for any number of processes; each takes its share of
@@ -565,10 +669,14 @@ def run(args, session) -> Optional[Dict]:
     earlier = sum(len(b) for b in units if b.key in records)
     todo = [b for b in units if b.key not in records]
     if session.is_main and earlier:
-        print(f"eval_table: resuming: {earlier} of {images.count} images were finished by an earlier run "
-              f"({manifest.folder})", file=sys.stderr)
-    progress = distributed.Progress(session, images.count - earlier, args.model, disable=args.no_progress,
-                                    dynamic_ncols=True)
+        print(
+            f"eval_table: resuming: {earlier} of {images.count} images were finished by an earlier run "
+            f"({manifest.folder})",
+            file=sys.stderr,
+        )
+    progress = distributed.Progress(
+        session, images.count - earlier, args.model, disable=args.no_progress, dynamic_ncols=True
+    )
     t_start, c_start = time.perf_counter(), time.process_time()
     skip = set()
 
@@ -578,8 +686,9 @@ def run(args, session) -> Optional[Dict]:
         return rec
 
     new, error = distributed.run_share(session, todo, work, manifest, progress, "eval_table")
-    if not distributed.finish_run(session, error, progress, "eval_table",
-                                  f"The finished images are kept in {manifest.folder}"):
+    if not distributed.finish_run(
+        session, error, progress, "eval_table", f"The finished images are kept in {manifest.folder}"
+    ):
         raise SystemExit(1)
     gathered = session.gather(new)
     wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
@@ -607,52 +716,100 @@ def run(args, session) -> Optional[Dict]:
     stab_n = sum(r.get("stability_images", 0) for r in ordered)
     settings = {
         "model": args.model,
-        "weights": "random init (smoke test)" if args.random_init else (
-            args.weights or (f"shipped {models.WEIGHTS_DIR.name}/{args.model}.pt"
-                             if args.model in models.SHAPES_MODELS else None)),
-        "data": data_name, "n": done, "first_image": args.first_image, "target": args.target,
-        "input_size": [H, W] if probe is not None else None, "device": torch.device(args.device).type,
-        "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size, "seed": args.seed,
+        "weights": "random init (smoke test)"
+        if args.random_init
+        else (
+            args.weights
+            or (f"shipped {models.WEIGHTS_DIR.name}/{args.model}.pt" if args.model in models.SHAPES_MODELS else None)
+        ),
+        "data": data_name,
+        "n": done,
+        "first_image": args.first_image,
+        "target": args.target,
+        "input_size": [H, W] if probe is not None else None,
+        "device": torch.device(args.device).type,
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "seed": args.seed,
         "pointing_tolerance_px": args.pointing_tolerance,
         "fidelity_runs": args.fidelity_runs,
-        "fidelity_subset": args.fidelity_subset or (max(1, round(224 * H * W / 224 ** 2)) if H else None),
+        "fidelity_subset": args.fidelity_subset or (max(1, round(224 * H * W / 224**2)) if H else None),
         "fidelity_baseline": 0.0,
-        "stability_samples": args.stability_samples, "stability_images": stab_n, "stability_sigma": 0.1,
-        "ig_steps": args.ig_steps, "smoothgrad_samples": args.smoothgrad_samples,
-        "smoothgrad_noise": baselines.SMOOTHGRAD_NOISE, "cam_layers": layers,
-        "processes": session.world_size, "images_from_an_earlier_run": earlier,
-        "wall_seconds": round(wall, 1), "cpu_seconds_rank0": round(cpu, 1),
+        "stability_samples": args.stability_samples,
+        "stability_images": stab_n,
+        "stability_sigma": 0.1,
+        "ig_steps": args.ig_steps,
+        "smoothgrad_samples": args.smoothgrad_samples,
+        "smoothgrad_noise": baselines.SMOOTHGRAD_NOISE,
+        "cam_layers": layers,
+        "processes": session.world_size,
+        "images_from_an_earlier_run": earlier,
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds_rank0": round(cpu, 1),
         "fidelity_forward_seconds": round(totals.forward_s, 1),
     }
-    report = {"settings": settings, "versions": versions(), "rows": rows, "notes": notes, "failed": failed,
-              "failed_images": failed_images}
+    report = {
+        "settings": settings,
+        "versions": versions(),
+        "rows": rows,
+        "notes": notes,
+        "failed": failed,
+        "failed_images": failed_images,
+    }
 
     distributed.atomic_write(stem + ".json", json.dumps(report, indent=1))
     distributed.write_csv(stem + ".csv", rows, list(rows[0].keys()))
-    distributed.write_csv(stem + ".per-image.csv",
-                          per_image_rows(methods, ordered, failed, stem, args.out, args.save_maps),
-                          PER_IMAGE_FIELDS if args.save_maps else PER_IMAGE_FIELDS[:-1])
-    class_names = models.class_names(args.model) if args.data == "shapes" or args.model in models.IMAGENET_MODELS else ()
+    distributed.write_csv(
+        stem + ".per-image.csv",
+        per_image_rows(methods, ordered, failed, stem, args.out, args.save_maps),
+        PER_IMAGE_FIELDS if args.save_maps else PER_IMAGE_FIELDS[:-1],
+    )
+    class_names = (
+        models.class_names(args.model) if args.data == "shapes" or args.model in models.IMAGENET_MODELS else ()
+    )
     figure(stem + ".png", examples, methods, rows_by_name, class_names)
 
-    md = [f"# {args.model} on {data_name}: {done} images", "",
-          "Average results of Pointing game (Poi.), Attribution localization (Att.), Sparseness "
-          "(Spa.), Fidelity (Fid.) and Stability (Sta.). Maps divided by their max, clamped to "
-          "[-1, 1] and bilinearly upsampled to the input size. † encoder-output (\"low\") layer, "
-          "‡ 1/8-resolution (\"high\") layer, others input resolution (map sizes: timing table). Best in **bold**, second "
-          "<u>underlined</u>.", "", markdown_table(rows), "",
-          "## Settings", ""]
+    md = [
+        f"# {args.model} on {data_name}: {done} images",
+        "",
+        "Average results of Pointing game (Poi.), Attribution localization (Att.), Sparseness "
+        "(Spa.), Fidelity (Fid.) and Stability (Sta.). Maps divided by their max, clamped to "
+        '[-1, 1] and bilinearly upsampled to the input size. † encoder-output ("low") layer, '
+        '‡ 1/8-resolution ("high") layer, others input resolution (map sizes: timing table). Best in **bold**, second '
+        "<u>underlined</u>.",
+        "",
+        markdown_table(rows),
+        "",
+        "## Settings",
+        "",
+    ]
     md += [f"- {k}: {v}" for k, v in settings.items()]
-    md += ["", "Pointing game: the tolerance is in pixels at this input size (the paper: 15 px at "
-           "224 x 224). Stability: max over the noisy copies of ||phi(x) - phi(x')|| / ||x - x'|| on "
-           f"the first {stab_n} images; few copies give a lower bound of Quantus' 200-copy estimate.",
-           "", "## Seconds per image", "",
-           "| Method | map | explain | fidelity (own part) | stability (all copies) |", "|---|---|---|---|---|"]
-    md += [f"| {r['label']} | {r['map_size']} | {r['explain_s_per_image']:.4f} | "
-           f"{r['fidelity_s_per_image']:.4f} | {r['stability_s_per_image']:.4f} |" for r in rows]
-    md += ["", f"Fidelity forwards (shared by all methods): {totals.forward_s / max(done, 1):.4f} s per image. "
-           f"Wall time: {wall:.0f} s ({wall / max(done, 1):.2f} s per image, {session.world_size} process(es)"
-           + (f", {earlier} images from an earlier run" if earlier else "") + ").", "", "## Versions", ""]
+    md += [
+        "",
+        "Pointing game: the tolerance is in pixels at this input size (the paper: 15 px at "
+        "224 x 224). Stability: max over the noisy copies of ||phi(x) - phi(x')|| / ||x - x'|| on "
+        f"the first {stab_n} images; few copies give a lower bound of Quantus' 200-copy estimate.",
+        "",
+        "## Seconds per image",
+        "",
+        "| Method | map | explain | fidelity (own part) | stability (all copies) |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['label']} | {r['map_size']} | {r['explain_s_per_image']:.4f} | "
+        f"{r['fidelity_s_per_image']:.4f} | {r['stability_s_per_image']:.4f} |"
+        for r in rows
+    ]
+    md += [
+        "",
+        f"Fidelity forwards (shared by all methods): {totals.forward_s / max(done, 1):.4f} s per image. "
+        f"Wall time: {wall:.0f} s ({wall / max(done, 1):.2f} s per image, {session.world_size} process(es)"
+        + (f", {earlier} images from an earlier run" if earlier else "")
+        + ").",
+        "",
+        "## Versions",
+        "",
+    ]
     md += [f"- {k}: {v}" for k, v in report["versions"].items()]
     md += ["", "## Model adaptations", ""]
     md += [f"- {k}: {v}" for k, v in notes.items()] or ["- none"]
@@ -660,13 +817,16 @@ def run(args, session) -> Optional[Dict]:
         md += ["", "## Failed methods", ""] + [f"- {k}: {v}" for k, v in failed.items()]
     if failed_images:
         md += ["", "## Images left out (unreadable)", ""] + [
-            f"- {b['image']} (image {b['index']}): {b['reason']}" for b in failed_images]
+            f"- {b['image']} (image {b['index']}): {b['reason']}" for b in failed_images
+        ]
     distributed.atomic_write(stem + ".md", "\n".join(md) + "\n")
     manifest.remove()  # everything is in the outputs now
 
     print(markdown_table(rows))
-    print(f"\n{done} images, wall {wall:.0f} s, {session.world_size} process(es); "
-          f"wrote {stem}.md/.csv/.json/.png/.per-image.csv" + (f" and {stem}.maps/" if args.save_maps else ""))
+    print(
+        f"\n{done} images, wall {wall:.0f} s, {session.world_size} process(es); "
+        f"wrote {stem}.md/.csv/.json/.png/.per-image.csv" + (f" and {stem}.maps/" if args.save_maps else "")
+    )
     for k, v in notes.items():
         print(f"note {k}: {v}")
     for k, v in failed.items():

@@ -24,6 +24,7 @@ the sanitizer and the measurements, the sanitizer about 110 s to the measurement
 measurements still to do once it is spent are skipped. --dry-run runs the measurements on the CPU
 at 64x64 with batch 1 and 2 (float32 only), without building or testing: everything but CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def run(cmd, timeout, env=None):
     """Runs a command, streaming nothing; returns (returncode or None on timeout, output, seconds)."""
     t0 = time.monotonic()
     try:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                             env=dict(os.environ, **(env or {})))
+        res = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {}))
+        )
         return res.returncode, res.stdout + res.stderr, time.monotonic() - t0
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -81,8 +83,12 @@ def build(timeout: int) -> dict:
         log("pip is missing; building with setup.py build_ext --inplace")
         code, out, secs = run(cmd, timeout, env)
         method = "setup.py build_ext --inplace"
-    return {"ok": code == 0, "seconds": round(secs, 1), "method": method,
-            "tail": out[-4000:] if code != 0 else out[-800:]}
+    return {
+        "ok": code == 0,
+        "seconds": round(secs, 1),
+        "method": method,
+        "tail": out[-4000:] if code != 0 else out[-800:],
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,16 +103,32 @@ def pytest_counts(out: str) -> dict:
 
 def run_tests(select: str, timeout: int) -> dict:
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "tests/test_cuda_ops.py", "-k", select, "-p",
-           "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfEs",
+        "tests/test_cuda_ops.py",
+        "-k",
+        select,
+        "-p",
+        "no:cacheprovider",
+    ]
     log("testing: pytest " + " ".join(cmd[3:]))
     code, out, secs = run(cmd, timeout, env)
     if code is not None and "No module named pytest" in out:
         return {"ok": False, "seconds": round(secs, 1), "error": "pytest is not installed", "counts": {}}
     counts = pytest_counts(out.splitlines()[-1] if out.strip() else "")
     failures = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    return {"ok": code == 0, "returncode": code, "seconds": round(secs, 1), "counts": counts,
-            "failures": failures[:50], "tail": out[-3000:]}
+    return {
+        "ok": code == 0,
+        "returncode": code,
+        "seconds": round(secs, 1),
+        "counts": counts,
+        "failures": failures[:50],
+        "tail": out[-3000:],
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,9 +193,15 @@ def local_models():
                     inp = v
             self.features = nn.Sequential(*mods)
             self.avgpool = nn.AdaptiveAvgPool2d(7)
-            self.classifier = nn.Sequential(nn.Linear(25088, 4096), nn.ReLU(True), nn.Dropout(),
-                                            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-                                            nn.Linear(4096, 1000))
+            self.classifier = nn.Sequential(
+                nn.Linear(25088, 4096),
+                nn.ReLU(True),
+                nn.Dropout(),
+                nn.Linear(4096, 4096),
+                nn.ReLU(True),
+                nn.Dropout(),
+                nn.Linear(4096, 1000),
+            )
 
         def forward(self, x):
             return self.classifier(self.avgpool(self.features(x)).flatten(1))
@@ -224,7 +252,7 @@ def time_side_by_side(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
             fns[n]()
     samples = {n: [] for n in names}
     for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
             t0 = time.perf_counter()
             fns[n]()
@@ -252,7 +280,6 @@ def peak_bytes(fn, device) -> int | None:
 def op_split(fn, device, top: int = 12) -> list:
     """Per op: device time (ms) over one call, srd_ext ops inclusive of their nested calls, every
     other op by its own (self) time; the largest first."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -261,8 +288,11 @@ def op_split(fn, device, top: int = 12) -> list:
         sync(device)
 
     def dev_time(ev, self_time):
-        keys = (["self_device_time_total", "self_cuda_time_total"] if self_time
-                else ["device_time_total", "cuda_time_total"])
+        keys = (
+            ["self_device_time_total", "self_cuda_time_total"]
+            if self_time
+            else ["device_time_total", "cuda_time_total"]
+        )
         if device.type != "cuda":
             keys = ["self_cpu_time_total"] if self_time else ["cpu_time_total"]
         for k in keys:
@@ -332,7 +362,7 @@ def measure(model_name, batch, dtype_name, device, size, repeats) -> dict:
     except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
         row["error"] = f"{type(e).__name__}: {e}"[:2000]
     finally:
-        del model, x
+        model = x = None  # noqa: F841  (released before the cache is emptied)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
@@ -341,14 +371,25 @@ def measure(model_name, batch, dtype_name, device, size, repeats) -> dict:
 def machine_info(device) -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                    gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version(),
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        info.update(
+            gpu=p.name,
+            capability=f"{p.major}.{p.minor}",
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            gpu_count=torch.cuda.device_count(),
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
     try:
         import srd_ext
 
@@ -368,10 +409,14 @@ def _fmt(v, spec=".2f", none="-"):
 
 def markdown(doc) -> str:
     m = doc["machine"]
-    lines = ["# srd_ext GPU check", "",
-             f"{m.get('gpu', m['device'])} (capability {m.get('capability', '-')}), torch {m['torch']}, "
-             f"CUDA {m.get('cuda')}, cuDNN {m.get('cudnn', '-')}, TF32 conv {m.get('cudnn_allow_tf32', '-')} / "
-             f"matmul {m.get('matmul_allow_tf32', '-')}; {doc['total_s']:.0f} s in all.", ""]
+    lines = [
+        "# srd_ext GPU check",
+        "",
+        f"{m.get('gpu', m['device'])} (capability {m.get('capability', '-')}), torch {m['torch']}, "
+        f"CUDA {m.get('cuda')}, cuDNN {m.get('cudnn', '-')}, TF32 conv {m.get('cudnn_allow_tf32', '-')} / "
+        f"matmul {m.get('matmul_allow_tf32', '-')}; {doc['total_s']:.0f} s in all.",
+        "",
+    ]
     b, t = doc.get("build"), doc.get("tests")
     if b:
         lines.append(f"- build: {'ok' if b['ok'] else 'FAILED'} ({b['method']}, {b['seconds']} s)")
@@ -379,32 +424,51 @@ def markdown(doc) -> str:
         t = doc.get(key)
         if t:
             c = t.get("counts", {})
-            lines.append(f"- {label}: {'ok' if t['ok'] else 'FAILED'} ({', '.join(f'{v} {k}' for k, v in c.items())}; "
-                         f"{t['seconds']} s){' ' + t['error'] if t.get('error') else ''}")
-    lines += ["", "## SRD-input against a forward pass plus the input gradient", "",
-              f"`srd_ext.Explainer(model).explain(x, layer=\"input\")`, {doc['size']}x{doc['size']}; medians "
-              "of interleaved repeats; peak = max_memory_allocated above the inputs.", "",
-              "| model | batch | dtype | fwd+grad ms | SRD ms | **SRD / fwd+grad** | goal | SRD ms/image "
-              "| peak fwd+grad MB | peak SRD MB | **mem ratio** (<= 1.3) |",
-              "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"- {label}: {'ok' if t['ok'] else 'FAILED'} ({', '.join(f'{v} {k}' for k, v in c.items())}; "
+                f"{t['seconds']} s){' ' + t['error'] if t.get('error') else ''}"
+            )
+    lines += [
+        "",
+        "## SRD-input against a forward pass plus the input gradient",
+        "",
+        f'`srd_ext.Explainer(model).explain(x, layer="input")`, {doc["size"]}x{doc["size"]}; medians '
+        "of interleaved repeats; peak = max_memory_allocated above the inputs.",
+        "",
+        "| model | batch | dtype | fwd+grad ms | SRD ms | **SRD / fwd+grad** | goal | SRD ms/image "
+        "| peak fwd+grad MB | peak SRD MB | **mem ratio** (<= 1.3) |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in doc["bench"]:
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r.get('error') or r.get('skipped')} "
-                         "| | | | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['dtype']} | {r.get('error') or r.get('skipped')} | | | | | | | |"
+            )
             continue
         goal = f"<= {r['time_goal']} {'ok' if r['time_ok'] else 'MISS'}" if "time_goal" in r else "-"
-        mem = (f"**{r['mem_ratio']:.2f}** {'ok' if r['mem_ok'] else 'MISS'}" if "mem_ratio" in r else "-")
-        lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['baseline_ms']:.2f} | {r['srd_ms']:.2f} "
-                     f"| **{r['time_ratio']:.2f}** | {goal} | {r['srd_ms_per_image']:.2f} "
-                     f"| {_fmt(r.get('baseline_peak_mb'), '.0f')} | {_fmt(r.get('srd_peak_mb'), '.0f')} | {mem} |")
-    lines += ["", "## Time per op in one SRD call", "",
-              "srd_ext ops with their nested calls (inclusive), then the largest other ops by their own time; "
-              "share = of the summed self times.", ""]
+        mem = f"**{r['mem_ratio']:.2f}** {'ok' if r['mem_ok'] else 'MISS'}" if "mem_ratio" in r else "-"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['baseline_ms']:.2f} | {r['srd_ms']:.2f} "
+            f"| **{r['time_ratio']:.2f}** | {goal} | {r['srd_ms_per_image']:.2f} "
+            f"| {_fmt(r.get('baseline_peak_mb'), '.0f')} | {_fmt(r.get('srd_peak_mb'), '.0f')} | {mem} |"
+        )
+    lines += [
+        "",
+        "## Time per op in one SRD call",
+        "",
+        "srd_ext ops with their nested calls (inclusive), then the largest other ops by their own time; "
+        "share = of the summed self times.",
+        "",
+    ]
     for r in doc["bench"]:
         if not r.get("ops"):
             continue
-        lines += [f"**{r['model']}, batch {r['batch']}, {r['dtype']}**", "", "| op | calls | ms | share |",
-                  "|---|---:|---:|---:|"]
+        lines += [
+            f"**{r['model']}, batch {r['batch']}, {r['dtype']}**",
+            "",
+            "| op | calls | ms | share |",
+            "|---|---:|---:|---:|",
+        ]
         for o in r["ops"]:
             share = "(incl.)" if o["inclusive"] else _fmt(o["share"] and 100 * o["share"], ".1f") + "%"
             lines.append(f"| {o['op']} | {o['calls']} | {o['ms']:.3f} | {share} |")
@@ -421,8 +485,10 @@ def summary_line(doc, out_dir) -> str:
         t = doc.get(key)
         if t:
             c = t.get("counts", {})
-            parts.append(f"{label} {'ok' if t['ok'] else 'FAILED'} ({c.get('passed', 0)} passed, "
-                         f"{c.get('failed', 0) + c.get('errors', 0)} failed, {c.get('skipped', 0)} skipped)")
+            parts.append(
+                f"{label} {'ok' if t['ok'] else 'FAILED'} ({c.get('passed', 0)} passed, "
+                f"{c.get('failed', 0) + c.get('errors', 0)} failed, {c.get('skipped', 0)} skipped)"
+            )
     ratios = []
     for r in doc["bench"]:
         if "time_ratio" in r:
@@ -464,8 +530,9 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         log("no CUDA device is visible: nothing to check (use --dry-run for the CPU path)")
-        doc.update(machine=machine_info(torch.device("cpu")), bench=[], size=None, total_s=elapsed(),
-                   error="no CUDA device")
+        doc.update(
+            machine=machine_info(torch.device("cpu")), bench=[], size=None, total_s=elapsed(), error="no CUDA device"
+        )
         _write(doc, out_dir)
         print(summary_line(doc, out_dir) + " | no CUDA device")
         return 1
@@ -486,8 +553,14 @@ def main(argv=None) -> int:
             for dtype_name in dtypes:
                 for batch in batches:
                     if elapsed() > args.budget_s:
-                        doc["bench"].append({"model": model_name, "batch": batch, "dtype": dtype_name,
-                                             "skipped": f"time budget of {args.budget_s:.0f} s spent"})
+                        doc["bench"].append(
+                            {
+                                "model": model_name,
+                                "batch": batch,
+                                "dtype": dtype_name,
+                                "skipped": f"time budget of {args.budget_s:.0f} s spent",
+                            }
+                        )
                         continue
                     log(f"measuring {model_name}, batch {batch}, {dtype_name}")
                     row = measure(model_name, batch, dtype_name, device, size, repeats=10 if batch == 1 else 5)
@@ -496,8 +569,11 @@ def main(argv=None) -> int:
     doc["total_s"] = round(elapsed(), 1)
     _write(doc, out_dir)
     line = summary_line(doc, out_dir)
-    ok = build_ok and all(doc.get(k, {"ok": True})["ok"] for k in ("tests", "sanitizer")) and \
-        all("error" not in r for r in doc["bench"])
+    ok = (
+        build_ok
+        and all(doc.get(k, {"ok": True})["ok"] for k in ("tests", "sanitizer"))
+        and all("error" not in r for r in doc["bench"])
+    )
     print(line)
     return 0 if ok else 1
 

@@ -42,6 +42,7 @@ a more successful manipulation. Writes ``<out>/<tag>.md``, ``<tag>.csv`` and ``<
 Default ``--steps`` 50 (Adam moves a pixel by about lr = 1e-3 per step, so 50 steps can reach
 the 8/255 bound). The report has the seconds per attack step and per pair of each method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,21 @@ from srd_ext.baselines import GuidedBackprop, LRPZPlus, smooth_copy
 from common import build_model
 
 METHODS = ("gradient", "gradinput", "guidedbackprop", "integratedgradients", "lrp-zplus", "srd")
-LABELS = {"gradient": "Gradient", "gradinput": "GradInput", "guidedbackprop": "GuidedBackprop",
-          "integratedgradients": "InteGrad", "lrp-zplus": "LRP z+", "srd": "SRD"}
-BASELINE = {"gradient": "saliency", "gradinput": "grad-input", "guidedbackprop": "guided-backprop",
-            "integratedgradients": "integrated-gradients", "lrp-zplus": "lrp-z+"}
+LABELS = {
+    "gradient": "Gradient",
+    "gradinput": "GradInput",
+    "guidedbackprop": "GuidedBackprop",
+    "integratedgradients": "InteGrad",
+    "lrp-zplus": "LRP z+",
+    "srd": "SRD",
+}
+BASELINE = {
+    "gradient": "saliency",
+    "gradinput": "grad-input",
+    "guidedbackprop": "guided-backprop",
+    "integratedgradients": "integrated-gradients",
+    "lrp-zplus": "lrp-z+",
+}
 
 L1, L2 = 1e11, 1e6
 LR = 1e-3
@@ -75,8 +87,9 @@ MSE_STOP = 1e-3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True)
     ap.add_argument("--weights", help="state_dict file (default for shapes models: the shipped weights)")
     ap.add_argument("--data", default="shapes", help="'shapes' or an image folder (ImageFolder layout)")
@@ -86,8 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=30.0, help="Softplus beta of the attack copy")
     ap.add_argument("--attack-ig-steps", type=int, default=8, help="IG steps inside the attack")
     ap.add_argument("--mse-space", choices=("pixel", "model"), default="pixel")
-    ap.add_argument("--pool", type=int, help="draw pairs from the first N images (default: all; "
-                    "shapes: the 752 test images)")
+    ap.add_argument(
+        "--pool", type=int, help="draw pairs from the first N images (default: all; shapes: the 752 test images)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
@@ -116,8 +130,7 @@ def load_pairs(args) -> Tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(args.seed)
     if args.data == "shapes":
         pool = args.pool or data.DEFAULT_SIZES["test"]
-        size = args.image_size or (models.model_input_size(args.model)
-                                   if args.model in models.SHAPES_MODELS else 112)
+        size = args.image_size or (models.model_input_size(args.model) if args.model in models.SHAPES_MODELS else 112)
         load = lambda i: data.generate("test", 1, image_size=size, start=int(i), normalize=False)[0][0]
     else:
         size = args.image_size or 224
@@ -137,7 +150,7 @@ def to_model(x01: torch.Tensor) -> torch.Tensor:
 
 def _input_grad(net, x, t):
     out = net(x)
-    g, = torch.autograd.grad(out.gather(1, t[:, None]).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), x, create_graph=True)
     return g, out
 
 
@@ -156,10 +169,12 @@ def attack_map_fn(method: str, model: nn.Module, args) -> Callable:
         return lambda x, t: gbp(x, t, create_graph=True)
     net = smooth_copy(model, args.beta)
     if method == "gradient":
+
         def fn(x, t):
             g, out = _input_grad(net, x, t)
             return g.abs().amax(1), out
     elif method == "gradinput":
+
         def fn(x, t):
             g, out = _input_grad(net, x, t)
             return (g * x).sum(1), out
@@ -171,7 +186,7 @@ def attack_map_fn(method: str, model: nn.Module, args) -> Callable:
             b = x.shape[0]
             xs = (alphas.view(n, 1, 1, 1, 1) * x.unsqueeze(0)).reshape(n * b, *x.shape[1:])
             out = net(xs)
-            g, = torch.autograd.grad(out.gather(1, t.repeat(n)[:, None]).sum(), xs, create_graph=True)
+            (g,) = torch.autograd.grad(out.gather(1, t.repeat(n)[:, None]).sum(), xs, create_graph=True)
             g = g.view(n, b, *x.shape[1:]).mean(0)
             return (g * x).sum(1), net(x)
     else:
@@ -206,7 +221,7 @@ def attack(fn, x_org01, h_target, logits_org, t, args) -> Tuple[torch.Tensor, in
         h, logits = fn(to_model(x_adv), t)
         loss = L1 * F.mse_loss(sum_normalized(h), target_n) + L2 * F.mse_loss(logits, logits_org)
         # grad w.r.t. x_adv only: backward() would fill .grad of the user's parameters (SRD)
-        x_adv.grad, = torch.autograd.grad(loss, x_adv)
+        (x_adv.grad,) = torch.autograd.grad(loss, x_adv)
         opt.step()
         with torch.no_grad():
             x_adv.copy_((x_org01 + (x_adv - x_org01).clamp(-EPS, EPS)).clamp(0, 1))
@@ -221,11 +236,24 @@ def run(args, model) -> Dict:
     with torch.no_grad():
         logits = model(to_model(imgs.flatten(0, 1))).view(args.pairs, 2, -1)
     preds = logits.argmax(-1)
-    res = {m: {"ssim": [], "pcc": [], "toward": [], "kept": [], "steps": [], "reasons": Counter(),
-               "attack_s": 0.0, "total_s": 0.0, "example": None} for m in args.methods}
+    res = {
+        m: {
+            "ssim": [],
+            "pcc": [],
+            "toward": [],
+            "kept": [],
+            "steps": [],
+            "reasons": Counter(),
+            "attack_s": 0.0,
+            "total_s": 0.0,
+            "example": None,
+        }
+        for m in args.methods
+    }
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
+
         progress = tqdm(total=args.pairs * len(args.methods), desc="manipulation", file=sys.stderr)
     for method in args.methods:
         ev = eval_map_fn(method, model)
@@ -247,8 +275,9 @@ def run(args, model) -> Dict:
             # how far the attack got: distance to the target map, after / before (original
             # network); and whether the predicted class survived
             tn = sum_normalized(h_tgt)
-            r["toward"].append((F.mse_loss(sum_normalized(h_adv), tn)
-                                / F.mse_loss(sum_normalized(h_org), tn).clamp_min(1e-30)).item())
+            r["toward"].append(
+                (F.mse_loss(sum_normalized(h_adv), tn) / F.mse_loss(sum_normalized(h_org), tn).clamp_min(1e-30)).item()
+            )
             with torch.no_grad():
                 r["kept"].append(bool(model(to_model(x_adv)).argmax(1) == t_org))
             r["steps"].append(steps)
@@ -270,16 +299,23 @@ def summarize(res) -> List[Dict]:
     for m, r in res.items():
         ssim, pcc = np.array(r["ssim"]), np.array(r["pcc"])
         n_steps = int(np.sum(r["steps"]))
-        rows.append({
-            "method": m, "label": LABELS[m], "pairs": len(ssim),
-            "ssim_mean": ssim.mean(), "ssim_std": ssim.std(ddof=1) if len(ssim) > 1 else 0.0,
-            "pcc_mean": pcc.mean(), "pcc_std": pcc.std(ddof=1) if len(pcc) > 1 else 0.0,
-            "toward": float(np.mean(r["toward"])), "kept": float(np.mean(r["kept"])),
-            "steps_mean": float(np.mean(r["steps"])),
-            "s_per_step": r["attack_s"] / n_steps if n_steps else float("nan"),
-            "s_per_pair": r["total_s"] / max(len(ssim), 1),
-            "stop": dict(r["reasons"]),
-        })
+        rows.append(
+            {
+                "method": m,
+                "label": LABELS[m],
+                "pairs": len(ssim),
+                "ssim_mean": ssim.mean(),
+                "ssim_std": ssim.std(ddof=1) if len(ssim) > 1 else 0.0,
+                "pcc_mean": pcc.mean(),
+                "pcc_std": pcc.std(ddof=1) if len(pcc) > 1 else 0.0,
+                "toward": float(np.mean(r["toward"])),
+                "kept": float(np.mean(r["kept"])),
+                "steps_mean": float(np.mean(r["steps"])),
+                "s_per_step": r["attack_s"] / n_steps if n_steps else float("nan"),
+                "s_per_pair": r["total_s"] / max(len(ssim), 1),
+                "stop": dict(r["reasons"]),
+            }
+        )
     return rows
 
 
@@ -289,32 +325,62 @@ def write_outputs(args, out, rows) -> Dict[str, str]:
     paths = {k: os.path.join(args.out, f"{tag}.{k}") for k in ("md", "csv", "png")}
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "pairs", "ssim_mean", "ssim_std", "pcc_mean", "pcc_std",
-                    "target_distance_ratio", "class_kept", "steps_mean",
-                    "seconds_per_step", "seconds_per_pair", "stop_reasons"])
+        w.writerow(
+            [
+                "method",
+                "pairs",
+                "ssim_mean",
+                "ssim_std",
+                "pcc_mean",
+                "pcc_std",
+                "target_distance_ratio",
+                "class_kept",
+                "steps_mean",
+                "seconds_per_step",
+                "seconds_per_pair",
+                "stop_reasons",
+            ]
+        )
         for r in rows:
-            w.writerow([r["method"], r["pairs"], f"{r['ssim_mean']:.4f}", f"{r['ssim_std']:.4f}",
-                        f"{r['pcc_mean']:.4f}", f"{r['pcc_std']:.4f}", f"{r['toward']:.4f}",
-                        f"{r['kept']:.3f}", f"{r['steps_mean']:.1f}",
-                        f"{r['s_per_step']:.4f}", f"{r['s_per_pair']:.3f}",
-                        ";".join(f"{k}={v}" for k, v in sorted(r["stop"].items()))])
-    lines = [f"# Explanation manipulation: {args.model}" + (" (random weights)" if args.random_init else ""),
-             "", f"{args.pairs} pairs, data {args.data}, seed {args.seed}, max steps {args.steps}, "
-             f"l1 {L1:g}, l2 {L2:g} (maps normalized to sum 1, MSE), Adam lr {LR:g}, "
-             f"|delta| <= 8/255, MSE stop {MSE_STOP:g} ({args.mse_space} space), "
-             f"Softplus beta {args.beta:g}, attack IG steps {args.attack_ig_steps}.",
-             "SSIM / PCC between h(x_org) and h(x_adv) on the original network (lower: manipulated "
-             "more). to target: MSE(h(x_adv), h(x_target)) / MSE(h(x_org), h(x_target)) on "
-             "sum-normalized maps, mean over pairs (below 1: moved toward the target map). "
-             "class kept: fraction of pairs whose x_adv keeps x_org's predicted class.",
-             "", "| Method | SSIM | PCC | to target | class kept | steps | s/step | s/pair | stop |",
-             "|---|---|---|---|---|---|---|---|---|"]
+            w.writerow(
+                [
+                    r["method"],
+                    r["pairs"],
+                    f"{r['ssim_mean']:.4f}",
+                    f"{r['ssim_std']:.4f}",
+                    f"{r['pcc_mean']:.4f}",
+                    f"{r['pcc_std']:.4f}",
+                    f"{r['toward']:.4f}",
+                    f"{r['kept']:.3f}",
+                    f"{r['steps_mean']:.1f}",
+                    f"{r['s_per_step']:.4f}",
+                    f"{r['s_per_pair']:.3f}",
+                    ";".join(f"{k}={v}" for k, v in sorted(r["stop"].items())),
+                ]
+            )
+    lines = [
+        f"# Explanation manipulation: {args.model}" + (" (random weights)" if args.random_init else ""),
+        "",
+        f"{args.pairs} pairs, data {args.data}, seed {args.seed}, max steps {args.steps}, "
+        f"l1 {L1:g}, l2 {L2:g} (maps normalized to sum 1, MSE), Adam lr {LR:g}, "
+        f"|delta| <= 8/255, MSE stop {MSE_STOP:g} ({args.mse_space} space), "
+        f"Softplus beta {args.beta:g}, attack IG steps {args.attack_ig_steps}.",
+        "SSIM / PCC between h(x_org) and h(x_adv) on the original network (lower: manipulated "
+        "more). to target: MSE(h(x_adv), h(x_target)) / MSE(h(x_org), h(x_target)) on "
+        "sum-normalized maps, mean over pairs (below 1: moved toward the target map). "
+        "class kept: fraction of pairs whose x_adv keeps x_org's predicted class.",
+        "",
+        "| Method | SSIM | PCC | to target | class kept | steps | s/step | s/pair | stop |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         stop = ", ".join(f"{k} {v}" for k, v in sorted(r["stop"].items()))
-        lines.append(f"| {r['label']} | {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} | "
-                     f"{r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['toward']:.3f} | "
-                     f"{r['kept']:.2f} | {r['steps_mean']:.1f} | "
-                     f"{r['s_per_step']:.3f} | {r['s_per_pair']:.2f} | {stop} |")
+        lines.append(
+            f"| {r['label']} | {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} | "
+            f"{r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['toward']:.3f} | "
+            f"{r['kept']:.2f} | {r['steps_mean']:.1f} | "
+            f"{r['s_per_step']:.3f} | {r['s_per_pair']:.2f} | {stop} |"
+        )
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     figure(out, paths["png"])
@@ -323,6 +389,7 @@ def write_outputs(args, out, rows) -> Dict[str, str]:
 
 def figure(out, path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -356,10 +423,12 @@ def main(argv=None) -> Dict[str, str]:
     print(f"max steps {args.steps}")
     for r in rows:
         stop = ", ".join(f"{k}: {v}" for k, v in sorted(r["stop"].items()))
-        print(f"{r['label']:>15}  SSIM {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f}  "
-              f"PCC {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f}  to target {r['toward']:.3f}  "
-              f"class kept {r['kept']:.2f}  mean steps {r['steps_mean']:.1f}  "
-              f"{r['s_per_step']:.3f} s/step  {r['s_per_pair']:.2f} s/pair  stop: {stop}")
+        print(
+            f"{r['label']:>15}  SSIM {r['ssim_mean']:.3f} ± {r['ssim_std']:.3f}  "
+            f"PCC {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f}  to target {r['toward']:.3f}  "
+            f"class kept {r['kept']:.2f}  mean steps {r['steps_mean']:.1f}  "
+            f"{r['s_per_step']:.3f} s/step  {r['s_per_pair']:.2f} s/pair  stop: {stop}"
+        )
     print("wrote " + ", ".join(paths.values()))
     return paths
 

@@ -5,6 +5,7 @@ reset just before the call so that import-time peaks do not hide the call's own.
 measuring process with MALLOC_MMAP_THRESHOLD_=65536 (see ``CHILD_ENV``) so that glibc returns
 every large block on free and resident memory follows the live tensors.
 """
+
 import os
 import resource
 

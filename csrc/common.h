@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/irange.h>
+
 #include <string>
 #include <vector>
 
@@ -72,9 +73,10 @@ inline ConvGeometry make_geometry(const char* op, int64_t kh, int64_t kw, at::In
 }
 
 // Checks of conv_tap_norms' inputs; returns the geometry.
-inline ConvGeometry check_tap_norms_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, int64_t groups, bool allow_half) {
+inline ConvGeometry check_tap_norms_args(const char* op, const at::Tensor& x,
+                                         const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups, bool allow_half) {
   TORCH_CHECK(x.dim() == 4, "srd_ext::", op, ": x must be (B, C_in, H, W), got shape ",
               shape_str(x));
   TORCH_CHECK(weight.dim() == 4, "srd_ext::", op,
@@ -83,36 +85,36 @@ inline ConvGeometry check_tap_norms_args(const char* op, const at::Tensor& x, co
   check_same(op, "weight", weight, x, "x");
   TORCH_CHECK(groups >= 1, "srd_ext::", op, ": groups must be >= 1, got ", groups);
   TORCH_CHECK(x.size(1) == weight.size(1) * groups && weight.size(0) % groups == 0, "srd_ext::", op,
-              ": x ", shape_str(x), " does not fit weight ", shape_str(weight), " with groups=",
-              groups);
+              ": x ", shape_str(x), " does not fit weight ", shape_str(weight),
+              " with groups=", groups);
   return make_geometry(op, weight.size(2), weight.size(3), stride, padding, dilation, x.size(2),
                        x.size(3), "input x " + shape_str(x), "weight " + shape_str(weight));
 }
 
 inline ConvGeometry check_scatter_args(const char* op, const at::Tensor& tap_norms,
-                                   const at::Tensor& bias_dot, at::IntArrayRef kernel_size,
-                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation, bool allow_half) {
+                                       const at::Tensor& bias_dot, at::IntArrayRef kernel_size,
+                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, bool allow_half) {
   TORCH_CHECK(kernel_size.size() == 2, "srd_ext::", op, ": kernel_size must have 2 entries");
   TORCH_CHECK(tap_norms.dim() == 4, "srd_ext::", op,
               ": tap_norms must be (B, kh*kw, H_in, W_in), got shape ", shape_str(tap_norms));
-  TORCH_CHECK(bias_dot.dim() == 3, "srd_ext::", op, ": bias_dot must be (B, H_out, W_out), got shape ",
-              shape_str(bias_dot));
+  TORCH_CHECK(bias_dot.dim() == 3, "srd_ext::", op,
+              ": bias_dot must be (B, H_out, W_out), got shape ", shape_str(bias_dot));
   check_float(op, "tap_norms", tap_norms, allow_half);
   check_same(op, "bias_dot", bias_dot, tap_norms, "tap_norms");
-  const auto g = make_geometry(
-      op, kernel_size[0], kernel_size[1], stride, padding, dilation, tap_norms.size(2),
-      tap_norms.size(3), "tap_norms " + shape_str(tap_norms),
-      "kernel_size (" + std::to_string(kernel_size[0]) + ", " + std::to_string(kernel_size[1]) + ")");
-  TORCH_CHECK(tap_norms.size(1) == g.taps(), "srd_ext::", op, ": tap_norms ",
-              shape_str(tap_norms), " has ", tap_norms.size(1), " taps but kernel_size is (",
-              g.kh(), ", ", g.kw(), ")");
+  const auto g =
+      make_geometry(op, kernel_size[0], kernel_size[1], stride, padding, dilation,
+                    tap_norms.size(2), tap_norms.size(3), "tap_norms " + shape_str(tap_norms),
+                    "kernel_size (" + std::to_string(kernel_size[0]) + ", " +
+                        std::to_string(kernel_size[1]) + ")");
+  TORCH_CHECK(tap_norms.size(1) == g.taps(), "srd_ext::", op, ": tap_norms ", shape_str(tap_norms),
+              " has ", tap_norms.size(1), " taps but kernel_size is (", g.kh(), ", ", g.kw(), ")");
   const int64_t ho = g.y.out, wo = g.x.out;
-  TORCH_CHECK(bias_dot.size(0) == tap_norms.size(0) && bias_dot.size(1) == ho &&
-                  bias_dot.size(2) == wo,
-              "srd_ext::", op, ": bias_dot ", shape_str(bias_dot), " does not match tap_norms ",
-              shape_str(tap_norms), " (expected (", tap_norms.size(0), ", ", ho, ", ", wo,
-              ") for this geometry)");
+  TORCH_CHECK(
+      bias_dot.size(0) == tap_norms.size(0) && bias_dot.size(1) == ho && bias_dot.size(2) == wo,
+      "srd_ext::", op, ": bias_dot ", shape_str(bias_dot), " does not match tap_norms ",
+      shape_str(tap_norms), " (expected (", tap_norms.size(0), ", ", ho, ", ", wo,
+      ") for this geometry)");
   return g;
 }
 
@@ -151,11 +153,11 @@ inline void check_activation_share_backward_args(const char* op, const at::Tenso
                                                  const at::Tensor& relevance, bool allow_half) {
   check_activation_share_args(op, a, grad, z, c10::nullopt, allow_half);
   const auto want = pixel_shape(a);
-  TORCH_CHECK(grad_relevance.sizes() == at::IntArrayRef(want) &&
-                  relevance.sizes() == at::IntArrayRef(want),
-              "srd_ext::", op, ": grad_relevance and relevance must have shape ",
-              a.dim() == 4 ? "(B, H, W)" : "(B,)", " matching a ", shape_str(a), ", got ",
-              shape_str(grad_relevance), " and ", shape_str(relevance));
+  TORCH_CHECK(
+      grad_relevance.sizes() == at::IntArrayRef(want) && relevance.sizes() == at::IntArrayRef(want),
+      "srd_ext::", op, ": grad_relevance and relevance must have shape ",
+      a.dim() == 4 ? "(B, H, W)" : "(B,)", " matching a ", shape_str(a), ", got ",
+      shape_str(grad_relevance), " and ", shape_str(relevance));
   TORCH_CHECK(grad_g.sizes() == a.sizes(), "srd_ext::", op, ": grad_g must have the shape of a ",
               shape_str(a), ", got ", shape_str(grad_g));
   check_same(op, "grad_relevance", grad_relevance, a, "a");
@@ -164,31 +166,33 @@ inline void check_activation_share_backward_args(const char* op, const at::Tenso
 }
 
 inline ConvGeometry check_tap_norms_backward_args(const char* op, const at::Tensor& grad_tap_norms,
-                                              const at::Tensor& x, const at::Tensor& weight,
-                                              const at::Tensor& tap_norms, at::IntArrayRef stride,
-                                              at::IntArrayRef padding, at::IntArrayRef dilation,
-                                              int64_t groups, bool allow_half) {
+                                                  const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& tap_norms,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation, int64_t groups,
+                                                  bool allow_half) {
   const ConvGeometry geo =
       check_tap_norms_args(op, x, weight, stride, padding, dilation, groups, allow_half);
   const std::vector<int64_t> want{x.size(0), geo.taps(), x.size(2), x.size(3)};
-  TORCH_CHECK(grad_tap_norms.sizes() == at::IntArrayRef(want) &&
-                  tap_norms.sizes() == at::IntArrayRef(want),
-              "srd_ext::", op, ": grad_tap_norms and tap_norms must have shape (B, kh*kw, H, W) = (",
-              want[0], ", ", want[1], ", ", want[2], ", ", want[3], ") for x ", shape_str(x),
-              " and weight ", shape_str(weight), ", got ", shape_str(grad_tap_norms), " and ",
-              shape_str(tap_norms));
+  TORCH_CHECK(
+      grad_tap_norms.sizes() == at::IntArrayRef(want) && tap_norms.sizes() == at::IntArrayRef(want),
+      "srd_ext::", op, ": grad_tap_norms and tap_norms must have shape (B, kh*kw, H, W) = (",
+      want[0], ", ", want[1], ", ", want[2], ", ", want[3], ") for x ", shape_str(x),
+      " and weight ", shape_str(weight), ", got ", shape_str(grad_tap_norms), " and ",
+      shape_str(tap_norms));
   check_same(op, "grad_tap_norms", grad_tap_norms, x, "x");
   check_same(op, "tap_norms", tap_norms, x, "x");
   return geo;
 }
 
 inline ConvGeometry check_scatter_backward_args(const char* op, const at::Tensor& grad_relevance,
-                                            const at::Tensor& tap_norms, const at::Tensor& bias_dot,
-                                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                            at::IntArrayRef padding, at::IntArrayRef dilation,
-                                            bool allow_half) {
+                                                const at::Tensor& tap_norms,
+                                                const at::Tensor& bias_dot,
+                                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                bool allow_half) {
   const ConvGeometry geo = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding,
-                                          dilation, allow_half);
+                                              dilation, allow_half);
   TORCH_CHECK(grad_relevance.dim() == 3 && grad_relevance.size(0) == tap_norms.size(0) &&
                   grad_relevance.size(1) == tap_norms.size(2) &&
                   grad_relevance.size(2) == tap_norms.size(3),
@@ -203,7 +207,8 @@ inline int64_t bias_share_mode(const char* op, c10::string_view mode) {
   if (mode == "none") return 0;
   if (mode == "contribution") return 1;
   if (mode == "input") return 2;
-  TORCH_CHECK(false, "srd_ext::", op, ": bias_share must be \"none\", \"contribution\" or \"input\", got \"",
+  TORCH_CHECK(false, "srd_ext::", op,
+              ": bias_share must be \"none\", \"contribution\" or \"input\", got \"",
               std::string(mode), "\"");
 }
 

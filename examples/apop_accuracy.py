@@ -15,6 +15,7 @@ by ``--seed`` and the image's index. Finished batches are recorded in
 ``<out>/apop_<model>.parts/``; a stopped run started again with the same options resumes there.
 An image that cannot be read is reported by name and left out of the counts.
 """
+
 import argparse
 import json
 import os
@@ -118,16 +119,26 @@ def build_parser():
     ap.add_argument("--weights", default=None)
     ap.add_argument("--data", default="shapes", help="'shapes' or an ImageNet-style class folder")
     ap.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=INPUTS)
-    ap.add_argument("--num-images", "--limit", dest="num_images", type=int, default=None,
-                    help="number of images (default: all; --limit is the old name)")
+    ap.add_argument(
+        "--num-images",
+        "--limit",
+        dest="num_images",
+        type=int,
+        default=None,
+        help="number of images (default: all; --limit is the old name)",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--binarize-each-layer", action="store_true")
     ap.add_argument("--out", default="results/apop")
-    ap.add_argument("--timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
-                    help="under torchrun: seconds to wait for the other processes (to start, in each exchange, "
-                         "without progress); default 1800")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=distributed.DEFAULT_TIMEOUT,
+        help="under torchrun: seconds to wait for the other processes (to start, in each exchange, "
+        "without progress); default 1800",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -155,24 +166,36 @@ def run(args, session):
     images = Images(args)
     layers = apop.activation_layers(model, images.probe().to(args.device)) if args.binarize_each_layer else []
     stem = os.path.join(args.out, f"apop_{args.model}")
-    settings = {k: getattr(args, k) for k in ("model", "weights", "data", "inputs", "num_images", "batch_size",
-                                              "seed", "binarize_each_layer")}
+    settings = {
+        k: getattr(args, k)
+        for k in ("model", "weights", "data", "inputs", "num_images", "batch_size", "seed", "binarize_each_layer")
+    }
     settings["device"] = session.device.type
     units = distributed.blocks(images.count, args.batch_size)
     manifest = distributed.Manifest(stem + ".parts", settings, session, "APOP run")
     records = manifest.open()
     earlier = sum(len(b) for b in units if b.key in records)
     if session.is_main and earlier:
-        print(f"apop_accuracy: resuming: {earlier} of {images.count} images were finished by an earlier run "
-              f"({manifest.folder})", file=sys.stderr)
+        print(
+            f"apop_accuracy: resuming: {earlier} of {images.count} images were finished by an earlier run "
+            f"({manifest.folder})",
+            file=sys.stderr,
+        )
     todo = [b for b in units if b.key not in records]
-    progress = distributed.Progress(session, images.count - earlier, f"APOP {args.model}", disable=args.no_progress,
-                                    dynamic_ncols=True)
+    progress = distributed.Progress(
+        session, images.count - earlier, f"APOP {args.model}", disable=args.no_progress, dynamic_ncols=True
+    )
     new, error = distributed.run_share(
-        session, todo, lambda block: count_block(args, model, images, block, len(layers), progress.write), manifest,
-        progress, "apop_accuracy")
-    if not distributed.finish_run(session, error, progress, "apop_accuracy",
-                                  f"The finished images are kept in {manifest.folder}"):
+        session,
+        todo,
+        lambda block: count_block(args, model, images, block, len(layers), progress.write),
+        manifest,
+        progress,
+        "apop_accuracy",
+    )
+    if not distributed.finish_run(
+        session, error, progress, "apop_accuracy", f"The finished images are kept in {manifest.folder}"
+    ):
         raise SystemExit(1)
     gathered = session.gather(new)
     if not session.is_main:
@@ -198,21 +221,34 @@ def run(args, session):
         raise SystemExit(1)
 
     os.makedirs(args.out, exist_ok=True)
-    lines = [f"APOP on {args.data} ({total} images), model {args.model}, seed {args.seed}", "",
-             "| prediction from | top-1 | top-5 |", "|---|---|---|"]
-    table = [{"prediction_from": name, "top1": t1 / total, "top5": t5 / total, "images": total}
-             for name, (t1, t5) in rows.items()]
+    lines = [
+        f"APOP on {args.data} ({total} images), model {args.model}, seed {args.seed}",
+        "",
+        "| prediction from | top-1 | top-5 |",
+        "|---|---|---|",
+    ]
+    table = [
+        {"prediction_from": name, "top1": t1 / total, "top5": t5 / total, "images": total}
+        for name, (t1, t5) in rows.items()
+    ]
     lines += [f"| {r['prediction_from']} | {r['top1']:.3f} | {r['top5']:.3f} |" for r in table]
     distributed.write_csv(stem + ".csv", table, ["prediction_from", "top1", "top5", "images"])
     chance = 1.0 / classes
     lines.append(f"\nchance level (top-1): {chance:.3f}")
     if layers:
-        lines += ["", "One-layer binarization (Fig. 6): top-1 when that activation's output is replaced by 0/1",
-                  "", "| layer | top-1 |", "|---|---|"]
+        lines += [
+            "",
+            "One-layer binarization (Fig. 6): top-1 when that activation's output is replaced by 0/1",
+            "",
+            "| layer | top-1 |",
+            "|---|---|",
+        ]
         lines += [f"| {n} | {b / total:.3f} |" for n, b in zip(layers, binarized)]
-        distributed.write_csv(stem + "_binarize.csv",
-                              [{"layer_index": i, "layer": n, "top1": b / total}
-                               for i, (n, b) in enumerate(zip(layers, binarized))], ["layer_index", "layer", "top1"])
+        distributed.write_csv(
+            stem + "_binarize.csv",
+            [{"layer_index": i, "layer": n, "top1": b / total} for i, (n, b) in enumerate(zip(layers, binarized))],
+            ["layer_index", "layer", "top1"],
+        )
         import matplotlib
 
         matplotlib.use("Agg")
@@ -230,14 +266,26 @@ def run(args, session):
         fig.savefig(stem + "_binarize.png", dpi=120)
         plt.close(fig)
     if failed_images:
-        lines += ["", "Images left out (unreadable):"] + [f"- {b['image']} (image {b['index']}): {b['reason']}"
-                                                          for b in failed_images]
+        lines += ["", "Images left out (unreadable):"] + [
+            f"- {b['image']} (image {b['index']}): {b['reason']}" for b in failed_images
+        ]
     text = "\n".join(lines)
     print(text)
     distributed.atomic_write(stem + ".md", text + "\n")
-    distributed.atomic_write(stem + ".json", json.dumps({"rows": table, "binarized": dict(zip(layers, [
-        b / total for b in binarized])), "images": total, "processes": session.world_size,
-        "images_from_an_earlier_run": earlier, "failed_images": failed_images}, indent=1))
+    distributed.atomic_write(
+        stem + ".json",
+        json.dumps(
+            {
+                "rows": table,
+                "binarized": dict(zip(layers, [b / total for b in binarized])),
+                "images": total,
+                "processes": session.world_size,
+                "images_from_an_earlier_run": earlier,
+                "failed_images": failed_images,
+            },
+            indent=1,
+        ),
+    )
     manifest.remove()
     return {"rows": rows, "binarized": binarized, "total": total, "failed_images": failed_images}
 

@@ -14,6 +14,7 @@ one greyscale) to try ``srd-explain`` on:
     python examples/demo.py --photos photos
     srd-explain photos --model shapes-resnet --layer input,high --panel --report --out srd_out
 """
+
 import argparse
 import os
 
@@ -30,8 +31,14 @@ from srd_ext import data, metrics, models, viz  # noqa: E402
 
 LAYERS = ("input", "high", "low")
 # (width, height, format, greyscale) of the photos written by --photos, cut from 448 px scenes
-PHOTOS = [(448, 336, "jpg", False), (336, 448, "png", False), (448, 448, "jpg", False),
-          (448, 252, "png", False), (300, 400, "png", True), (400, 300, "jpg", False)]
+PHOTOS = [
+    (448, 336, "jpg", False),
+    (336, 448, "png", False),
+    (448, 448, "jpg", False),
+    (448, 252, "png", False),
+    (300, 400, "png", True),
+    (400, 300, "jpg", False),
+]
 
 
 def write_photos(folder, start=0):
@@ -45,7 +52,7 @@ def write_photos(folder, start=0):
         cx, cy = int(xs.mean()), int(ys.mean())
         left = min(max(cx - w // 2, 0), 448 - w)
         top = min(max(cy - h // 2, 0), 448 - h)
-        photo = Image.fromarray(img[top:top + h, left:left + w])
+        photo = Image.fromarray(img[top : top + h, left : left + w])
         if grey:
             photo = photo.convert("L")
         path = os.path.join(folder, f"{i:03d}-{data.SHAPES_CLASSES[label]}.{fmt}")
@@ -59,8 +66,12 @@ def main():
     ap.add_argument("--out", default="results/demo.png")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--start", type=int, default=0, help="first test image")
-    ap.add_argument("--photos", default=None, metavar="DIR",
-                    help=f"write {len(PHOTOS)} test scenes as photos to DIR (for srd-explain) and stop")
+    ap.add_argument(
+        "--photos",
+        default=None,
+        metavar="DIR",
+        help=f"write {len(PHOTOS)} test scenes as photos to DIR (for srd-explain) and stop",
+    )
     args = ap.parse_args()
     if args.photos:
         for p in write_photos(args.photos, args.start):
@@ -82,10 +93,14 @@ def main():
         hits = {layer: metrics.pointing_game(out[layer], masks, tolerance=0) for layer in LAYERS}
         print(f"{model_name}: accuracy {float((pred == labels).float().mean()):.2f} on these {args.n} images")
         for i in range(args.n):
-            print(f"  image {args.start + i}: true {names[labels[i]]:<10} predicted {names[pred[i]]:<10} "
-                  + " ".join(f"{layer}:{'hit' if hits[layer][i] else 'miss'}" for layer in LAYERS))
-        print("  maxima inside the mask: " + ", ".join(
-            f"SRD-{layer} {int(hits[layer].sum())}/{args.n}" for layer in LAYERS))
+            print(
+                f"  image {args.start + i}: true {names[labels[i]]:<10} predicted {names[pred[i]]:<10} "
+                + " ".join(f"{layer}:{'hit' if hits[layer][i] else 'miss'}" for layer in LAYERS)
+            )
+        print(
+            "  maxima inside the mask: "
+            + ", ".join(f"SRD-{layer} {int(hits[layer].sum())}/{args.n}" for layer in LAYERS)
+        )
         for layer in LAYERS:
             columns.append((f"{model_name}\nSRD-{layer}", (model_name, layer)))
             maps[(model_name, layer)] = (out[layer], pred)

@@ -13,6 +13,7 @@ The shipped weights were made with ``--threads 1`` and otherwise default setting
 test accuracy and training times. Both models pass 98 % validation accuracy well before the last
 epoch (vgg: epoch 9, resnet: epoch 17), so ``--epochs`` can be cut for a quick run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 250) -> float:
     model.eval()
-    correct = sum((model(to_input(x[i:i + bs])).argmax(1) == y[i:i + bs]).sum().item()
-                  for i in range(0, len(x), bs))
+    correct = sum(
+        (model(to_input(x[i : i + bs])).argmax(1) == y[i : i + bs]).sum().item() for i in range(0, len(x), bs)
+    )
     return correct / len(x)
 
 
@@ -62,8 +64,7 @@ def train(name, data, epochs, lr, batch_size, seed, out):
     model = BUILDERS[name]()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps_per_epoch = math.ceil(len(xtr) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for epoch in range(epochs):
@@ -71,7 +72,7 @@ def train(name, data, epochs, lr, batch_size, seed, out):
         perm = torch.randperm(len(xtr), generator=g)
         bar = tqdm(range(steps_per_epoch), desc=f"{name} {epoch + 1}/{epochs}", leave=False)
         for step in bar:
-            idx = perm[step * batch_size:(step + 1) * batch_size]
+            idx = perm[step * batch_size : (step + 1) * batch_size]
             x = dihedral(to_input(xtr[idx]), g)
             loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -79,8 +80,11 @@ def train(name, data, epochs, lr, batch_size, seed, out):
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        print(f"{name} epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  "
-              f"val acc {accuracy(model, xva, yva):.4f}  ({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"{name} epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  "
+            f"val acc {accuracy(model, xva, yva):.4f}  ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
     minutes = (time.time() - t0) / 60
     test_acc = accuracy(model, xte, yte)
     print(f"{name}: test acc {test_acc:.4f} on {len(xte)} images, trained in {minutes:.1f} min", flush=True)
@@ -107,10 +111,12 @@ def main():
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     t = time.time()
-    data = [generate(s, n, uint8=True)[::2] for s, n in
-            (("train", args.train_size), ("val", None), ("test", None))]
-    print(f"generated {args.train_size} train / {len(data[1][0])} val / {len(data[2][0])} test images "
-          f"in {time.time() - t:.0f} s", flush=True)
+    data = [generate(s, n, uint8=True)[::2] for s, n in (("train", args.train_size), ("val", None), ("test", None))]
+    print(
+        f"generated {args.train_size} train / {len(data[1][0])} val / {len(data[2][0])} test images "
+        f"in {time.time() - t:.0f} s",
+        flush=True,
+    )
     names = list(BUILDERS) if args.model == "all" else [args.model]
     for name in names:
         epochs, lr = DEFAULTS[name]

@@ -15,6 +15,7 @@ sigmoid gates, ...) have none, and are refused unless ``smooth="keep"`` computes
         logits = model(x)                      # a normal forward, patterns recorded
     out = srd_ext.apop.replay(model, rec.patterns, torch.zeros_like(x))
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,16 @@ from torch import Tensor
 
 from .capture import Graph, Instrument, Node, graph_for, unwrap
 
-__all__ = ["ActivationPatterns", "record", "patterns_of", "replay", "binarize", "activation_layers",
-           "REPLAY_MODES", "SMOOTH"]
+__all__ = [
+    "ActivationPatterns",
+    "record",
+    "patterns_of",
+    "replay",
+    "binarize",
+    "activation_layers",
+    "REPLAY_MODES",
+    "SMOOTH",
+]
 
 REPLAY_MODES = ("apop", "apop+relu")
 SMOOTH = ("error", "keep")
@@ -40,7 +49,7 @@ def _pack_bits(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = (2 ** torch.arange(8, device=mask.device, dtype=torch.int16))
+    weights = 2 ** torch.arange(8, device=mask.device, dtype=torch.int16)
     return (flat.view(-1, 8).to(torch.int16) * weights).sum(1).to(torch.uint8)
 
 
@@ -80,7 +89,8 @@ class ActivationPatterns:
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p, _, _ in self.pieces.values()) + sum(
-            v.numel() * v.element_size() for v in self.indices.values())
+            v.numel() * v.element_size() for v in self.indices.values()
+        )
 
 
 def _check_patterns(graph: Graph, smooth: str) -> None:
@@ -88,12 +98,17 @@ def _check_patterns(graph: Graph, smooth: str) -> None:
         raise ValueError(f"smooth must be one of {SMOOTH}, got {smooth!r}")
     acts = graph.activation_nodes()
     pw = [n for n in acts if n.rule.piecewise_linear]
-    pools = [n for n in graph.nodes if n.data and n.kind == "call" and n.op_name.startswith(
-        ("aten.max_pool2d", "aten.adaptive_max_pool2d"))]
+    pools = [
+        n
+        for n in graph.nodes
+        if n.data and n.kind == "call" and n.op_name.startswith(("aten.max_pool2d", "aten.adaptive_max_pool2d"))
+    ]
     if not pw and not pools:
-        raise ValueError(f"{type(graph.model).__name__} has no piecewise-linear activation (ReLU, ReLU6, "
-                         "LeakyReLU, PReLU, Hardsigmoid, clamp) and no max-pool: there is no "
-                         "activation pattern to record")
+        raise ValueError(
+            f"{type(graph.model).__name__} has no piecewise-linear activation (ReLU, ReLU6, "
+            "LeakyReLU, PReLU, Hardsigmoid, clamp) and no max-pool: there is no "
+            "activation pattern to record"
+        )
     smooth_nodes = [n for n in acts if not n.rule.piecewise_linear]
     if smooth_nodes and smooth == "error":
         listed = ", ".join(f"'{graph.display_name(n.index)}' ({n.rule.describe()})" for n in smooth_nodes[:5])
@@ -102,7 +117,8 @@ def _check_patterns(graph: Graph, smooth: str) -> None:
             f"the activation pattern is not defined for smooth activations: {listed}{more}. APOP "
             "needs piecewise-linear activations (ReLU, ReLU6/Hardtanh, LeakyReLU, PReLU, Hardsigmoid, "
             "clamp) and max-pools; pass smooth='keep' to compute the smooth ones normally on the "
-            "replayed input")
+            "replayed input"
+        )
 
 
 class _Record(Instrument):
@@ -163,9 +179,12 @@ def _patterns(rec: _Record, graph: Graph, batch_shape) -> ActivationPatterns:
             pieces[i] = (_pack_bits(p), tuple(p.shape), True)
         else:
             pieces[i] = (p.to(torch.uint8).contiguous(), tuple(p.shape), False)
-    return ActivationPatterns(pieces=pieces, indices={i: v.to(torch.int32) for i, v in rec.indices.items()},
-                              names={i: graph.display_name(i) for i in list(rec.pieces) + list(rec.indices)},
-                              batch_shape=tuple(batch_shape))
+    return ActivationPatterns(
+        pieces=pieces,
+        indices={i: v.to(torch.int32) for i, v in rec.indices.items()},
+        names={i: graph.display_name(i) for i in list(rec.pieces) + list(rec.indices)},
+        batch_shape=tuple(batch_shape),
+    )
 
 
 class _Recording:
@@ -227,8 +246,10 @@ def replay(model: nn.Module, patterns: ActivationPatterns, x: Tensor, mode: str 
     if not isinstance(patterns, ActivationPatterns):
         raise TypeError("patterns must come from srd_ext.apop.record / patterns_of")
     if tuple(x.shape) != patterns.batch_shape:
-        raise ValueError(f"patterns were recorded for input shape {patterns.batch_shape}, "
-                         f"but x has shape {tuple(x.shape)}; replay on a batch of the same shape")
+        raise ValueError(
+            f"patterns were recorded for input shape {patterns.batch_shape}, "
+            f"but x has shape {tuple(x.shape)}; replay on a batch of the same shape"
+        )
     g = graph_for(model, x)
     return g.forward(x, _Replay(patterns, mode))[g.output_index]
 

@@ -25,6 +25,7 @@ What the graph knows beyond the forward (all computed once per capture):
 - the names users know: module paths (``layer2``, ``features.22``), ``path@k`` for the k-th call
   of a reused module (also written ``path_with_underscores_k``), and ATen node names.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,15 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = [
-    "Graph", "Node", "Instrument", "Recorder", "capture", "graph_for", "unwrap",
-    "UnsupportedModelError", "Ref",
+    "Graph",
+    "Node",
+    "Instrument",
+    "Recorder",
+    "capture",
+    "graph_for",
+    "unwrap",
+    "UnsupportedModelError",
+    "Ref",
 ]
 
 
@@ -71,30 +79,33 @@ class Node:
     target: Any = None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    inputs: List[int] = field(default_factory=list)   # nodes read, in argument order, no repeats
+    inputs: List[int] = field(default_factory=list)  # nodes read, in argument order, no repeats
     rule: Any = None
-    module: str = ""          # innermost module path ("" for the model's own forward)
+    module: str = ""  # innermost module path ("" for the model's own forward)
     module_type: str = ""
-    scopes: Tuple[Tuple[str, int], ...] = ()          # (module path, call number), outer to inner
-    shape: Optional[Tuple[int, ...]] = None           # example shape (batch dim as in the example)
+    scopes: Tuple[Tuple[str, int], ...] = ()  # (module path, call number), outer to inner
+    shape: Optional[Tuple[int, ...]] = None  # example shape (batch dim as in the example)
     dtype: Optional[torch.dtype] = None
-    data: bool = False        # depends on the input
+    data: bool = False  # depends on the input
     field_inputs: List[int] = field(default_factory=list)  # data inputs the relevance field reaches
-    site: bool = False        # a decomposition site (activation on the field's path)
-    z_input: Optional[int] = None   # a site's pre-activation node
-    layout: Optional[Tuple[int, int, int]] = None     # (batch, height, width) dims, if pixels
-    pooled: bool = False      # downstream of a global pooling (the head)
-    is_tuple: bool = False    # the op returns several tensors (split, ...): read with getitem
-    fused: Optional[int] = None     # a conv folded into the BatchNorm node with this index
-    params: dict = field(default_factory=dict)        # the rule's parsed arguments
+    site: bool = False  # a decomposition site (activation on the field's path)
+    z_input: Optional[int] = None  # a site's pre-activation node
+    layout: Optional[Tuple[int, int, int]] = None  # (batch, height, width) dims, if pixels
+    pooled: bool = False  # downstream of a global pooling (the head)
+    is_tuple: bool = False  # the op returns several tensors (split, ...): read with getitem
+    fused: Optional[int] = None  # a conv folded into the BatchNorm node with this index
+    params: dict = field(default_factory=dict)  # the rule's parsed arguments
     binder: Optional[Callable[[nn.Module], Tensor]] = None  # "param": reads the live tensor
 
-    op_name: str = ""         # "aten.conv2d", "getitem", ...: what the registry keys rules by
+    op_name: str = ""  # "aten.conv2d", "getitem", ...: what the registry keys rules by
 
     def where(self) -> str:
         """How errors name the node: its op, module path and module type."""
-        mod = f"module '{self.module}' ({self.module_type.rsplit('.', 1)[-1]})" if self.module \
+        mod = (
+            f"module '{self.module}' ({self.module_type.rsplit('.', 1)[-1]})"
+            if self.module
             else "the model's own forward"
+        )
         return f"node '{self.name}' ({self.op_name}, {mod})"
 
 
@@ -155,7 +166,7 @@ class Graph:
         for n in nodes:
             for i in n.inputs:
                 self.last_use[i] = max(self.last_use[i], n.index)
-        self.plans: Dict[Any, Any] = {}   # the explainer's per-encoder analyses
+        self.plans: Dict[Any, Any] = {}  # the explainer's per-encoder analyses
         self._names: Optional[Dict[str, int]] = None
         self._display: Optional[Dict[int, str]] = None
         self._ambiguous: Dict[str, List[str]] = {}
@@ -168,10 +179,17 @@ class Graph:
         return m
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: Tensor, instrument: Optional[Instrument] = None,
-                keep: Optional[Sequence[int]] = None, stop: Optional[int] = None,
-                records: Optional[Dict[int, Any]] = None, shapes: Optional[List[Any]] = None,
-                model: Optional[nn.Module] = None, record: Optional[set] = None) -> List[Any]:
+    def forward(
+        self,
+        x: Tensor,
+        instrument: Optional[Instrument] = None,
+        keep: Optional[Sequence[int]] = None,
+        stop: Optional[int] = None,
+        records: Optional[Dict[int, Any]] = None,
+        shapes: Optional[List[Any]] = None,
+        model: Optional[nn.Module] = None,
+        record: Optional[set] = None,
+    ) -> List[Any]:
         """Run the nodes on ``x``; returns every node's value (values not in ``keep`` are dropped
         once no later node reads them, to bound memory). ``stop``: last node to run.
         ``records``: where rules leave what the walk needs (e.g. a layer norm's 1/sigma);
@@ -243,7 +261,8 @@ class Graph:
         if name in self._ambiguous:
             raise ValueError(
                 f"module {name!r} is used {len(self._ambiguous[name])} times in the forward; name "
-                f"one use: {self._ambiguous[name]}")
+                f"one use: {self._ambiguous[name]}"
+            )
         if name not in self._names:
             raise KeyError(name)
         return self._names[name]
@@ -325,7 +344,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     seen = 0
     while seen < 8:
         seen += 1
-        if hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
@@ -340,11 +359,13 @@ def check_eval(model: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
             raise ValueError(
                 f"BatchNorm at '{name}' is in training mode: SRD needs the fixed affine map of "
-                "eval mode; call model.eval() first")
+                "eval mode; call model.eval() first"
+            )
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
             raise UnsupportedModelError(
                 f"BatchNorm at '{name}' has no running statistics (track_running_stats=False): its "
-                "output depends on the whole batch, so no explanation of one image exists")
+                "output depends on the whole batch, so no explanation of one image exists"
+            )
 
 
 @contextlib.contextmanager
@@ -367,8 +388,7 @@ def structure_key(model: nn.Module) -> tuple:
     """Changes when modules are replaced, added or removed, or parameters change shape, dtype or
     device: the cached captures are then invalid."""
     mods = tuple((name, id(m)) for name, m in model.named_modules())
-    tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
-                    for name, t in model.state_dict(keep_vars=True).items())
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in model.state_dict(keep_vars=True).items())
     return mods, tensors
 
 
@@ -389,7 +409,8 @@ def graph_for(model: nn.Module, x: Tensor) -> Graph:
                     return g
         raise RuntimeError(
             "srd_ext captures a model with torch.export, which cannot run inside torch.compile: "
-            "call the explainer once eagerly on an input of this shape before compiling")
+            "call the explainer once eagerly on an input of this shape before compiling"
+        )
     check_eval(model)
     skey = structure_key(model)
     if entry is None or entry["structure"] != skey:
@@ -419,12 +440,12 @@ def capture(model: nn.Module, x: Tensor) -> Graph:
     t0 = time.perf_counter()
     with _all_eval(model), torch.no_grad(), _quiet_export():
         try:
-            ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},),
-                                     strict=False)
+            ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
         except Exception as e:  # noqa: BLE001 - any failure of export is the user's to see
             raise UnsupportedModelError(
                 f"torch.export could not capture {type(model).__name__} for inputs of shape "
-                f"{tuple(x.shape)}: {type(e).__name__}: {_first_line(e)}") from e
+                f"{tuple(x.shape)}: {type(e).__name__}: {_first_line(e)}"
+            ) from e
         try:
             nodes = _build(model, ep)
         except _NeedsFunctionalGraph:
@@ -520,6 +541,7 @@ def _param_binder(fqn: str) -> Callable[[nn.Module], Tensor]:
         for a in path:
             m = getattr(m, a)
         return m
+
     return bind
 
 
@@ -557,7 +579,7 @@ def _build(model: nn.Module, ep) -> List[Node]:
             raise _NeedsFunctionalGraph(fx.name)
         root = base_of.get(tgt.name, tgt.name)
         me = position[fx.name]
-        for other in fx_nodes[me + 1:]:
+        for other in fx_nodes[me + 1 :]:
             reads = [a.name for a in other.all_input_nodes]
             for r in reads:
                 if r == fx.name or r == tgt.name:
@@ -578,8 +600,11 @@ def _build(model: nn.Module, ep) -> List[Node]:
         i = len(nodes)
         scopes, module, mtype = _scopes(fx)
         meta = fx.meta.get("val")
-        shape = tuple(int(d) if not isinstance(d, torch.SymInt) else int(d.node.hint or 2)
-                      for d in meta.shape) if isinstance(meta, Tensor) else None
+        shape = (
+            tuple(int(d) if not isinstance(d, torch.SymInt) else int(d.node.hint or 2) for d in meta.shape)
+            if isinstance(meta, Tensor)
+            else None
+        )
         dtype = meta.dtype if isinstance(meta, Tensor) else None
         if fx.op == "placeholder":
             spec = kinds.get(fx.name)
@@ -588,19 +613,22 @@ def _build(model: nn.Module, ep) -> List[Node]:
                 user_inputs += 1
                 if user_inputs > 1:
                     raise UnsupportedModelError(
-                        "the model's forward takes more than one tensor; SRD explains "
-                        "single-input classifiers")
+                        "the model's forward takes more than one tensor; SRD explains single-input classifiers"
+                    )
                 node = Node(i, "x", "input", shape=shape, dtype=dtype)
                 node.params = {"dynamic_batch": isinstance(meta, Tensor) and isinstance(meta.shape[0], torch.SymInt)}
             elif kind in ("PARAMETER", "BUFFER"):
-                node = Node(i, fx.name, "param", binder=_param_binder(spec.target),
-                            shape=shape, dtype=dtype, module=spec.target)
+                node = Node(
+                    i, fx.name, "param", binder=_param_binder(spec.target), shape=shape, dtype=dtype, module=spec.target
+                )
             elif kind in ("CONSTANT_TENSOR",):
-                node = Node(i, fx.name, "param", binder=_const_binder(ep.constants[spec.target]),
-                            shape=shape, dtype=dtype)
+                node = Node(
+                    i, fx.name, "param", binder=_const_binder(ep.constants[spec.target]), shape=shape, dtype=dtype
+                )
             else:
-                raise UnsupportedModelError(f"the model's forward reads a {kind.lower()} "
-                                            f"('{fx.name}'), which srd_ext cannot bind")
+                raise UnsupportedModelError(
+                    f"the model's forward reads a {kind.lower()} ('{fx.name}'), which srd_ext cannot bind"
+                )
         elif fx.op == "output":
             outs = [a for a in torch.fx.node.map_arg(fx.args, lambda n: n) if a is not None]
             flat = []
@@ -608,7 +636,8 @@ def _build(model: nn.Module, ep) -> List[Node]:
             if len(flat) != 1:
                 raise UnsupportedModelError(
                     f"the model returns {len(flat)} tensors; SRD explains classifiers whose forward "
-                    "returns one logits tensor (B, classes)")
+                    "returns one logits tensor (B, classes)"
+                )
             node = Node(i, "output", "output", inputs=[ref_of(flat[0], position[fx.name]).index])
             del outs
         elif fx.op == "call_function":
@@ -620,9 +649,20 @@ def _build(model: nn.Module, ep) -> List[Node]:
             kwargs = dict(torch.fx.node.map_arg(fx.kwargs, lambda n: ref_of(n, at)))
             ins: List[int] = []
             _collect_refs((args, kwargs), ins)
-            node = Node(i, fx.name, "call", target=target, args=_plain(args), kwargs=_plain(kwargs),
-                        inputs=ins, scopes=scopes, module=module, module_type=mtype, shape=shape,
-                        dtype=dtype)
+            node = Node(
+                i,
+                fx.name,
+                "call",
+                target=target,
+                args=_plain(args),
+                kwargs=_plain(kwargs),
+                inputs=ins,
+                scopes=scopes,
+                module=module,
+                module_type=mtype,
+                shape=shape,
+                dtype=dtype,
+            )
             node.meta_val = meta
         else:
             raise UnsupportedModelError(f"unexpected graph node {fx.op} '{fx.name}'")

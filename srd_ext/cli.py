@@ -33,6 +33,7 @@ an output is never written over an input, even with ``--overwrite``; existing ou
 unless ``--overwrite``; every file is written to a temporary file and renamed into place. Every
 input ends written, skipped or failed, each skip and failure with its reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,9 +99,13 @@ def find_inputs(paths: Sequence[str]) -> Tuple[List[Item], List[str]]:
                     full = os.path.join(root, f)
                     item = Item(full, os.path.join(base, os.path.relpath(full, p)))
                     if OUTPUT_NAME.search(f):
-                        item.status, item.reason = "skipped", (
-                            "named like an srd-explain output (*.srd-<layer>.png/.npy) in a searched "
-                            "folder; pass it by name to explain it")
+                        item.status, item.reason = (
+                            "skipped",
+                            (
+                                "named like an srd-explain output (*.srd-<layer>.png/.npy) in a searched "
+                                "folder; pass it by name to explain it"
+                            ),
+                        )
                     items.append(item)
             if len(items) == n:
                 notes.append(f"no image files in folder {p}")
@@ -149,8 +154,15 @@ def input_signature(path: str) -> Optional[List[int]]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def plan_outputs(items: List[Item], out: str, layers: Sequence[str], fmt: str, panel: bool,
-                 overwrite: bool, resumed: Optional[Dict[str, dict]] = None) -> List[str]:
+def plan_outputs(
+    items: List[Item],
+    out: str,
+    layers: Sequence[str],
+    fmt: str,
+    panel: bool,
+    overwrite: bool,
+    resumed: Optional[Dict[str, dict]] = None,
+) -> List[str]:
     """Decide every output path before anything is written, and mark the items to skip (the
     same file twice, an output that is an input, outputs that exist without ``overwrite``).
     ``resumed``: the records of a stopped run of the same command (input key -> record); an
@@ -198,13 +210,21 @@ def plan_outputs(items: List[Item], out: str, layers: Sequence[str], fmt: str, p
         # --overwrite. One that does not exist cannot be an input: inputs exist.
         hit = next(((p, inputs[_identity(p)]) for p in outs.values() if _identity(p) in inputs), None)
         rec = (resumed or {}).get(_key(it.path))
-        if rec is not None and not (rec.get("state") in ("done", "intent") and rec.get("stem") == stem
-                                    and rec.get("outputs") == outs and rec.get("input") == input_signature(it.path)):
+        if rec is not None and not (
+            rec.get("state") in ("done", "intent")
+            and rec.get("stem") == stem
+            and rec.get("outputs") == outs
+            and rec.get("input") == input_signature(it.path)
+        ):
             rec = None  # another input's, a changed input, or a write that was refused
         if hit is not None:
-            it.status, it.reason = "skipped", (
-                f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
-                f"even with --overwrite); choose another --out")
+            it.status, it.reason = (
+                "skipped",
+                (
+                    f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
+                    f"even with --overwrite); choose another --out"
+                ),
+            )
         elif rec is not None:
             if rec["state"] == "done" and all(os.path.isfile(p) for p in outs.values()):
                 it.status, it.earlier = "written", True
@@ -323,40 +343,53 @@ table.skips td { font-size: .85em; padding: 2px 8px; }
 """
 
 
-def write_report(path: str, rows: List[dict], items: List[Item], layers: Sequence[str], header: Dict[str, str],
-                 overwrite: bool) -> None:
+def write_report(
+    path: str, rows: List[dict], items: List[Item], layers: Sequence[str], header: Dict[str, str], overwrite: bool
+) -> None:
     from . import viz
 
     e = html.escape
     counts = {s: sum(it.status == s for it in items) for s in ("written", "skipped", "failed")}
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>srd-explain report</title>", f"<style>{REPORT_CSS}</style></head><body>",
-             "<h1>srd-explain report</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>srd-explain report</title>",
+        f"<style>{REPORT_CSS}</style></head><body>",
+        "<h1>srd-explain report</h1>",
+    ]
     for k, v in header.items():
         parts.append(f'<p class="meta"><b>{e(k)}:</b> {e(v)}</p>')
-    parts.append(f'<p class="meta"><b>inputs:</b> {len(items)}: {counts["written"]} written, '
-                 f'{counts["skipped"]} skipped, {counts["failed"]} failed</p>')
-    parts.append('<div class="legend"><span>against the class</span>'
-                 f'<img alt="colour scale" src="{_data_uri(viz.colorbar_image(), "PNG")}">'
-                 "<span>for the class; transparent: no relevance; dimmed: outside the crop the "
-                 "model saw</span></div>")
-    parts.append('<table class="grid"><tr><th>file and class</th><th>photo</th>'
-                 + "".join(f"<th>SRD-{e(layer)}</th>" for layer in layers) + "</tr>")
+    parts.append(
+        f'<p class="meta"><b>inputs:</b> {len(items)}: {counts["written"]} written, '
+        f"{counts['skipped']} skipped, {counts['failed']} failed</p>"
+    )
+    parts.append(
+        '<div class="legend"><span>against the class</span>'
+        f'<img alt="colour scale" src="{_data_uri(viz.colorbar_image(), "PNG")}">'
+        "<span>for the class; transparent: no relevance; dimmed: outside the crop the "
+        "model saw</span></div>"
+    )
+    parts.append(
+        '<table class="grid"><tr><th>file and class</th><th>photo</th>'
+        + "".join(f"<th>SRD-{e(layer)}</th>" for layer in layers)
+        + "</tr>"
+    )
     for r in rows:
         classes = "".join(f"<b>{e(line)}</b>" for line in r["classes"])
-        cells = [f'<td class="name" title="{e(r["path"])}">{e(r["name"])}<br>{r["size"][0]}&times;{r["size"][1]} px'
-                 f'<div class="cls">{classes}</div></td>',
-                 f'<td class="pic"><img alt="photo" src="{r["photo"]}"></td>']
+        cells = [
+            f'<td class="name" title="{e(r["path"])}">{e(r["name"])}<br>{r["size"][0]}&times;{r["size"][1]} px'
+            f'<div class="cls">{classes}</div></td>',
+            f'<td class="pic"><img alt="photo" src="{r["photo"]}"></td>',
+        ]
         for layer in layers:
             link = r["links"].get(layer)
             img = f'<img alt="SRD-{e(layer)}" src="{r["overlays"][layer]}">'
-            cells.append(f'<td class="pic">{img}' + (f'<a href="{e(link)}">full size</a>' if link else "")
-                         + "</td>")
+            cells.append(f'<td class="pic">{img}' + (f'<a href="{e(link)}">full size</a>' if link else "") + "</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table>")
     others = [it for it in items if it.status in ("skipped", "failed")]
     if others:
-        parts.append("<h2>Skipped and failed</h2><table class=\"skips\">")
+        parts.append('<h2>Skipped and failed</h2><table class="skips">')
         for it in others:
             parts.append(f"<tr><td>{e(it.status)}</td><td>{e(it.path)}</td><td>{e(it.reason)}</td></tr>")
         parts.append("</table>")
@@ -372,38 +405,64 @@ def write_report(path: str, rows: List[dict], items: List[Item], layers: Sequenc
 # ------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="srd-explain", description="SRD relevance maps for image files and folders.",
+        prog="srd-explain",
+        description="SRD relevance maps for image files and folders.",
         epilog="Outputs per input NAME.EXT and layer L: NAME.EXT.srd-L.png (overlay at the photo's "
-               "size), NAME.EXT.srd-L.npy (map in the photo's coordinates), NAME.EXT.srd-L.panel.png "
-               "(--panel); --report adds OUT/report.html.")
+        "size), NAME.EXT.srd-L.npy (map in the photo's coordinates), NAME.EXT.srd-L.panel.png "
+        "(--panel); --report adds OUT/report.html.",
+    )
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     ap.add_argument("--model", required=True, help="shapes-vgg, shapes-resnet, resnet18..152, vgg11..19[_bn]")
     ap.add_argument("--weights", default=None, help="state_dict file (required for torchvision models)")
-    ap.add_argument("--tv-weights", default=None, metavar="NAME",
-                    help="torchvision models: the torchvision weights whose transforms() to use "
-                         "(default IMAGENET1K_V1; IMAGENET1K_V2 for ResNet-50/101/152's V2 checkpoints)")
+    ap.add_argument(
+        "--tv-weights",
+        default=None,
+        metavar="NAME",
+        help="torchvision models: the torchvision weights whose transforms() to use "
+        "(default IMAGENET1K_V1; IMAGENET1K_V2 for ResNet-50/101/152's V2 checkpoints)",
+    )
     ap.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
-    ap.add_argument("--layer", action="append", default=None, metavar="LAYER[,LAYER...]",
-                    help="input, high, low or a module path; repeat or separate by commas for several "
-                         "(default: input)")
-    ap.add_argument("--resize", type=int, default=None, metavar="N",
-                    help="resize the shorter side to N pixels (default: the model's transforms)")
-    ap.add_argument("--crop", default=None, metavar="N|none",
-                    help="centre crop of N x N pixels, or none for the whole resized photo "
-                         "(default: the model's transforms)")
+    ap.add_argument(
+        "--layer",
+        action="append",
+        default=None,
+        metavar="LAYER[,LAYER...]",
+        help="input, high, low or a module path; repeat or separate by commas for several (default: input)",
+    )
+    ap.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        metavar="N",
+        help="resize the shorter side to N pixels (default: the model's transforms)",
+    )
+    ap.add_argument(
+        "--crop",
+        default=None,
+        metavar="N|none",
+        help="centre crop of N x N pixels, or none for the whole resized photo (default: the model's transforms)",
+    )
     ap.add_argument("--format", default="both", choices=FORMATS, help="files per input (default: both)")
     ap.add_argument("--panel", action="store_true", help="also write image | map + colorbar | overlay panels")
     ap.add_argument("--report", action="store_true", help=f"also write OUT/{REPORT_NAME}, one self-contained page")
-    ap.add_argument("--manifest", action="store_true",
-                    help=f"also write OUT/{MANIFEST_NAME}, one row per input: status, reason, size, predicted class "
-                         "and probability, output files (read it with pandas.read_csv or the csv module)")
+    ap.add_argument(
+        "--manifest",
+        action="store_true",
+        help=f"also write OUT/{MANIFEST_NAME}, one row per input: status, reason, size, predicted class "
+        "and probability, output files (read it with pandas.read_csv or the csv module)",
+    )
     ap.add_argument("--out", default="srd_out", metavar="DIR", help="output folder (default: srd_out)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
-    ap.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
-                    help="under torchrun: how long to wait for the other processes to start, in each exchange, "
-                         "and for a process that makes no progress (default 1800)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun: how long to wait for the other processes to start, in each exchange, "
+        "and for a process that makes no progress (default 1800)",
+    )
     return ap
 
 
@@ -453,8 +512,10 @@ def _transform(args):
 
 def _describe(t) -> str:
     crop = "no crop" if t.crop is None else f"centre crop {t.crop}x{t.crop}"
-    return (f"shorter side resized to {t.resize} ({t.interpolation}), {crop}, "
-            f"mean {tuple(round(v, 3) for v in t.mean)}, std {tuple(round(v, 3) for v in t.std)}")
+    return (
+        f"shorter side resized to {t.resize} ({t.interpolation}), {crop}, "
+        f"mean {tuple(round(v, 3) for v in t.mean)}, std {tuple(round(v, 3) for v in t.std)}"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -476,23 +537,45 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _prediction(names: Sequence[str], probs: torch.Tensor, target: Optional[int]) -> dict:
     pred = int(probs.argmax())
-    out = {"predicted": pred, "predicted_class": names[pred] if pred < len(names) else str(pred),
-           "probability": float(probs[pred])}
+    out = {
+        "predicted": pred,
+        "predicted_class": names[pred] if pred < len(names) else str(pred),
+        "probability": float(probs[pred]),
+    }
     if target is not None:
         out["target_probability"] = float(probs[target])
     return out
 
 
 def manifest_fields(layers: Sequence[str], kinds: Sequence[str]) -> List[str]:
-    fields = ["input", "status", "reason", "width", "height", "predicted", "predicted_class", "probability",
-              "target", "target_probability"]
+    fields = [
+        "input",
+        "status",
+        "reason",
+        "width",
+        "height",
+        "predicted",
+        "predicted_class",
+        "probability",
+        "target",
+        "target_probability",
+    ]
     for layer in layers:
         fields += [f"{kind}_{layer}" for kind in kinds]
     return fields
 
 
-def write_manifest(path: str, items: List[Item], records: Dict[int, dict], out: str, layers: Sequence[str],
-                   fmt: str, panel: bool, target: Optional[int], overwrite: bool) -> None:
+def write_manifest(
+    path: str,
+    items: List[Item],
+    records: Dict[int, dict],
+    out: str,
+    layers: Sequence[str],
+    fmt: str,
+    panel: bool,
+    target: Optional[int],
+    overwrite: bool,
+) -> None:
     """OUT/manifest.csv: one row per input in input order; output paths relative to OUT."""
     kinds = [k for k, on in (("png", fmt in ("png", "both")), ("npy", fmt in ("npy", "both")), ("panel", panel)) if on]
     rows = []
@@ -500,8 +583,12 @@ def write_manifest(path: str, items: List[Item], records: Dict[int, dict], out: 
         row = {"input": it.path, "status": it.status, "reason": it.reason}
         rec = records.get(i)
         if it.status == "written" and rec is not None:
-            row.update(width=rec["size"][0], height=rec["size"][1], target=target,
-                       **{k: (repr(v) if isinstance(v, float) else v) for k, v in rec["prediction"].items()})
+            row.update(
+                width=rec["size"][0],
+                height=rec["size"][1],
+                target=target,
+                **{k: (repr(v) if isinstance(v, float) else v) for k, v in rec["prediction"].items()},
+            )
             for kind_layer, p in it.outputs.items():
                 kind, layer = kind_layer.split(":", 1)
                 row[f"{kind}_{layer}"] = os.path.relpath(p, out)
@@ -538,8 +625,9 @@ def _run(args, env) -> int:
         raise UsageError(str(e)) from None
     names = models.class_names(args.model)
     if args.target is not None and not 0 <= args.target < len(names):
-        raise UsageError(f"--target must be in 0..{len(names) - 1} ({args.model} has {len(names)} classes), "
-                         f"got {args.target}")
+        raise UsageError(
+            f"--target must be in 0..{len(names) - 1} ({args.model} has {len(names)} classes), got {args.target}"
+        )
     explainer = srd_ext.Explainer(model)
     side = transform.crop or transform.resize
     try:  # unknown layers fail here, before anything is read or written
@@ -584,8 +672,23 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
     state = None
     resumed: Dict[str, dict] = {}
     if args.report or args.manifest:
-        settings = {k: getattr(args, k) for k in ("inputs", "model", "weights", "tv_weights", "target", "resize", "crop",
-                                                  "format", "panel", "report", "manifest", "batch_size")}
+        settings = {
+            k: getattr(args, k)
+            for k in (
+                "inputs",
+                "model",
+                "weights",
+                "tv_weights",
+                "target",
+                "resize",
+                "crop",
+                "format",
+                "panel",
+                "report",
+                "manifest",
+                "batch_size",
+            )
+        }
         settings.update(layers=list(layers), device=session.device.type, out=os.path.abspath(args.out))
         state = distributed.Manifest(os.path.join(args.out, STATE_DIR), settings, session, "srd-explain run")
         try:
@@ -613,16 +716,18 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
             if it.status in ("skipped", "failed"):
                 print(f"srd-explain: {it.status} {it.path}: {it.reason}", file=sys.stderr)
         if earlier:
-            print(f"srd-explain: resuming: {earlier} input(s) were written by an earlier run of this command "
-                  f"({os.path.join(args.out, STATE_DIR)})", file=sys.stderr)
+            print(
+                f"srd-explain: resuming: {earlier} input(s) were written by an earlier run of this command "
+                f"({os.path.join(args.out, STATE_DIR)})",
+                file=sys.stderr,
+            )
 
     # Batches: --batch-size consecutive inputs of the list, the same whatever exists already and
     # however many processes share them. A batch is explained if one of its inputs is to be
     # written; inputs skipped because their outputs exist (or written by a stopped run) are
     # explained with it but not written, so the others' maps do not depend on them being there.
     todo_total = sum(it.status == "todo" for it in items)
-    units = [b for b in distributed.blocks(len(items), args.batch_size)
-             if any(items[i].status == "todo" for i in b)]
+    units = [b for b in distributed.blocks(len(items), args.batch_size) if any(items[i].status == "todo" for i in b)]
     outcomes: Dict[int, dict] = {}  # item index -> status, reason, record
     progress = distributed.Progress(session, todo_total, "srd-explain", disable=todo_total < 2)
 
@@ -637,8 +742,14 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
         it = items[i]
         box = transform.box(photo.size)
         title = viz.class_title(names, probs, args.target)
-        report = {"name": it.stem, "path": it.path, "size": photo.size, "overlays": {}, "links": {},
-                  "classes": viz.class_title(names, probs, args.target, sep="\n").split("\n")}
+        report = {
+            "name": it.stem,
+            "path": it.path,
+            "size": photo.size,
+            "overlays": {},
+            "links": {},
+            "classes": viz.class_title(names, probs, args.target, sep="\n").split("\n"),
+        }
         record = {"stem": it.stem, "outputs": it.outputs, "input": input_signature(it.path)}
         staged = Staged(args.overwrite or it.own)
         try:
@@ -652,8 +763,9 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
                 if f"npy:{layer}" in it.outputs:
                     staged.add(it.outputs[f"npy:{layer}"], _npy_bytes(on_photo))
                 if f"panel:{layer}" in it.outputs:
-                    fig = viz.panel(photo, on_photo, f"{os.path.basename(it.path)}, SRD-{layer}: {title}",
-                                    scale=scale, box=box)
+                    fig = viz.panel(
+                        photo, on_photo, f"{os.path.basename(it.path)}, SRD-{layer}: {title}", scale=scale, box=box
+                    )
                     staged.add(it.outputs[f"panel:{layer}"], viz.png_bytes(fig))
                 if args.report:
                     report["overlays"][layer] = _data_uri(over)
@@ -673,8 +785,12 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
         it.status = "written"
         if args.report:
             report["photo"] = _data_uri(photo)
-        record.update(state="done", size=list(photo.size), prediction=_prediction(names, probs, args.target),
-                      report=report if args.report else None)
+        record.update(
+            state="done",
+            size=list(photo.size),
+            prediction=_prediction(names, probs, args.target),
+            report=report if args.report else None,
+        )
         if state is not None:
             state.add(_key(it.path), record)
         outcomes[i] = {"status": "written", "reason": "", "record": record}
@@ -745,10 +861,12 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
     written = []
     if args.report:
         rows = [records[i]["report"] for i in sorted(records)]
-        header = {"model": args.model + (f" ({args.weights})" if args.weights else ""),
-                  "preprocessing": _describe(transform),
-                  "explained class": "predicted" if args.target is None else f"{args.target} ({names[args.target]})",
-                  "layers": ", ".join(layers)}
+        header = {
+            "model": args.model + (f" ({args.weights})" if args.weights else ""),
+            "preprocessing": _describe(transform),
+            "explained class": "predicted" if args.target is None else f"{args.target} ({names[args.target]})",
+            "layers": ", ".join(layers),
+        }
         try:
             write_report(report_path, rows, items, layers, header, args.overwrite)
             written.append(f"report {report_path}")
@@ -757,17 +875,21 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
             code = 1
     if args.manifest:
         try:
-            write_manifest(manifest_path, items, records, args.out, layers, args.format, args.panel, args.target,
-                           args.overwrite)
+            write_manifest(
+                manifest_path, items, records, args.out, layers, args.format, args.panel, args.target, args.overwrite
+            )
             written.append(f"manifest {manifest_path}")
         except OSError as e:
             print(f"srd-explain: could not write the manifest {manifest_path}: {e}", file=sys.stderr)
             code = 1
     if state is not None and len(written) == args.report + args.manifest:
         state.remove()  # every input is accounted for in the report and manifest now
-    print(f"srd-explain: {len(items)} input(s): {counts['written']} written, {counts['skipped']} skipped, "
-          f"{counts['failed']} failed; outputs in {args.out}" + "".join(f"; {w}" for w in written)
-          + (f"; {earlier} of the written inputs were written by an earlier run of this command" if earlier else ""))
+    print(
+        f"srd-explain: {len(items)} input(s): {counts['written']} written, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed; outputs in {args.out}"
+        + "".join(f"; {w}" for w in written)
+        + (f"; {earlier} of the written inputs were written by an earlier run of this command" if earlier else "")
+    )
     return session.broadcast(code)
 
 

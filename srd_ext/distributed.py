@@ -34,6 +34,7 @@ memory-mappable, one array of any shape each, written by the rank that computed 
 by a CSV table (``pandas.read_csv`` or Python's ``csv``; one row per image or per image and
 method, file paths relative to the table's folder). Neither needs srd_ext to read.
 """
+
 from __future__ import annotations
 
 import csv
@@ -69,8 +70,10 @@ def _int_env(environ, name: str, default: Optional[int] = None) -> int:
     value = environ.get(name)
     if value is None or value == "":
         if default is None:
-            raise DistributedError(f"environment variable {name} is not set; torchrun sets it for every "
-                                   "process (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
+            raise DistributedError(
+                f"environment variable {name} is not set; torchrun sets it for every "
+                "process (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+            )
         return default
     try:
         return int(value)
@@ -106,13 +109,17 @@ class Env:
         local_world = _int_env(e, "LOCAL_WORLD_SIZE", 1 if world == 1 else world)
         local_rank = _int_env(e, "LOCAL_RANK", rank if local_world == world else 0)
         if not 0 <= local_rank < max(local_world, 1):
-            raise DistributedError(f"environment variable LOCAL_RANK={local_rank}: must be in "
-                                   f"0..{local_world - 1} (LOCAL_WORLD_SIZE={local_world})")
+            raise DistributedError(
+                f"environment variable LOCAL_RANK={local_rank}: must be in "
+                f"0..{local_world - 1} (LOCAL_WORLD_SIZE={local_world})"
+            )
         if world > 1:
             for name in ("MASTER_ADDR", "MASTER_PORT"):
                 if not e.get(name):
-                    raise DistributedError(f"WORLD_SIZE={world} but {name} is not set; start the processes "
-                                           "with torchrun, which sets MASTER_ADDR and MASTER_PORT")
+                    raise DistributedError(
+                        f"WORLD_SIZE={world} but {name} is not set; start the processes "
+                        "with torchrun, which sets MASTER_ADDR and MASTER_PORT"
+                    )
         return cls(rank, world, local_rank, local_world, _int_env(e, "TORCHELASTIC_RESTART_COUNT", 0))
 
 
@@ -322,14 +329,19 @@ class Session:
         try:
             store, rank, world = next(dist.rendezvous("env://", timeout=td))
         except Exception as e:  # the rendezvous names host and port; say what was waited for
-            raise DistributedError(f"rank {self.rank}: could not join the other {self.world_size - 1} "
-                                   f"process(es) within {self.timeout:.0f} s ({type(e).__name__}: {e})") from e
+            raise DistributedError(
+                f"rank {self.rank}: could not join the other {self.world_size - 1} "
+                f"process(es) within {self.timeout:.0f} s ({type(e).__name__}: {e})"
+            ) from e
         if (rank, world) != (self.rank, self.world_size):
-            raise DistributedError(f"rendezvous gave rank {rank} of {world}, the environment {self.rank} of {self.world_size}")
+            raise DistributedError(
+                f"rendezvous gave rank {rank} of {world}, the environment {self.rank} of {self.world_size}"
+            )
         base = dist.PrefixStore(f"srd_ext/{self.env.restart}", store)
         backend = "gloo" if self.device.type == "cpu" else "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend=backend, store=dist.PrefixStore("pg", base), rank=rank,
-                                world_size=world, timeout=td)
+        dist.init_process_group(
+            backend=backend, store=dist.PrefixStore("pg", base), rank=rank, world_size=world, timeout=td
+        )
         self._group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=td)
         self.store = dist.PrefixStore("run", base)
         self.store.set_timeout(td)
@@ -435,7 +447,8 @@ class Session:
             raise DistributedError(
                 f"{folder} is not shared between the machines: {', '.join(missing)} cannot see a file rank 0 "
                 f"on {self.host} wrote there. Runs on several machines need the output folder on a file "
-                "system all of them mount (NFS, Lustre, ...).")
+                "system all of them mount (NFS, Lustre, ...)."
+            )
 
     def finish(self, error: Optional[str] = None, on_wait: Optional[Callable[[], None]] = None) -> List[dict]:
         """End of this rank's share of the work; ``error`` says why it stopped early (None: done).
@@ -446,8 +459,7 @@ class Session:
         that stopped answering is reported as such. Nothing here waits in a collective, so a
         lost rank cannot make the others hang; call :meth:`gather` only when all are ``ok``.
         """
-        me = {"rank": self.rank, "host": self.host, "ok": error is None, "error": error or "",
-              "current": self._current}
+        me = {"rank": self.rank, "host": self.host, "ok": error is None, "error": error or "", "current": self._current}
         if not self.distributed:
             return [me]
         st = self.store
@@ -463,8 +475,9 @@ class Session:
         except DistributedError:
             raise
         except Exception as e:  # the store went away with rank 0's process (runs not started by torchrun)
-            raise DistributedError(f"rank {self.rank}: lost the connection to the other ranks "
-                                   f"({type(e).__name__}: {e})") from e
+            raise DistributedError(
+                f"rank {self.rank}: lost the connection to the other ranks ({type(e).__name__}: {e})"
+            ) from e
         return verdict
 
     def _referee(self, on_wait) -> List[dict]:
@@ -490,12 +503,22 @@ class Session:
             if lost:
                 for r in lost:
                     current = st.get(f"now/{r}").decode() if st.check([f"now/{r}"]) else "?"
-                    statuses[r] = {"rank": r, "host": "?", "ok": False, "current": current,
-                                   "error": f"stopped answering: no progress for {self.timeout:.0f} s (--timeout)"}
+                    statuses[r] = {
+                        "rank": r,
+                        "host": "?",
+                        "ok": False,
+                        "current": current,
+                        "error": f"stopped answering: no progress for {self.timeout:.0f} s (--timeout)",
+                    }
                 for r in range(n):  # the others are given their status as it is now
                     if r not in statuses:
-                        statuses[r] = {"rank": r, "host": "?", "ok": False, "current": "",
-                                       "error": "still working when the run was given up"}
+                        statuses[r] = {
+                            "rank": r,
+                            "host": "?",
+                            "ok": False,
+                            "current": "",
+                            "error": "still working when the run was given up",
+                        }
                 return [statuses[r] for r in range(n)]
             st.add(f"beat/{self.rank}", 1)
             if on_wait is not None:
@@ -521,8 +544,10 @@ class Session:
             if beats != last:
                 last, since = beats, now
             elif now - since > self.timeout:
-                raise DistributedError(f"rank {self.rank}: rank 0 stopped answering (no progress for "
-                                       f"{self.timeout:.0f} s, --timeout); its finished work is on disk")
+                raise DistributedError(
+                    f"rank {self.rank}: rank 0 stopped answering (no progress for "
+                    f"{self.timeout:.0f} s, --timeout); its finished work is on disk"
+                )
             st.add(f"beat/{self.rank}", 1)
             if on_wait is not None:
                 on_wait()
@@ -553,8 +578,14 @@ def run_in_session(prog: str, device: str, timeout: float, fn: Callable[["Sessio
         raise SystemExit(2 if isinstance(e, SettingsMismatch) else 1) from None
 
 
-def run_share(session: "Session", todo: Sequence["Block"], work: Callable[["Block"], Any], manifest: "Manifest",
-              progress: "Progress", prog: str):
+def run_share(
+    session: "Session",
+    todo: Sequence["Block"],
+    work: Callable[["Block"], Any],
+    manifest: "Manifest",
+    progress: "Progress",
+    prog: str,
+):
     """This rank's share of the blocks ``todo``: ``work(block)`` returns the block's record, which
     goes into ``manifest`` as soon as the block is done. A failure ends the share; its message and
     traceback are printed (``prog``: the program's name) and returned. Returns (records by block
@@ -585,16 +616,27 @@ def finish_run(session: "Session", error: Optional[str], progress: "Progress", p
     progress.close()
     lost = failures(statuses)
     if lost and session.is_main:
-        print(f"{prog}: the run did not finish:\n  " + "\n  ".join(lost) + f"\n{kept}; run the same command "
-              "again to do the rest.", file=sys.stderr)
+        print(
+            f"{prog}: the run did not finish:\n  " + "\n  ".join(lost) + f"\n{kept}; run the same command "
+            "again to do the rest.",
+            file=sys.stderr,
+        )
     return not lost
 
 
 class Progress:
     """A progress bar on rank 0 only, counting the images of all ranks."""
 
-    def __init__(self, session: Session, total: int, desc: str, unit: str = "img", disable: bool = False,
-                 file=None, **tqdm_options):
+    def __init__(
+        self,
+        session: Session,
+        total: int,
+        desc: str,
+        unit: str = "img",
+        disable: bool = False,
+        file=None,
+        **tqdm_options,
+    ):
         self.session = session
         self.bar = None
         self.count = 0
@@ -667,11 +709,15 @@ class Manifest:
             except (OSError, ValueError) as e:
                 raise DistributedError(f"{path} is unreadable ({e}); delete {self.folder} to start over") from None
             if old != self.settings:
-                diff = [f"{k}: {old.get(k)!r} then, {self.settings.get(k)!r} now"
-                        for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k)]
+                diff = [
+                    f"{k}: {old.get(k)!r} then, {self.settings.get(k)!r} now"
+                    for k in sorted(set(old) | set(self.settings))
+                    if old.get(k) != self.settings.get(k)
+                ]
                 raise SettingsMismatch(
                     f"{self.folder} holds an unfinished {self.what} with other settings ({'; '.join(diff)}). "
-                    f"Rerun with the earlier settings to finish it, or delete {self.folder} to start over.")
+                    f"Rerun with the earlier settings to finish it, or delete {self.folder} to start over."
+                )
         else:
             atomic_write(path, json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
         records: Dict[str, Any] = {}
@@ -729,9 +775,11 @@ class Manifest:
 
 def rename_hint(argv: Optional[Sequence[str]], renamed: Dict[str, str]) -> Optional[str]:
     """A message for options that were renamed because torchrun reads them as its own."""
-    for a in (sys.argv[1:] if argv is None else argv):
+    for a in sys.argv[1:] if argv is None else argv:
         name = a.split("=", 1)[0]
         if name in renamed:
-            return (f"{name} is now {renamed[name]} (under torchrun, {name} is taken as an abbreviation of "
-                    f"one of torchrun's own options)")
+            return (
+                f"{name} is now {renamed[name]} (under torchrun, {name} is taken as an abbreviation of "
+                f"one of torchrun's own options)"
+            )
     return None

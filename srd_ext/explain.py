@@ -10,6 +10,7 @@ By default an explanation returns detached maps and records nothing for autograd
 ``torch.autograd.grad``: pass ``create_graph=True`` for maps that can be differentiated (an SRD
 penalty in a training loop, attacks on explanations, gradcheck).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .capture import Graph, Recorder, UnsupportedModelError, check_eval, graph_for, signature_of, unwrap
+from .capture import Graph, Recorder, check_eval, graph_for, signature_of, unwrap
 from .rules import BIAS_SHARES, from_nchw, pixel_sum, relevance_to_field, to_nchw
 from .rules.activations import Activation
 from .rules.structure import Cat, GetItem
@@ -55,9 +56,15 @@ class _Plan:
         # Nodes whose forward records a contribution norm for their bias share (1x1 convs,
         # BatchNorms folding one, linear layers over channels).
         self.record_norms = sorted(
-            i for i in self.main if nodes[i].kind == "call" and (
-                nodes[i].params.get("pointwise") or nodes[i].op_name == "aten.linear"
-                or (nodes[i].fused is not None and nodes[nodes[i].fused].params.get("pointwise"))))
+            i
+            for i in self.main
+            if nodes[i].kind == "call"
+            and (
+                nodes[i].params.get("pointwise")
+                or nodes[i].op_name == "aten.linear"
+                or (nodes[i].fused is not None and nodes[nodes[i].fused].params.get("pointwise"))
+            )
+        )
         keep: Set[int] = {graph.input_index, encoder, graph.output_index}
         enc = nodes[encoder]
         if enc.site:
@@ -87,8 +94,11 @@ class _Plan:
             n = nodes[i]
             if n.kind == "call":
                 own.update(j for j in n.rule.needs(n, graph, "contribution") if j == i)
-        self.free_z = {nodes[i].z_input for i in self.main if nodes[i].site and nodes[i].z_input not in own
-                       and graph.users[nodes[i].z_input] == [i]}
+        self.free_z = {
+            nodes[i].z_input
+            for i in self.main
+            if nodes[i].site and nodes[i].z_input not in own and graph.users[nodes[i].z_input] == [i]
+        }
         self.high: Dict[tuple, int] = {}
 
     def keep_for(self, wanted: Iterable[int]) -> Set[int]:
@@ -133,22 +143,33 @@ def default_encoder(graph: Graph) -> int:
         return cached
     nodes = graph.nodes
     reach = _reach(graph, [graph.output_index])
-    spatial = [i for i in sorted(graph.cuts) if i in reach and nodes[i].kind == "call" and nodes[i].data
-               and nodes[i].layout is not None and not nodes[i].pooled and not nodes[i].is_tuple]
+    spatial = [
+        i
+        for i in sorted(graph.cuts)
+        if i in reach
+        and nodes[i].kind == "call"
+        and nodes[i].data
+        and nodes[i].layout is not None
+        and not nodes[i].pooled
+        and not nodes[i].is_tuple
+    ]
     memo: Dict[int, bool] = {}
     post = [i for i in spatial if _post_activation(graph, i, memo)]
     choice = None
     if post:
         p = post[-1]
-        later_sites = [j for j in reach if j > p and nodes[j].site and nodes[j].layout is not None
-                       and not nodes[j].pooled]
+        later_sites = [
+            j for j in reach if j > p and nodes[j].site and nodes[j].layout is not None and not nodes[j].pooled
+        ]
         if not later_sites:
             choice = p
     if choice is None and spatial:
         choice = spatial[-1]
     if choice is None:
-        raise ValueError("no node with pixels (batch, channels, height, width) separates the encoder "
-                         "from the head; pass encoder=<module path>")
+        raise ValueError(
+            "no node with pixels (batch, channels, height, width) separates the encoder "
+            "from the head; pass encoder=<module path>"
+        )
     graph._default_encoder = choice
     return choice
 
@@ -159,8 +180,16 @@ def default_encoder(graph: Graph) -> int:
 class _Run:
     """Forward values, records and settings of one explanation, as the rules read them."""
 
-    def __init__(self, graph: Graph, values: List[Any], records: Dict[int, Any], indices: Dict[int, Tensor],
-                 shapes: List[Any], bias_share: str, create_graph: bool):
+    def __init__(
+        self,
+        graph: Graph,
+        values: List[Any],
+        records: Dict[int, Any],
+        indices: Dict[int, Tensor],
+        shapes: List[Any],
+        bias_share: str,
+        create_graph: bool,
+    ):
         self.graph = graph
         self.values = values
         self.records = records
@@ -250,8 +279,14 @@ class Explainer:
     ``path_k`` with underscores, as torch.fx names it), or an ATen node name (``relu_3``).
     """
 
-    def __init__(self, model: nn.Module, *, init: Init = "gradcam-contrast",
-                 bias_share: str = "contribution", encoder: Optional[str] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        init: Init = "gradcam-contrast",
+        bias_share: str = "contribution",
+        encoder: Optional[str] = None,
+    ):
         if bias_share not in BIAS_SHARES:
             raise ValueError(f"bias_share must be one of {BIAS_SHARES}, got {bias_share!r}")
         if isinstance(init, str) and init not in INITS:
@@ -275,7 +310,8 @@ class Explainer:
                 raise RuntimeError(
                     "srd_ext captures a model with torch.export, which cannot run inside torch.compile: "
                     "call explainer.prepare(x) (or the explainer once eagerly) on an input of this shape "
-                    "before compiling")
+                    "before compiling"
+                )
             return g
         g = graph_for(self.model, x)
         self._graphs[sig] = g
@@ -304,13 +340,21 @@ class Explainer:
         try:
             i = g.resolve(name)
         except KeyError:
-            names = [g.display_name(i) for i in sorted(g.cuts) if g.nodes[i].kind == "call"
-                     and g.nodes[i].layout is not None and not g.nodes[i].pooled and not g.nodes[i].is_tuple]
+            names = [
+                g.display_name(i)
+                for i in sorted(g.cuts)
+                if g.nodes[i].kind == "call"
+                and g.nodes[i].layout is not None
+                and not g.nodes[i].pooled
+                and not g.nodes[i].is_tuple
+            ]
             raise ValueError(f"unknown encoder layer {name!r}; layers every path passes through: {names}") from None
         n = g.nodes[i]
         if not n.data or n.layout is None or n.pooled:
-            raise ValueError(f"encoder {name!r} ('{n.name}') has no pixels (batch, channels, height, "
-                             "width): choose a layer before the global pooling")
+            raise ValueError(
+                f"encoder {name!r} ('{n.name}') has no pixels (batch, channels, height, "
+                "width): choose a layer before the global pooling"
+            )
         return i
 
     # -- layer names ------------------------------------------------------------------------
@@ -329,8 +373,9 @@ class Explainer:
         paths pass through, by module path where one outputs it."""
         g = self.graph(x) if x is not None else self._last
         if g is None:
-            raise ValueError("layer_names needs an input shape: pass an example x (the model is "
-                             "captured per input shape)")
+            raise ValueError(
+                "layer_names needs an input shape: pass an example x (the model is captured per input shape)"
+            )
         return self._names(g)
 
     def encoder_layer(self, x: Tensor) -> str:
@@ -353,12 +398,16 @@ class Explainer:
             raise ValueError(f"unknown layer {layer!r}; choose one of {self._names(g)}") from None
         n = g.nodes[i]
         if i > plan.encoder:
-            raise ValueError(f"layer {layer!r} lies in the head (after the encoder output "
-                             f"'{g.display_name(plan.encoder)}'); SRD does not decompose the head")
+            raise ValueError(
+                f"layer {layer!r} lies in the head (after the encoder output "
+                f"'{g.display_name(plan.encoder)}'); SRD does not decompose the head"
+            )
         if i not in plan.main:
-            why = ("its conv is folded with the BatchNorm after it; name that layer or the activation"
-                   if any(m.fused == i for m in g.nodes if m.kind == "call") else
-                   "no relevance passes through it (a gate branch or a constant)")
+            why = (
+                "its conv is folded with the BatchNorm after it; name that layer or the activation"
+                if any(m.fused == i for m in g.nodes if m.kind == "call")
+                else "no relevance passes through it (a gate branch or a constant)"
+            )
             raise ValueError(f"layer {layer!r} ('{n.name}', {n.op_name}): {why}. Layers: {self._names(g)}")
         if n.layout is None or n.is_tuple:
             raise ValueError(f"layer {layer!r} ('{n.name}') has no pixel layout (batch, height, width)")
@@ -370,11 +419,21 @@ class Explainer:
         if want in plan.high:
             return plan.high[want]
         memo: Dict[int, bool] = {}
-        cands = [i for i in sorted(g.cuts) if i in plan.main and i <= plan.encoder and g.nodes[i].kind == "call"
-                 and g.nodes[i].layout is not None and not g.nodes[i].is_tuple and _hw(g.nodes[i]) == want]
+        cands = [
+            i
+            for i in sorted(g.cuts)
+            if i in plan.main
+            and i <= plan.encoder
+            and g.nodes[i].kind == "call"
+            and g.nodes[i].layout is not None
+            and not g.nodes[i].is_tuple
+            and _hw(g.nodes[i]) == want
+        ]
         if not cands:
-            raise ValueError(f"no layer every path passes through has 1/8 of the input resolution {want} "
-                             "for layer='high'; name a layer instead")
+            raise ValueError(
+                f"no layer every path passes through has 1/8 of the input resolution {want} "
+                "for layer='high'; name a layer instead"
+            )
         post = [i for i in cands if _post_activation(g, i, memo)]
         best = post[-1] if post else cands[-1]
         plan.high[want] = best
@@ -386,12 +445,13 @@ class Explainer:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+        if x.dtype not in (torch.float32, torch.float64) and not (
+            x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        ):
+            raise TypeError(f"x must be float32 or float64 (float16 and bfloat16 on CUDA), got {x.dtype} on {x.device}")
         p = next(self.model.parameters(), None)
         if p is not None and (p.device != x.device or p.dtype != x.dtype):
-            raise ValueError(f"x is {x.dtype} on {x.device} but the model is {p.dtype} on {p.device}; "
-                             "move one of them")
+            raise ValueError(f"x is {x.dtype} on {x.device} but the model is {p.dtype} on {p.device}; move one of them")
         if not _is_compiling():
             if x.numel() and not bool(torch.isfinite(x).all()):
                 raise ValueError("x contains NaN or Inf")
@@ -426,8 +486,9 @@ class Explainer:
         shapes: List[Any] = []
         lowest = min(wanted)
         record = set() if self.bias_share != "contribution" else {i for i in plan.record_norms if i >= lowest}
-        values = g.forward(x, rec, keep=plan.keep_for(wanted), records=records, shapes=shapes, model=self.model,
-                           record=record)
+        values = g.forward(
+            x, rec, keep=plan.keep_for(wanted), records=records, shapes=shapes, model=self.model, record=record
+        )
         run = _Run(g, values, records, rec.indices, shapes, self.bias_share, create_graph)
         run.free_z = plan.free_z
         for i in plan.recompute:
@@ -435,8 +496,9 @@ class Explainer:
                 values[i] = None
         return run
 
-    def _walk(self, run: _Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool = False
-              ) -> Dict[int, Tensor]:
+    def _walk(
+        self, run: _Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool = False
+    ) -> Dict[int, Tensor]:
         """Relevance walk from ``seeds`` (relevance (B, H, W) at nodes) down to the lowest wanted
         node; returns the relevance (B, H, W) at every wanted node."""
         g = run.graph
@@ -527,8 +589,10 @@ class Explainer:
             if r.dim() == 2:
                 r = r.expand(b, -1, -1)
             if tuple(r.shape) != (b, h, w):
-                raise ValueError(f"init tensor must have shape ({b}, {h}, {w}) or ({h}, {w}) "
-                                 f"(the encoder output '{g.display_name(L)}'), got {tuple(init.shape)}")
+                raise ValueError(
+                    f"init tensor must have shape ({b}, {h}, {w}) or ({h}, {w}) "
+                    f"(the encoder output '{g.display_name(L)}'), got {tuple(init.shape)}"
+                )
             return r
         if init == "constant":
             return A.new_ones((b, h, w))
@@ -552,13 +616,18 @@ class Explainer:
                 break
             chain.append(n)
             i = n.field_inputs[0]
-        kinds = [type(n.rule).__name__ for n in reversed(chain)
-                 if not (n.rule.identity_like or getattr(n.rule, "view_like", False))]
+        kinds = [
+            type(n.rule).__name__
+            for n in reversed(chain)
+            if not (n.rule.identity_like or getattr(n.rule, "view_like", False))
+        ]
         pool = next((n for n in chain if n.rule.global_pool(n)), None)
         lin = next((n for n in chain if n.op_name == "aten.linear"), None)
         if i != plan.encoder or pool is None or lin is None or len(kinds) != 2:
-            raise ValueError("init='cam' needs a global-average-pool + linear head right after the "
-                             f"encoder output; this model's head is {kinds}. Use 'gradcam-contrast'.")
+            raise ValueError(
+                "init='cam' needs a global-average-pool + linear head right after the "
+                f"encoder output; this model's head is {kinds}. Use 'gradcam-contrast'."
+            )
         h, w = A.shape[-2:]
         wt = run.value(lin.params["w"])[target]  # (B, C)
         cam = torch.einsum("bc,bchw->bhw", wt, A)
@@ -567,9 +636,17 @@ class Explainer:
         return cam / (h * w)
 
     # -- public -----------------------------------------------------------------------------
-    def explain(self, x: Tensor, target: Target = None, *, layer: Union[str, Sequence[str]] = "input",
-                upsample: bool = False, init: Optional[Init] = None, return_logits: bool = False,
-                create_graph: bool = False):
+    def explain(
+        self,
+        x: Tensor,
+        target: Target = None,
+        *,
+        layer: Union[str, Sequence[str]] = "input",
+        upsample: bool = False,
+        init: Optional[Init] = None,
+        return_logits: bool = False,
+        create_graph: bool = False,
+    ):
         """SRD relevance maps of ``x`` (B, C, H, W) for ``target``.
 
         Returns (B, H_l, W_l) for one layer, or a dict name -> map for a list of layers (all from
@@ -602,8 +679,9 @@ class Explainer:
             for n, i in zip(names, idx):
                 m = maps[i]
                 if upsample and tuple(m.shape[-2:]) != tuple(x.shape[-2:]):
-                    m = F.interpolate(m.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
-                                      align_corners=False).squeeze(1)
+                    m = F.interpolate(m.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(
+                        1
+                    )
                 result[n] = m
         out = result[names[0]] if isinstance(layer, str) else result
         if return_logits:
@@ -612,8 +690,9 @@ class Explainer:
 
     __call__ = explain
 
-    def relevance_at_all_layers(self, x: Tensor, target: Target = None, init: Optional[Init] = None,
-                                create_graph: bool = False) -> Dict[str, Tensor]:
+    def relevance_at_all_layers(
+        self, x: Tensor, target: Target = None, init: Optional[Init] = None, create_graph: bool = False
+    ) -> Dict[str, Tensor]:
         """Relevance at the input and at every decomposition site and every node all paths pass
         through, up to the encoder output, keyed by layer name (one pass)."""
         self._check_input(x)
@@ -628,8 +707,7 @@ class Explainer:
             maps[plan.encoder] = r0
         return {g.display_name(i): maps[i] for i in idx if i in maps}
 
-    def relevance_budget(self, x: Tensor, target: Target = None, init: Optional[Init] = None
-                         ) -> Dict[str, Tensor]:
+    def relevance_budget(self, x: Tensor, target: Target = None, init: Optional[Init] = None) -> Dict[str, Tensor]:
         """Where the relevance went, per sample (B,): ``"encoder"`` (the initial relevance),
         ``"input"`` (the map at the image) and ``"unassigned"`` (bias shares of output pixels
         none of whose inputs contributes, and relevance at pixels whose vector is zero: no pixel
@@ -650,9 +728,14 @@ class Explainer:
         encoder output (the layers of :meth:`relevance_at_all_layers`)."""
         g = self.graph(x)
         plan = self._plan(g)
-        return [g.input_index] + [i for i in sorted(plan.main) if g.nodes[i].kind == "call"
-                                  and g.nodes[i].layout is not None and not g.nodes[i].is_tuple
-                                  and (g.nodes[i].site or i in g.cuts)]
+        return [g.input_index] + [
+            i
+            for i in sorted(plan.main)
+            if g.nodes[i].kind == "call"
+            and g.nodes[i].layout is not None
+            and not g.nodes[i].is_tuple
+            and (g.nodes[i].site or i in g.cuts)
+        ]
 
     def erf(self, x: Tensor, layer: str, position) -> Tensor:
         """Effective receptive field of the PFV at ``position`` (y, x) of ``layer``: the input map
@@ -677,9 +760,18 @@ def _hw(node) -> tuple:
     return (node.shape[h], node.shape[w])
 
 
-def explain(model: nn.Module, x: Tensor, target: Target = None, *, layer: Union[str, Sequence[str]] = "input",
-            init: Init = "gradcam-contrast", bias_share: str = "contribution", upsample: bool = False,
-            encoder: Optional[str] = None, create_graph: bool = False):
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    target: Target = None,
+    *,
+    layer: Union[str, Sequence[str]] = "input",
+    init: Init = "gradcam-contrast",
+    bias_share: str = "contribution",
+    upsample: bool = False,
+    encoder: Optional[str] = None,
+    create_graph: bool = False,
+):
     """SRD explanation of ``x`` (B, C, H, W) by ``model``: (B, H_l, W_l) relevance maps.
 
     ``target``: int, per-sample LongTensor, or None (predicted class). See :class:`Explainer`
@@ -687,7 +779,8 @@ def explain(model: nn.Module, x: Tensor, target: Target = None, *, layer: Union[
     model and input shape, so repeated calls do not trace it again.
     """
     return Explainer(model, init=init, bias_share=bias_share, encoder=encoder).explain(
-        x, target, layer=layer, upsample=upsample, create_graph=create_graph)
+        x, target, layer=layer, upsample=upsample, create_graph=create_graph
+    )
 
 
 def erf(model: nn.Module, x: Tensor, layer: str, position, *, bias_share: str = "contribution") -> Tensor:

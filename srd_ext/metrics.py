@@ -62,9 +62,7 @@ def _as_maps(maps, name: str = "maps") -> Tensor:
     if maps.dim() == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
     if maps.dim() != 3:
-        raise ValueError(
-            f"{name}: expected shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)}"
-        )
+        raise ValueError(f"{name}: expected shape (B, H, W) or (B, 1, H, W), got {tuple(maps.shape)}")
     if maps.shape[0] == 0 or maps.shape[1] == 0 or maps.shape[2] == 0:
         raise ValueError(f"{name}: empty tensor of shape {tuple(maps.shape)}")
     if not maps.is_floating_point():
@@ -81,9 +79,7 @@ def _as_masks(masks, name: str = "masks") -> Tensor:
     if masks.dim() == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
     if masks.dim() != 3:
-        raise ValueError(
-            f"{name}: expected shape (B, H, W) or (B, 1, H, W), got {tuple(masks.shape)}"
-        )
+        raise ValueError(f"{name}: expected shape (B, H, W) or (B, 1, H, W), got {tuple(masks.shape)}")
     return masks != 0
 
 
@@ -102,9 +98,7 @@ def _as_target(target, batch: int, device) -> Tensor:
     if t.dim() == 0:
         t = t.expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
-        raise ValueError(
-            f"target: expected an int or shape ({batch},), got {tuple(t.shape)}"
-        )
+        raise ValueError(f"target: expected an int or shape ({batch},), got {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex():
         raise ValueError(f"target: expected integer class indices, got {t.dtype}")
     return t.long()
@@ -113,8 +107,7 @@ def _as_target(target, batch: int, device) -> Tensor:
 def _check_batch(name: str, t: Tensor, batch: int, ref: str) -> None:
     if t.shape[0] != batch:
         raise ValueError(
-            f"{name}: batch size {t.shape[0]} (shape {tuple(t.shape)}) does not match "
-            f"{ref} batch size {batch}"
+            f"{name}: batch size {t.shape[0]} (shape {tuple(t.shape)}) does not match {ref} batch size {batch}"
         )
 
 
@@ -202,9 +195,7 @@ def _disk_dilate(masks: Tensor, radius: int) -> Tensor:
     return out[:, 0] > 0.5
 
 
-def pointing_game(
-    maps: Tensor, masks: Tensor, tolerance: int = 15, normalized: bool = False
-) -> Tensor:
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 15, normalized: bool = False) -> Tensor:
     """Pointing game (Zhang et al. 2018): (B,) bool, True for a hit.
 
     A hit when a pixel holding the map's maximum lies in the mask dilated by a
@@ -229,9 +220,7 @@ def pointing_game(
     return (is_max & region).any(1)
 
 
-def attribution_localization(
-    maps: Tensor, masks: Tensor, normalized: bool = False
-) -> Tensor:
+def attribution_localization(maps: Tensor, masks: Tensor, normalized: bool = False) -> Tensor:
     """Attribution localization (Kohlbrenner et al. 2020): (B,).
 
     Positive relevance inside the mask divided by all positive relevance;
@@ -262,8 +251,10 @@ def outside_share(maps: Tensor, masks: Tensor, eps: float = 1e-8) -> Tensor:
     """
     # No check of the values (NaN, ...): it would break a compiled training step's graph.
     if maps.dim() != 3 or masks.dim() != 3 or maps.shape[0] != masks.shape[0]:
-        raise ValueError(f"outside_share: expected maps (B, h, w) and masks (B, H, W), got {tuple(maps.shape)} "
-                         f"and {tuple(masks.shape)}")
+        raise ValueError(
+            f"outside_share: expected maps (B, h, w) and masks (B, H, W), got {tuple(maps.shape)} "
+            f"and {tuple(masks.shape)}"
+        )
     masks = masks.to(maps.dtype)
     if masks.shape[-2:] != maps.shape[-2:]:
         masks = F.adaptive_avg_pool2d(masks[:, None], maps.shape[-2:])[:, 0]
@@ -309,9 +300,7 @@ def _target_logits(model, x: Tensor, target: Tensor, batch_size: int) -> Tensor:
     for i in range(0, x.shape[0], batch_size):
         y = model(x[i : i + batch_size])
         if y.dim() != 2:
-            raise ValueError(
-                f"model output: expected shape (N, num_classes), got {tuple(y.shape)}"
-            )
+            raise ValueError(f"model output: expected shape (N, num_classes), got {tuple(y.shape)}")
         out.append(y.gather(1, target[i : i + batch_size, None])[:, 0])
     return torch.cat(out)
 
@@ -368,9 +357,7 @@ def fidelity(
     try:
         base = base.expand(C, H, W)
     except RuntimeError:
-        raise ValueError(
-            f"baseline: shape {tuple(base.shape)} is not broadcastable to {(C, H, W)}"
-        ) from None
+        raise ValueError(f"baseline: shape {tuple(base.shape)} is not broadcastable to {(C, H, W)}") from None
 
     g = _generator(x.device, seed)
     keys = torch.rand(n_runs, n, generator=g, device=x.device)
@@ -404,8 +391,7 @@ def _explain(explain_fn, x: Tensor, target: Tensor, batch_size: int, normalized:
         m = _as_maps(m.detach() if isinstance(m, Tensor) else m, "explain_fn output")
         if m.shape[0] != min(batch_size, x.shape[0] - i):
             raise ValueError(
-                f"explain_fn output: expected {min(batch_size, x.shape[0] - i)} maps, "
-                f"got shape {tuple(m.shape)}"
+                f"explain_fn output: expected {min(batch_size, x.shape[0] - i)} maps, got shape {tuple(m.shape)}"
             )
         out.append(m if normalized else normalize(m))
     return torch.cat(out)
@@ -461,8 +447,7 @@ def stability(
         phi = _explain(explain_fn, xp, target[b], p.numel(), normalized)
         if phi.shape[1:] != phi0.shape[1:]:
             raise ValueError(
-                f"explain_fn output: map size changed from {tuple(phi0.shape[1:])} "
-                f"to {tuple(phi.shape[1:])}"
+                f"explain_fn output: map size changed from {tuple(phi0.shape[1:])} to {tuple(phi.shape[1:])}"
             )
         num = (phi - phi0[b]).flatten(1).norm(dim=1)
         den = (xp - x[b]).flatten(1).norm(dim=1)
@@ -477,9 +462,7 @@ def stability(
 def _pair(a, b, normalized: bool) -> Tuple[Tensor, Tensor]:
     a, b = _as_maps(a, "a"), _as_maps(b, "b")
     if a.shape != b.shape:
-        raise ValueError(
-            f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}"
-        )
+        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
     if not normalized:
         a, b = normalize(a), normalize(b)
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
@@ -517,8 +500,7 @@ def ssim(
     win = 2 * r + 1
     if H < win or W < win:
         raise ValueError(
-            f"a: spatial size {(H, W)} is smaller than the {win}x{win} window "
-            f"(sigma={sigma}); expected H, W >= {win}"
+            f"a: spatial size {(H, W)} is smaller than the {win}x{win} window (sigma={sigma}); expected H, W >= {win}"
         )
     if data_range is None:
         both = torch.cat([a.flatten(1), b.flatten(1)], 1)

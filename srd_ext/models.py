@@ -6,6 +6,7 @@ the shapes models take 112 x 112 images, the ImageNet ones 224 x 224. ``transfor
 gives each model's whole preprocessing of a photo (resize the shorter side, centre crop,
 normalize) as an :class:`ImageTransform`, which also says where the crop lies in the photo.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,9 +52,19 @@ SHAPES_RESNET_BLOCKS = (1, 1, 1, 1)
 
 SHAPES_MODELS = ("shapes-vgg", "shapes-resnet")
 IMAGENET_MODELS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "vgg11", "vgg13", "vgg16", "vgg19",
-    "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
 )
 
 
@@ -65,8 +76,7 @@ def shapes_vgg(num_classes: int = 10) -> VGG:
     model.features = make_layers(SHAPES_VGG_CFG, batch_norm=False)
     model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
     width = SHAPES_VGG_CFG[-2]
-    model.classifier = nn.Sequential(
-        nn.Linear(width, 128), nn.ReLU(True), nn.Dropout(0.2), nn.Linear(128, num_classes))
+    model.classifier = nn.Sequential(nn.Linear(width, 128), nn.ReLU(True), nn.Dropout(0.2), nn.Linear(128, num_classes))
     # torchvision's conv initialization; the Linear layers keep PyTorch's default, as
     # VGG's N(0, 0.01) would starve this small head (and the convs) of gradient.
     for m in model.features.modules():
@@ -110,14 +120,16 @@ def _read_state_dict(path: Union[str, os.PathLike], name: str) -> Dict[str, torc
     what = f"a state_dict of torchvision's {name}" if name in IMAGENET_MODELS else f"a state_dict of {name}"
     where = f"weights file {str(path)!r}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{where} for {name!r} not found; expected {what} "
-                                f"(torch.save(model.state_dict(), path))")
+        raise FileNotFoundError(
+            f"{where} for {name!r} not found; expected {what} (torch.save(model.state_dict(), path))"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise RuntimeError(f"cannot read {where} for {name!r} ({type(e).__name__}: {reason}); "
-                           f"expected {what} saved with torch.save") from None
+        raise RuntimeError(
+            f"cannot read {where} for {name!r} ({type(e).__name__}: {reason}); expected {what} saved with torch.save"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # common checkpoint layout
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -131,12 +143,13 @@ def _brief(keys: Sequence[str], n: int = 5) -> str:
 
 
 def _load_into(model: nn.Module, sd: Dict[str, torch.Tensor], path, name: str) -> None:
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in sd and sd[k].shape != v.shape]
+    mismatched = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -149,8 +162,9 @@ def _load_into(model: nn.Module, sd: Dict[str, torch.Tensor], path, name: str) -
     model.load_state_dict(sd)
 
 
-def load_model(name: str, weights: Optional[Union[str, os.PathLike]] = None,
-               device: Union[str, torch.device] = "cpu") -> nn.Module:
+def load_model(
+    name: str, weights: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu"
+) -> nn.Module:
     """Build ``name`` and load its weights; returns the model in eval mode on ``device``.
 
     ``"shapes-vgg"`` / ``"shapes-resnet"`` load the weights shipped in ``srd_ext/weights``
@@ -164,8 +178,10 @@ def load_model(name: str, weights: Optional[Union[str, os.PathLike]] = None,
         path = WEIGHTS_DIR / f"{name}.pt" if weights is None else weights
     else:
         if weights is None:
-            raise ValueError(f"{name!r} needs weights: pass weights=<path to a state_dict file of "
-                             f"torchvision's {name}> (e.g. the ImageNet checkpoint from torchvision)")
+            raise ValueError(
+                f"{name!r} needs weights: pass weights=<path to a state_dict file of "
+                f"torchvision's {name}> (e.g. the ImageNet checkpoint from torchvision)"
+            )
         path = weights
         model = getattr(tvm, name)(weights=None)
     _load_into(model, _read_state_dict(path, name), path, name)
@@ -211,11 +227,12 @@ class ImageTransform:
         if not isinstance(self.resize, int) or self.resize < 1:
             raise ValueError(f"resize must be a positive int (pixels of the shorter side), got {self.resize!r}")
         if self.crop is not None and (not isinstance(self.crop, int) or self.crop < 1):
-            raise ValueError(f"crop must be a positive int (side of the square centre crop) or None, "
-                             f"got {self.crop!r}")
+            raise ValueError(f"crop must be a positive int (side of the square centre crop) or None, got {self.crop!r}")
         if self.crop is not None and self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) is larger than resize ({self.resize}): the crop would "
-                             f"reach past the resized photo; use a crop <= resize")
+            raise ValueError(
+                f"crop ({self.crop}) is larger than resize ({self.resize}): the crop would "
+                f"reach past the resized photo; use a crop <= resize"
+            )
         modes = [m.value for m in InterpolationMode]
         if self.interpolation not in modes:
             raise ValueError(f"interpolation must be one of {modes}, got {self.interpolation!r}")
@@ -225,13 +242,21 @@ class ImageTransform:
         """The same preprocessing as torchvision's ``ImageClassification`` preset ``t``."""
         for attr in ("resize_size", "crop_size", "mean", "std", "interpolation"):
             if not hasattr(t, attr):
-                raise TypeError(f"expected torchvision's ImageClassification preset (Weights.transforms()), "
-                                f"got {type(t).__name__} without {attr!r}")
+                raise TypeError(
+                    f"expected torchvision's ImageClassification preset (Weights.transforms()), "
+                    f"got {type(t).__name__} without {attr!r}"
+                )
         if len(t.resize_size) != 1 or len(t.crop_size) != 1:
-            raise ValueError(f"expected one resize and one crop size, got resize_size={t.resize_size}, "
-                             f"crop_size={t.crop_size}")
-        return cls(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
-                   std=tuple(t.std), interpolation=t.interpolation.value)
+            raise ValueError(
+                f"expected one resize and one crop size, got resize_size={t.resize_size}, crop_size={t.crop_size}"
+            )
+        return cls(
+            resize=int(t.resize_size[0]),
+            crop=int(t.crop_size[0]),
+            mean=tuple(t.mean),
+            std=tuple(t.std),
+            interpolation=t.interpolation.value,
+        )
 
     def resized_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
         """(width, height) of a ``size`` = (width, height) photo after the resize step (as

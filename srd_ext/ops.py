@@ -9,6 +9,7 @@ Shapes follow the op schemas in ``csrc/schemas.cpp``:
 - ``bias_share_scatter(tap_norms, bias_dot, kernel_size, stride, padding, dilation) -> (B, H, W)``
 - ``pfv_decompose(x, weight, bias, positions, stride, padding, dilation, bias_share) -> (v_hat, mu)``
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -46,8 +47,9 @@ def _pair(v, name: str) -> list:
 # --------------------------------------------------------------------------------------------
 # Public wrappers
 # --------------------------------------------------------------------------------------------
-def activation_share(a: Tensor, grad: Tensor, pre_activation: Tensor,
-                     extra: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def activation_share(
+    a: Tensor, grad: Tensor, pre_activation: Tensor, extra: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Sharing-ratio computation at one activation layer.
 
     ``relevance = sum_c a * grad (+ extra)`` per pixel, ``g = pre_activation * relevance /
@@ -61,21 +63,34 @@ def conv_tap_norms(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, g
 
     x: (B, C_in, H, W), weight: (C_out, C_in/groups, kh, kw) -> (B, kh*kw, H, W).
     """
-    return _ops.conv_tap_norms(x, weight, _pair(stride, "stride"), _pair(padding, "padding"),
-                               _pair(dilation, "dilation"), groups)
+    return _ops.conv_tap_norms(
+        x, weight, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups
+    )
 
 
-def bias_share_scatter(tap_norms: Tensor, bias_dot: Tensor, kernel_size, stride=1, padding=0,
-                       dilation=1) -> Tensor:
+def bias_share_scatter(tap_norms: Tensor, bias_dot: Tensor, kernel_size, stride=1, padding=0, dilation=1) -> Tensor:
     """Scatter each output pixel's bias relevance ``bias_dot`` (B, H_out, W_out) onto the input
     pixels in proportion to their tap norms (B, kh*kw, H_in, W_in) -> (B, H_in, W_in)."""
-    return _ops.bias_share_scatter(tap_norms, bias_dot, _pair(kernel_size, "kernel_size"),
-                                   _pair(stride, "stride"), _pair(padding, "padding"),
-                                   _pair(dilation, "dilation"))
+    return _ops.bias_share_scatter(
+        tap_norms,
+        bias_dot,
+        _pair(kernel_size, "kernel_size"),
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+    )
 
 
-def pfv_decompose(x: Tensor, weight: Tensor, bias: Optional[Tensor], positions: Tensor, stride=1,
-                  padding=0, dilation=1, bias_share: str = "contribution") -> Tuple[Tensor, Tensor]:
+def pfv_decompose(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    positions: Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    bias_share: str = "contribution",
+) -> Tuple[Tensor, Tensor]:
     """Explicit decomposition of chosen output PFVs of a conv (groups=1).
 
     positions: (N, 3) int64 rows ``(b, y, x)`` of output pixels. Returns ``v_hat`` (N, kh*kw, C_out),
@@ -84,8 +99,16 @@ def pfv_decompose(x: Tensor, weight: Tensor, bias: Optional[Tensor], positions: 
     ``(y*stride - padding + ty*dilation, x*stride - padding + tx*dilation)``; taps that fall
     outside the input have zero contribution.
     """
-    return _ops.pfv_decompose(x, weight, bias, positions, _pair(stride, "stride"),
-                              _pair(padding, "padding"), _pair(dilation, "dilation"), bias_share)
+    return _ops.pfv_decompose(
+        x,
+        weight,
+        bias,
+        positions,
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+        bias_share,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,9 +120,13 @@ def _out_size(n, k, s, p, d):
 
 @torch.library.register_fake("srd_ext::activation_share")
 def _(a, grad, pre_activation, extra):
-    torch._check(a.dim() in (2, 4), lambda: f"srd_ext::activation_share: a must be (B, C, H, W) or (B, C), got {tuple(a.shape)}")
-    torch._check(grad.shape == a.shape and pre_activation.shape == a.shape,
-                 lambda: "srd_ext::activation_share: a, grad and pre_activation must have one shape")
+    torch._check(
+        a.dim() in (2, 4), lambda: f"srd_ext::activation_share: a must be (B, C, H, W) or (B, C), got {tuple(a.shape)}"
+    )
+    torch._check(
+        grad.shape == a.shape and pre_activation.shape == a.shape,
+        lambda: "srd_ext::activation_share: a, grad and pre_activation must have one shape",
+    )
     rel_shape = (a.shape[0],) + tuple(a.shape[2:])
     return a.new_empty(rel_shape), torch.empty_like(pre_activation, memory_format=torch.contiguous_format)
 
@@ -107,14 +134,20 @@ def _(a, grad, pre_activation, extra):
 @torch.library.register_fake("srd_ext::activation_share_backward")
 def _(grad_relevance, grad_g, a, grad, pre_activation, relevance):
     cf = torch.contiguous_format
-    return (torch.empty_like(a, memory_format=cf), torch.empty_like(a, memory_format=cf),
-            torch.empty_like(a, memory_format=cf), torch.empty_like(relevance, memory_format=cf))
+    return (
+        torch.empty_like(a, memory_format=cf),
+        torch.empty_like(a, memory_format=cf),
+        torch.empty_like(a, memory_format=cf),
+        torch.empty_like(relevance, memory_format=cf),
+    )
 
 
 @torch.library.register_fake("srd_ext::conv_tap_norms")
 def _(x, weight, stride, padding, dilation, groups):
-    torch._check(x.dim() == 4 and weight.dim() == 4,
-                 lambda: "srd_ext::conv_tap_norms: x must be (B, C_in, H, W) and weight (C_out, C_in/groups, kh, kw)")
+    torch._check(
+        x.dim() == 4 and weight.dim() == 4,
+        lambda: "srd_ext::conv_tap_norms: x must be (B, C_in, H, W) and weight (C_out, C_in/groups, kh, kw)",
+    )
     return x.new_empty((x.shape[0], weight.shape[2] * weight.shape[3], x.shape[2], x.shape[3]))
 
 
@@ -126,8 +159,10 @@ def _(grad_tap_norms, x, weight, tap_norms, stride, padding, dilation, groups):
 
 @torch.library.register_fake("srd_ext::bias_share_scatter")
 def _(tap_norms, bias_dot, kernel_size, stride, padding, dilation):
-    torch._check(tap_norms.dim() == 4 and bias_dot.dim() == 3,
-                 lambda: "srd_ext::bias_share_scatter: tap_norms must be (B, T, H, W) and bias_dot (B, H_out, W_out)")
+    torch._check(
+        tap_norms.dim() == 4 and bias_dot.dim() == 3,
+        lambda: "srd_ext::bias_share_scatter: tap_norms must be (B, T, H, W) and bias_dot (B, H_out, W_out)",
+    )
     return tap_norms.new_empty((tap_norms.shape[0], tap_norms.shape[2], tap_norms.shape[3]))
 
 
@@ -164,8 +199,9 @@ def _activation_share_backward(ctx, grad_relevance, grad_g):
     return ga, gg, gz, (ge if ctx.has_extra else None)
 
 
-torch.library.register_autograd("srd_ext::activation_share", _activation_share_backward,
-                                setup_context=_activation_share_setup)
+torch.library.register_autograd(
+    "srd_ext::activation_share", _activation_share_backward, setup_context=_activation_share_setup
+)
 
 
 def _tap_norms_setup(ctx, inputs, output):
@@ -181,8 +217,7 @@ def _tap_norms_backward(ctx, grad_out):
     return gx, gw, None, None, None, None
 
 
-torch.library.register_autograd("srd_ext::conv_tap_norms", _tap_norms_backward,
-                                setup_context=_tap_norms_setup)
+torch.library.register_autograd("srd_ext::conv_tap_norms", _tap_norms_backward, setup_context=_tap_norms_setup)
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -197,8 +232,7 @@ def _scatter_backward(ctx, grad_out):
     return gn, gd, None, None, None, None
 
 
-torch.library.register_autograd("srd_ext::bias_share_scatter", _scatter_backward,
-                                setup_context=_scatter_setup)
+torch.library.register_autograd("srd_ext::bias_share_scatter", _scatter_backward, setup_context=_scatter_setup)
 
 
 def _gather_taps(x: Tensor, positions: Tensor, kh: int, kw: int, stride, padding, dilation):
@@ -229,14 +263,18 @@ def pfv_decompose_reference(x, weight, bias, positions, stride, padding, dilatio
             src = contrib if bias_share == "contribution" else cols
             norms = torch.linalg.vector_norm(src, dim=-1) * valid.to(x.dtype)
         total = norms.sum(1, keepdim=True)
-        share = torch.where(total > 0, norms / torch.where(total > 0, total, torch.ones_like(total)),
-                            torch.zeros_like(norms))
+        share = torch.where(
+            total > 0, norms / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(norms)
+        )
         v_hat = contrib + share[..., None] * bias
     else:
         v_hat = contrib
     z2 = (z * z).sum(-1, keepdim=True)
-    mu = torch.where(z2 > 0, (v_hat * z[:, None, :]).sum(-1) / torch.where(z2 > 0, z2, torch.ones_like(z2)),
-                     torch.zeros_like(v_hat[..., 0]))
+    mu = torch.where(
+        z2 > 0,
+        (v_hat * z[:, None, :]).sum(-1) / torch.where(z2 > 0, z2, torch.ones_like(z2)),
+        torch.zeros_like(v_hat[..., 0]),
+    )
     return v_hat, mu
 
 

@@ -13,6 +13,7 @@ package reads the same way:
 
 Images are PIL images or (H, W, 3) uint8 arrays; maps are (H, W) numpy arrays or tensors.
 """
+
 from __future__ import annotations
 
 import io
@@ -111,8 +112,7 @@ def to_photo(relevance, size: Tuple[int, int], box: Optional[Box] = None, fill: 
     return out
 
 
-def heat_rgba(relevance, scale: Optional[float] = None, cmap: str = CMAP,
-              max_alpha: float = MAX_ALPHA) -> np.ndarray:
+def heat_rgba(relevance, scale: Optional[float] = None, cmap: str = CMAP, max_alpha: float = MAX_ALPHA) -> np.ndarray:
     """(H, W, 4) uint8: colour from ``cmap`` centred at 0, opacity ``max_alpha * |r| / scale``
     (clipped at ``max_alpha``); transparent where the relevance is 0 or not finite."""
     from matplotlib import colormaps
@@ -128,9 +128,16 @@ def heat_rgba(relevance, scale: Optional[float] = None, cmap: str = CMAP,
     return (rgba * 255).round().astype(np.uint8)
 
 
-def overlay(image, relevance, scale: Optional[float] = None, box: Optional[Box] = None,
-            cmap: str = CMAP, max_alpha: float = MAX_ALPHA, outside: float = OUTSIDE_DIM,
-            desaturate: float = DESATURATE) -> Image.Image:
+def overlay(
+    image,
+    relevance,
+    scale: Optional[float] = None,
+    box: Optional[Box] = None,
+    cmap: str = CMAP,
+    max_alpha: float = MAX_ALPHA,
+    outside: float = OUTSIDE_DIM,
+    desaturate: float = DESATURATE,
+) -> Image.Image:
     """The relevance drawn over ``image`` at the image's own size (an RGB PIL image).
 
     A map whose shape is not the image's is first placed on ``box`` (default: the whole image)
@@ -156,8 +163,9 @@ def overlay(image, relevance, scale: Optional[float] = None, box: Optional[Box] 
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
-def draw(ax, image, relevance, scale: Optional[float] = None, box: Optional[Box] = None,
-         title: Optional[str] = None, **kw) -> None:
+def draw(
+    ax, image, relevance, scale: Optional[float] = None, box: Optional[Box] = None, title: Optional[str] = None, **kw
+) -> None:
     """:func:`overlay` shown in a matplotlib axis, without ticks."""
     ax.imshow(overlay(image, relevance, scale, box, **kw))
     ax.set_xticks([])
@@ -167,7 +175,7 @@ def draw(ax, image, relevance, scale: Optional[float] = None, box: Optional[Box]
 
 
 def class_title(names: Sequence[str], probs, target: Optional[int] = None, sep: str = ", ") -> str:
-    """"predicted: circle (p = 0.97)" from a vector of class probabilities; with a ``target``,
+    """ "predicted: circle (p = 0.97)" from a vector of class probabilities; with a ``target``,
     "target: square (p = 0.02), predicted: circle (p = 0.97)" (parts joined by ``sep``)."""
     p = np.asarray(probs.detach().cpu() if hasattr(probs, "detach") else probs, dtype=np.float64)
     if p.ndim != 1 or len(p) != len(names):
@@ -179,8 +187,15 @@ def class_title(names: Sequence[str], probs, target: Optional[int] = None, sep: 
     return sep.join(parts)
 
 
-def panel(image, relevance, title: str = "", scale: Optional[float] = None, box: Optional[Box] = None,
-          cmap: str = CMAP, dpi: int = 100):
+def panel(
+    image,
+    relevance,
+    title: str = "",
+    scale: Optional[float] = None,
+    box: Optional[Box] = None,
+    cmap: str = CMAP,
+    dpi: int = 100,
+):
     """A matplotlib figure of three panels: the image, the map in the image's coordinates with a
     colorbar (grey outside ``box``), and the overlay."""
     from matplotlib import colormaps
@@ -218,8 +233,7 @@ def panel(image, relevance, title: str = "", scale: Optional[float] = None, box:
     return fig
 
 
-def colorbar_image(width: int = 240, height: int = 14, cmap: str = CMAP,
-                   max_alpha: float = MAX_ALPHA) -> Image.Image:
+def colorbar_image(width: int = 240, height: int = 14, cmap: str = CMAP, max_alpha: float = MAX_ALPHA) -> Image.Image:
     """A horizontal legend of the overlay's colours, from -scale (left) to +scale (right), drawn
     over white with the overlay's opacity."""
     v = np.linspace(-1, 1, width, dtype=np.float32)[None, :].repeat(height, 0)

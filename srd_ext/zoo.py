@@ -6,6 +6,7 @@ table. :func:`randomize` also serves anyone who wants to test SRD on a model of 
 default initialisations leave biases at 0 and BatchNorm at the identity, and on such a model no
 bias rule is exercised.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,17 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["randomize", "torchvision_cnns", "TORCHVISION_EXCLUDED", "TIMM_SAMPLE", "TIMM_REFUSED",
-           "build", "check", "ZooResult", "input_size"]
+__all__ = [
+    "randomize",
+    "torchvision_cnns",
+    "TORCHVISION_EXCLUDED",
+    "TIMM_SAMPLE",
+    "TIMM_REFUSED",
+    "build",
+    "check",
+    "ZooResult",
+    "input_size",
+]
 
 # torchvision's classification models that are not CNNs (attention stages, patch embeddings).
 TORCHVISION_EXCLUDED = {
@@ -30,18 +40,76 @@ TORCHVISION_EXCLUDED = {
 # exercise something special (TF 'same' padding, GroupNorm, weight standardisation, space to
 # depth, selective kernels, split attention, ...).
 TIMM_SAMPLE = [
-    "resnet10t", "resnet18d", "resnet26t", "resnet50_gn", "seresnet18", "seresnext26d_32x4d",
-    "ecaresnet26t", "skresnet18", "resnest14d", "res2net50_14w_8s", "res2next50", "resnetv2_18",
-    "resnetv2_50x1_bit", "nf_resnet26", "nfnet_l0", "dm_nfnet_f0", "regnetx_002", "regnety_002",
-    "regnetz_005", "efficientnet_b0", "tf_efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0",
-    "efficientnet_b0_gn", "mobilenetv2_050", "mobilenetv3_small_050", "tf_mobilenetv3_small_minimal_100",
-    "mobilenetv4_conv_small", "mixnet_s", "tf_mixnet_s", "ghostnet_050", "ghostnetv2_100", "repghostnet_050",
-    "densenet121", "dpn48b", "inception_v3", "inception_v4", "inception_resnet_v2", "xception41",
-    "vgg11_bn", "repvgg_a0", "mobileone_s0", "dla34", "dla46_c", "hrnet_w18_small", "cspresnet50",
-    "cspdarknet53", "cs3darknet_s", "darknet17", "convnext_atto", "convnextv2_atto", "inception_next_atto",
-    "convmixer_768_32", "poolformer_s12", "rexnet_100", "mnasnet_050", "fbnetc_100", "fbnetv3_b",
-    "lcnet_050", "hardcorenas_a", "tinynet_e", "selecsls42b", "tresnet_m", "gernet_s", "vovnet39a",
-    "ese_vovnet19b_dw", "hgnetv2_b0", "rdnet_tiny", "starnet_s050", "mambaout_femto",
+    "resnet10t",
+    "resnet18d",
+    "resnet26t",
+    "resnet50_gn",
+    "seresnet18",
+    "seresnext26d_32x4d",
+    "ecaresnet26t",
+    "skresnet18",
+    "resnest14d",
+    "res2net50_14w_8s",
+    "res2next50",
+    "resnetv2_18",
+    "resnetv2_50x1_bit",
+    "nf_resnet26",
+    "nfnet_l0",
+    "dm_nfnet_f0",
+    "regnetx_002",
+    "regnety_002",
+    "regnetz_005",
+    "efficientnet_b0",
+    "tf_efficientnet_b0",
+    "efficientnet_lite0",
+    "tf_efficientnetv2_b0",
+    "efficientnet_b0_gn",
+    "mobilenetv2_050",
+    "mobilenetv3_small_050",
+    "tf_mobilenetv3_small_minimal_100",
+    "mobilenetv4_conv_small",
+    "mixnet_s",
+    "tf_mixnet_s",
+    "ghostnet_050",
+    "ghostnetv2_100",
+    "repghostnet_050",
+    "densenet121",
+    "dpn48b",
+    "inception_v3",
+    "inception_v4",
+    "inception_resnet_v2",
+    "xception41",
+    "vgg11_bn",
+    "repvgg_a0",
+    "mobileone_s0",
+    "dla34",
+    "dla46_c",
+    "hrnet_w18_small",
+    "cspresnet50",
+    "cspdarknet53",
+    "cs3darknet_s",
+    "darknet17",
+    "convnext_atto",
+    "convnextv2_atto",
+    "inception_next_atto",
+    "convmixer_768_32",
+    "poolformer_s12",
+    "rexnet_100",
+    "mnasnet_050",
+    "fbnetc_100",
+    "fbnetv3_b",
+    "lcnet_050",
+    "hardcorenas_a",
+    "tinynet_e",
+    "selecsls42b",
+    "tresnet_m",
+    "gernet_s",
+    "vovnet39a",
+    "ese_vovnet19b_dw",
+    "hgnetv2_b0",
+    "rdnet_tiny",
+    "starnet_s050",
+    "mambaout_femto",
 ]
 
 # Sampled timm models SRD refuses, and why (checked by the zoo test: they must be refused).
@@ -141,17 +209,18 @@ class ZooResult:
     explained: bool
     encoder: str = ""
     reason: str = ""
-    budget_error: float = float("nan")      # max |input + unassigned - encoder| / |encoder|
-    unassigned: float = float("nan")        # max unassigned / |encoder|
-    forward_error: float = float("nan")     # the captured forward against the model's own
+    budget_error: float = float("nan")  # max |input + unassigned - encoder| / |encoder|
+    unassigned: float = float("nan")  # max unassigned / |encoder|
+    forward_error: float = float("nan")  # the captured forward against the model's own
     capture_seconds: float = float("nan")
     explain_seconds: float = float("nan")
     nodes: int = 0
     extra: Dict[str, str] = field(default_factory=dict)
 
 
-def check(model: nn.Module, name: str, library: str, x: Optional[torch.Tensor] = None,
-          bias_share: str = "contribution") -> ZooResult:
+def check(
+    model: nn.Module, name: str, library: str, x: Optional[torch.Tensor] = None, bias_share: str = "contribution"
+) -> ZooResult:
     """Capture and explain ``model`` once: SRD-input with a constant initial relevance, the
     relevance budget and the captured forward against the model's."""
     from .capture import UnsupportedModelError

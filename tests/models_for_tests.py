@@ -1,6 +1,7 @@
 """Small models with random weights for the tests: biases, norm parameters, gains, layer scales
 and BatchNorm statistics randomised too (default inits leave biases at 0 and BatchNorm at the
 identity, and on such models no bias rule is exercised)."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,8 +30,9 @@ def tiny_vgg(seed: int = 0, num_classes: int = 5, cfg=(4, "M", 8, "M", 8, 8)) ->
     return randomize(model, seed)
 
 
-def tiny_resnet(block=BasicBlock, seed: int = 0, widths=(4, 8, 8, 8), layers=(1, 1, 1, 1),
-                num_classes: int = 5) -> ResNet:
+def tiny_resnet(
+    block=BasicBlock, seed: int = 0, widths=(4, 8, 8, 8), layers=(1, 1, 1, 1), num_classes: int = 5
+) -> ResNet:
     """torchvision ResNet (reused ReLU module, functional +, BN, downsample), narrowed."""
     model = ResNet(block, [1, 1, 1, 1], num_classes=num_classes)
     model.inplanes = widths[0]
@@ -64,12 +66,12 @@ class ConvVariants(nn.Module):
         super().__init__()
         self.c1 = nn.Conv2d(3, w, 3, padding=1)
         self.c2 = nn.Conv2d(w, w, 3, stride=2, padding=2, dilation=2, groups=2)
-        self.c3 = nn.Conv2d(w, w, 3, padding=1, groups=w, bias=False)   # depthwise, no bias
+        self.c3 = nn.Conv2d(w, w, 3, padding=1, groups=w, bias=False)  # depthwise, no bias
         self.b3 = nn.BatchNorm2d(w)
-        self.c4 = nn.Conv2d(w, w, 4, padding="same")                     # asymmetric 'same'
-        self.c5 = nn.Conv2d(w, 2 * w, 1, stride=2, padding=1)            # 1x1, stride, padding
-        self.pool = nn.MaxPool2d(3, 1, 1)                                # overlapping windows
-        self.bn = nn.BatchNorm2d(2 * w)                                  # stand-alone BN
+        self.c4 = nn.Conv2d(w, w, 4, padding="same")  # asymmetric 'same'
+        self.c5 = nn.Conv2d(w, 2 * w, 1, stride=2, padding=1)  # 1x1, stride, padding
+        self.pool = nn.MaxPool2d(3, 1, 1)  # overlapping windows
+        self.bn = nn.BatchNorm2d(2 * w)  # stand-alone BN
         self.c6 = nn.Conv2d(2 * w, 2 * w, 1)
         self.head = _Head(2 * w)
 
@@ -107,7 +109,7 @@ class ConcatSplit(nn.Module):
         b = F.relu(self.d(b))
         x = torch.cat([a, b], 1)
         n, c, h, w = x.shape
-        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)   # channel shuffle
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
         p, q = torch.split(x, [3, c - 3], 1)
         x = torch.cat([q, p], 1)
         x = F.relu(self.e(self.pool(x)))
@@ -153,11 +155,11 @@ class Gates(nn.Module):
         y = F.silu(self.dw(y))
         y = self.se(y)
         y = self.bnp(self.project(y))
-        x = x + y * self.scale                     # inverted residual, layer scale, no activation
+        x = x + y * self.scale  # inverted residual, layer scale, no activation
         x = self.se2(x)
-        x = x * torch.sigmoid(self.att(x))         # spatial attention gate
+        x = x * torch.sigmoid(self.att(x))  # spatial attention gate
         x = self.c2(x)
-        x = x * torch.sigmoid(x)                   # Swish written out
+        x = x * torch.sigmoid(x)  # Swish written out
         x = F.mish(self.c3(x))
         return self.head(x)
 
@@ -206,8 +208,8 @@ class Resizing(nn.Module):
         self.head = _Head(w)
 
     def forward(self, x):
-        a = F.leaky_relu(self.c1(x), 0.1)                        # 8x8
-        b = torch.tanh(self.c2(a))                               # 4x4
+        a = F.leaky_relu(self.c1(x), 0.1)  # 8x8
+        b = torch.tanh(self.c2(a))  # 4x4
         u = F.interpolate(b, scale_factor=2, mode="nearest") + F.interpolate(b, size=(8, 8), mode="bilinear")
         x = self.prelu(self.c3(F.pad(a + u, (1, 1, 1, 1), mode="reflect")))
         x = F.softplus(self.c4(F.adaptive_avg_pool2d(x, (4, 4))), beta=2)
@@ -236,11 +238,11 @@ class Misc(nn.Module):
 
     def forward(self, x):
         x = F.selu(self.c1(x))
-        b = torch.stack([F.relu(self.k3(x)), F.relu(self.k5(x))], 1)          # (B, 2, C, H, W)
-        a = self.fc(b.sum(1).mean((2, 3), keepdim=True))                        # (B, 2C, 1, 1)
-        a = a.unflatten(1, (2, -1)).softmax(1)                                  # (B, 2, C, 1, 1)
+        b = torch.stack([F.relu(self.k3(x)), F.relu(self.k5(x))], 1)  # (B, 2, C, H, W)
+        a = self.fc(b.sum(1).mean((2, 3), keepdim=True))  # (B, 2C, 1, 1)
+        a = a.unflatten(1, (2, -1)).softmax(1)  # (B, 2, C, 1, 1)
         x = (b * a).sum(1)
-        y = x.movedim(1, -1)                                                    # GRN, channels-last
+        y = x.movedim(1, -1)  # GRN, channels-last
         gx = torch.linalg.vector_norm(y, dim=(1, 2), keepdim=True)
         nx = gx / (gx.mean(-1, keepdim=True) + 1e-6)
         y = y + torch.addcmul(self.grn_beta, self.grn_gamma, y * nx)
@@ -250,7 +252,7 @@ class Misc(nn.Module):
         z = torch.cat([u0, 1.5 - u1, r.narrow(1, 0, 2), x.select(1, 0).unsqueeze(1)], 1)
         z = F.adaptive_max_pool2d(z, (6, 6))
         g = torch.sigmoid(self.c2(x)).mean(1, keepdim=True)
-        z = z * F.adaptive_avg_pool2d(g, (6, 6)).expand_as(z)                   # an expanded gate
+        z = z * F.adaptive_avg_pool2d(g, (6, 6)).expand_as(z)  # an expanded gate
         z = self.c3(z).clamp(-0.2, 0.9)
         return self.head(F.relu(z))
 

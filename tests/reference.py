@@ -20,6 +20,7 @@ structure (which node feeds which, the sites, the folded BatchNorms, pixel layou
 model's own forward values come from ``srd_ext``; no rule, VJP or op of the fast path is used.
 float64, one sample at a time. Adding an op to srd_ext means adding its case here.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,9 +69,12 @@ class ReferenceSRD:
         self.mode = bias_share
         with torch.no_grad():
             vals = self.g.forward(x.double())
-        self.values = [v.detach().double() if torch.is_tensor(v) else
-                       (tuple(t.detach().double() if torch.is_tensor(t) else t for t in v)
-                        if isinstance(v, tuple) else v) for v in vals]
+        self.values = [
+            v.detach().double()
+            if torch.is_tensor(v)
+            else (tuple(t.detach().double() if torch.is_tensor(t) else t for t in v) if isinstance(v, tuple) else v)
+            for v in vals
+        ]
         self.mu: Dict[Tuple[int, int], torch.Tensor] = {}
         self.sources_of: Dict[int, List[int]] = {}
         self.residuals: Dict[int, float] = {}
@@ -139,7 +143,7 @@ class ReferenceSRD:
         g, values = self.g, self.values
         xu = values[u]
         lay = g.nodes[u].layout
-        xm = _pixel_vectors(xu, lay)                      # (M, C)
+        xm = _pixel_vectors(xu, lay)  # (M, C)
         n2 = (xm * xm).sum(1)
         for src, dec in D[u].items():
             dm = _batched_pixel_vectors(dec, lay)  # (P, M, C)
@@ -150,8 +154,7 @@ class ReferenceSRD:
         # the part of u_m no source carries (its own unassigned bias) keeps its share of the bias
         covered = sum(_batched_pixel_vectors(dec, lay).sum(0) for dec in D[u].values())
         rest = torch.where(n2 > 0, ((xm - covered) * xm).sum(1) / n2.clamp_min(1e-300), torch.zeros_like(n2))
-        U[n.index] = U[n.index] + unassigned.reshape(U[n.index].shape) + lost + \
-            torch.einsum("m,m...->...", rest, field)
+        U[n.index] = U[n.index] + unassigned.reshape(U[n.index].shape) + lost + torch.einsum("m,m...->...", rest, field)
 
     def run(self, r_init: torch.Tensor) -> Dict[int, torch.Tensor]:
         """Relevance (H, W) at every site and the input, from ``r_init`` at the encoder output."""
@@ -164,7 +167,7 @@ class ReferenceSRD:
             rk = R[k]
             z = self.values[self._top(k)]
             lay = g.nodes[self._top(k)].layout
-            zm = _pixel_vectors(z, lay)                   # (J, C)
+            zm = _pixel_vectors(z, lay)  # (J, C)
             z2 = (zm * zm).sum(1)
             dec, unassigned = self.decompose(k)
             total = sum(d.sum(0) for d in dec.values()) + unassigned
@@ -197,8 +200,10 @@ def _combine(ref, n, D, U, fn):
     out = {}
     for s in srcs:
         P = next(D[i][s].shape[0] for i in ins if s in D[i])
-        args = [D[i][s] if s in D[i] else torch.zeros((P,) + tuple(ref.values[i].shape[1:]), dtype=torch.float64)
-                for i in ins]
+        args = [
+            D[i][s] if s in D[i] else torch.zeros((P,) + tuple(ref.values[i].shape[1:]), dtype=torch.float64)
+            for i in ins
+        ]
         out[s] = fn(args)
     return out, fn([U[i] for i in ins])
 
@@ -218,8 +223,9 @@ def _conv_linear(ref, n, t):
         names = ["stride", "padding", "dilation", "groups"]
         dflt = [1, 0, 1, 1]
         w = _val(values, a[1])
-        stride, padding, dilation, groups = (a[3 + k] if len(a) > 3 + k else conv.kwargs.get(names[k], dflt[k])
-                                             for k in range(4))
+        stride, padding, dilation, groups = (
+            a[3 + k] if len(a) > 3 + k else conv.kwargs.get(names[k], dflt[k]) for k in range(4)
+        )
     y = F.conv2d(t, w.double(), None, stride, padding, dilation, groups)
     if n.fused is not None:
         scale, _ = _bn_affine(ref, n)
@@ -303,6 +309,7 @@ def _addsub(ref, n, D, U):
         for i, t in zip(n.field_inputs, ts):
             out = out + coefs[i] * t
         return out.expand((out.shape[0],) + tuple(n.shape[1:])) if out.dim() == len(n.shape) else out
+
     return _combine(ref, n, D, U, fn)
 
 
@@ -330,6 +337,7 @@ def _addcmul(ref, n, D, U):
         if self_data:
             return ts[0] + value * c * ts[1]
         return value * c * ts[0]
+
     return _combine(ref, n, D, U, fn)
 
 
@@ -370,6 +378,7 @@ def _cat(ref, n, D, U):
                 t = torch.zeros((P,) + tuple(ref.values[i].shape[1:]), dtype=torch.float64)
             parts.append(t)
         return torch.cat(parts, dim)
+
     srcs = set()
     for i in n.field_inputs:
         srcs.update(D[i])
@@ -388,11 +397,23 @@ def _stack(ref, n, D, U):
         srcs.update(D[i])
 
     def build(P, get):
-        return torch.stack([get(i) if get(i) is not None else
-                            torch.zeros((P,) + tuple(ref.values[i].shape[1:]), dtype=torch.float64)
-                            for i in items], dim)
-    out = {s: build(next(D[i][s].shape[0] for i in n.field_inputs if s in D[i]),
-                    lambda i, s=s: D[i].get(s) if i in n.field_inputs else None) for s in srcs}
+        return torch.stack(
+            [
+                get(i)
+                if get(i) is not None
+                else torch.zeros((P,) + tuple(ref.values[i].shape[1:]), dtype=torch.float64)
+                for i in items
+            ],
+            dim,
+        )
+
+    out = {
+        s: build(
+            next(D[i][s].shape[0] for i in n.field_inputs if s in D[i]),
+            lambda i, s=s: D[i].get(s) if i in n.field_inputs else None,
+        )
+        for s in srcs
+    }
     return out, build(1, lambda i: U[i] if i in n.field_inputs else None)
 
 
@@ -421,7 +442,7 @@ def _maxpool(ref, n, t):
         a = list(n.args) + [None] * 6
         k, s, p, d, c = a[1], a[2] or a[1], a[3] or 0, a[4] or 1, bool(a[5])
         _, idx = F.max_pool2d(x, k, s, p, d, ceil_mode=c, return_indices=True)
-    P, C = t.shape[0], t.shape[1]
+    P, _C = t.shape[0], t.shape[1]
     y = t.flatten(2).gather(2, idx.flatten(2).expand(P, -1, -1)).view((P,) + tuple(idx.shape[1:]))
     return (y, None) if n.op_name in ("aten.max_pool2d_with_indices", "aten.adaptive_max_pool2d") else y
 
@@ -449,6 +470,7 @@ def _tuple_combine(f):
         i = n.field_inputs[0]
         out = {s: f(ref, n, d) for s, d in D[i].items()}
         return out, f(ref, n, U[i])
+
     return go
 
 
@@ -519,8 +541,9 @@ def _conv_bias(ref, n):
                     if 0 <= iy < H and 0 <= ix < W:
                         v = x[:, iy, ix]
                         if ref.mode == "contribution":
-                            prod = torch.cat([w[gi * og:(gi + 1) * og, :, ty, tx] @ v[gi * cg:(gi + 1) * cg]
-                                              for gi in range(G)])
+                            prod = torch.cat(
+                                [w[gi * og : (gi + 1) * og, :, ty, tx] @ v[gi * cg : (gi + 1) * cg] for gi in range(G)]
+                            )
                             nrm = float(torch.linalg.vector_norm(prod))
                         else:
                             nrm = float(torch.linalg.vector_norm(v))

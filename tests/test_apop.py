@@ -1,4 +1,5 @@
 """APOP: recording, replay, binarization, restoration of the model."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -57,10 +58,17 @@ def _tv(name):
     return randomize(torchvision.models.get_model(name, weights=None, num_classes=7, **kw), 3)
 
 
-@pytest.mark.parametrize("build", [lambda: tiny_vgg(seed=1), lambda: tiny_resnet(seed=2), lambda: Functional().eval(),
-                                   lambda: randomize(PiecewiseLinear(), 4)]
-                         + [lambda name=name: _tv(name) for name in TORCHVISION],
-                         ids=["vgg", "resnet", "functional", "piecewise"] + TORCHVISION)
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: tiny_vgg(seed=1),
+        lambda: tiny_resnet(seed=2),
+        lambda: Functional().eval(),
+        lambda: randomize(PiecewiseLinear(), 4),
+    ]
+    + [lambda name=name: _tv(name) for name in TORCHVISION],
+    ids=["vgg", "resnet", "functional", "piecewise"] + TORCHVISION,
+)
 def test_replay_on_original_input_gives_original_logits(build):
     model = build()
     x = torch.randn(3, 3, 32, 32)
@@ -83,8 +91,9 @@ def test_masks_recorded_for_reused_and_functional_relus():
     # each recorded mask is z > 0 of its own use of the module
     first = F.relu(model.c1(x))
     assert torch.equal(pats.mask(min(pats.masks)), model.c1(x) > 0)
-    assert pats.nbytes() <= sum(4 * torch.Size(s).numel() for _, s, _ in pats.masks.values()) / 8 + \
-        sum(v.numel() * 4 for v in pats.indices.values())
+    assert pats.nbytes() <= sum(4 * torch.Size(s).numel() for _, s, _ in pats.masks.values()) / 8 + sum(
+        v.numel() * 4 for v in pats.indices.values()
+    )
     del first
 
 
@@ -108,7 +117,7 @@ def test_three_piece_activations_replay_their_pieces():
 
 
 def test_smooth_activations_have_no_pattern():
-    model = randomize(Gates(), 2)   # Hardswish, SiLU, sigmoid gates, Mish
+    model = randomize(Gates(), 2)  # Hardswish, SiLU, sigmoid gates, Mish
     x = torch.randn(2, 3, 12, 12)
     with pytest.raises(ValueError, match="not defined for smooth activations.*smooth='keep'"):
         apop.patterns_of(model, x)
@@ -119,8 +128,12 @@ def test_smooth_activations_have_no_pattern():
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, dict(model.__dict__.items()).keys(),
-            model.forward.__func__, model.training)
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        dict(model.__dict__.items()).keys(),
+        model.forward.__func__,
+        model.training,
+    )
 
 
 def test_model_restored_also_on_error():

@@ -1,4 +1,5 @@
 """Baselines of the paper's comparison (srd_ext.baselines) and the evaluation script."""
+
 import copy
 import csv
 import json
@@ -50,9 +51,15 @@ def snapshot(model):
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
         "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
-        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-                      len(getattr(m, "_backward_pre_hooks", {})))
-                  for n, m in model.named_modules()},
+        "hooks": {
+            n: (
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._backward_hooks),
+                len(getattr(m, "_backward_pre_hooks", {})),
+            )
+            for n, m in model.named_modules()
+        },
         "inplace": {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")},
         "training": {n: m.training for n, m in model.named_modules()},
         "grad": [(n, p.grad is None, p.requires_grad) for n, p in model.named_parameters()],
@@ -95,9 +102,10 @@ def test_per_sample_targets_match_single_images(arch):
             continue
         whole = m(model, x, target)
         for i in range(3):
-            one = m(model, x[i:i + 1], int(target[i]))
-            torch.testing.assert_close(whole[i:i + 1], one, rtol=1e-3, atol=1e-5 * float(whole.abs().max()),
-                                       msg=f"{m.name} sample {i}")
+            one = m(model, x[i : i + 1], int(target[i]))
+            torch.testing.assert_close(
+                whole[i : i + 1], one, rtol=1e-3, atol=1e-5 * float(whole.abs().max()), msg=f"{m.name} sample {i}"
+            )
 
 
 def test_cam_layers_are_srd_layers():
@@ -107,8 +115,10 @@ def test_cam_layers_are_srd_layers():
     assert baselines.cam_layers(vgg(), x) == {"low": "features.13", "high": "features.10"}
 
 
-@pytest.mark.parametrize("name, cls", [("gradcam", "GradCAM"), ("layercam-high", "LayerCAM"),
-                                       ("scorecam", "ScoreCAM"), ("fullgrad", "FullGrad")])
+@pytest.mark.parametrize(
+    "name, cls",
+    [("gradcam", "GradCAM"), ("layercam-high", "LayerCAM"), ("scorecam", "ScoreCAM"), ("fullgrad", "FullGrad")],
+)
 def test_cam_maps_are_the_library_maps_before_its_scaling(name, cls):
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.image import scale_cam_image
@@ -170,6 +180,7 @@ class FunctionalReLU(nn.Module):
 
 def guided_reference(model, x, target):
     """Guided backprop by hand: ReLU gradients clamped at 0 as well."""
+
     class Guided(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z):
@@ -221,9 +232,28 @@ EVAL = "benchmarks/eval_table.py"
 
 
 def test_eval_table_end_to_end(tmp_path):
-    run_script(EVAL, "--model", "shapes-resnet", "--random-init", "--num-images", "3", "--batch-size", "2",
-               "--methods", "saliency,gradcam", "srd-high", "--fidelity-runs", "4", "--stability-samples", "1",
-               "--examples", "2", "--out", tmp_path, "--no-progress")
+    run_script(
+        EVAL,
+        "--model",
+        "shapes-resnet",
+        "--random-init",
+        "--num-images",
+        "3",
+        "--batch-size",
+        "2",
+        "--methods",
+        "saliency,gradcam",
+        "srd-high",
+        "--fidelity-runs",
+        "4",
+        "--stability-samples",
+        "1",
+        "--examples",
+        "2",
+        "--out",
+        tmp_path,
+        "--no-progress",
+    )
     stem = tmp_path / "shapes-resnet_random"
     for ext in (".md", ".csv", ".json", ".png"):
         assert (stem.with_suffix(ext)).stat().st_size > 0, ext
@@ -246,8 +276,17 @@ def test_eval_table_end_to_end(tmp_path):
     assert rows[1]["map_size"] == "4x4" and rows[2]["map_size"] == "14x14"
 
 
-@pytest.mark.parametrize("argv", [["--num-images", "0"], ["--batch-size", "0"], ["--fidelity-runs", "1"],
-                                  ["--stability-samples", "-1"], ["--stability-n", "-2"], ["--timeout", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--num-images", "0"],
+        ["--batch-size", "0"],
+        ["--fidelity-runs", "1"],
+        ["--stability-samples", "-1"],
+        ["--stability-n", "-2"],
+        ["--timeout", "0"],
+    ],
+)
 def test_eval_table_bad_arguments_are_named(argv):
     res = run_script(EVAL, "--model", "shapes-vgg", *argv, check=False)
     assert res.returncode == 2 and argv[0] in res.stderr

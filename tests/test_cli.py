@@ -1,5 +1,6 @@
 """srd-explain: preprocessing as the model expects, nothing lost or overwritten, every input
 accounted for, pictures at the photo's size, and a report that renders in a browser."""
+
 import dataclasses
 import hashlib
 import json
@@ -17,8 +18,7 @@ from torchvision import models as tvm
 import srd_ext
 from srd_ext import cli, data, models, viz
 
-pytestmark = pytest.mark.skipif(not (models.WEIGHTS_DIR / "shapes-vgg.pt").exists(),
-                                reason="shipped weights missing")
+pytestmark = pytest.mark.skipif(not (models.WEIGHTS_DIR / "shapes-vgg.pt").exists(), reason="shipped weights missing")
 
 SIZES = [(400, 600), (600, 400), (150, 150)]  # (width, height) of the test photos
 
@@ -68,8 +68,9 @@ def folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- preprocessing
-@pytest.mark.parametrize("name,weights", [("resnet18", "IMAGENET1K_V1"), ("resnet50", "IMAGENET1K_V2"),
-                                          ("vgg16_bn", "IMAGENET1K_V1")])
+@pytest.mark.parametrize(
+    "name,weights", [("resnet18", "IMAGENET1K_V1"), ("resnet50", "IMAGENET1K_V2"), ("vgg16_bn", "IMAGENET1K_V1")]
+)
 @pytest.mark.parametrize("size", [(400, 600), (600, 400), (512, 512), (97, 250)])
 def test_transforms_equal_torchvision_weights_transforms(name, weights, size):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -100,9 +101,9 @@ def test_box_maps_model_pixels_back_to_the_photo(size, crop):
     if crop is None:
         t = dataclasses.replace(t, crop=None)
     w, h = size
-    for (px, py) in [(w // 2, h // 2), (w // 2 + w // 8, h // 2 - h // 9)]:
+    for px, py in [(w // 2, h // 2), (w // 2 + w // 8, h // 2 - h // 9)]:
         a = np.zeros((h, w, 3), np.uint8)
-        a[max(0, py - 2):py + 3, max(0, px - 2):px + 3] = 255
+        a[max(0, py - 2) : py + 3, max(0, px - 2) : px + 3] = 255
         x = t(Image.fromarray(a))
         m = viz.to_photo(x[0].numpy(), size, t.box(size), fill=x[0].min().item())
         y, xx = np.unravel_index(np.argmax(m), m.shape)
@@ -186,7 +187,7 @@ def test_cli_torchvision_model_uses_its_weights_transforms(tmp_path, capsys, rec
     m = np.load(tmp_path / "o" / "wide.jpg.srd-input.npy")
     assert m.shape == (240, 320)
     left, _, right, _ = models.transforms_for("resnet18").box((320, 240))
-    assert (m[:, : int(left)] == 0).all() and (m[:, int(np.ceil(right)):] == 0).all()  # outside the crop
+    assert (m[:, : int(left)] == 0).all() and (m[:, int(np.ceil(right)) :] == 0).all()  # outside the crop
 
 
 def test_photos_are_read_as_people_see_them(tmp_path):
@@ -211,8 +212,12 @@ def test_cli_folder(folder, capsys):
     assert code == 1  # the corrupt image failed
     assert re.search(r"failed \S*broken\.png: not a readable image", err)
     assert summary(stdout) == (5, 4, 0, 1)
-    found = {"photos/img0.png": SIZES[0], "photos/img1.png": SIZES[1], "photos/sub/img2.png": SIZES[2],
-             "photos/grey.png": (300, 200)}
+    found = {
+        "photos/img0.png": SIZES[0],
+        "photos/img1.png": SIZES[1],
+        "photos/sub/img2.png": SIZES[2],
+        "photos/grey.png": (300, 200),
+    }
     for stem, (w, h) in found.items():
         over = Image.open(out / (stem + ".srd-input.png"))
         assert over.size == (w, h)  # the photo's own size, whatever its aspect ratio
@@ -230,11 +235,26 @@ def test_formats_and_panels(tmp_path, capsys):
     photo(0, (300, 200)).save(p)
     assert run(capsys, p, "--model", "shapes-resnet", "--format", "npy", "--out", tmp_path / "n")[0] == 0
     assert sorted(os.listdir(tmp_path / "n")) == ["a.png.srd-input.npy"]
-    code, _, err = run(capsys, p, "--model", "shapes-resnet", "--format", "png", "--panel",
-                       "--layer", "input,low", "--out", tmp_path / "p")
+    code, _, err = run(
+        capsys,
+        p,
+        "--model",
+        "shapes-resnet",
+        "--format",
+        "png",
+        "--panel",
+        "--layer",
+        "input,low",
+        "--out",
+        tmp_path / "p",
+    )
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "p")) == ["a.png.srd-input.panel.png", "a.png.srd-input.png",
-                                                  "a.png.srd-low.panel.png", "a.png.srd-low.png"]
+    assert sorted(os.listdir(tmp_path / "p")) == [
+        "a.png.srd-input.panel.png",
+        "a.png.srd-input.png",
+        "a.png.srd-low.panel.png",
+        "a.png.srd-low.png",
+    ]
     panel = Image.open(tmp_path / "p" / "a.png.srd-low.panel.png")
     assert panel.width > 2 * panel.height  # image | map + colorbar | overlay, side by side
     assert Image.open(tmp_path / "p" / "a.png.srd-low.png").size == (300, 200)
@@ -252,12 +272,16 @@ def test_colliding_names_keep_both_results(tmp_path, capsys):
     assert code == 0, err
     assert summary(stdout) == (3, 3, 0, 0)
     shapes = {f: np.load(out / "pics" / f).shape for f in os.listdir(out / "pics") if f.endswith(".npy")}
-    assert shapes == {"coffee.png.srd-input.npy": (300, 400), "coffee.jpg.srd-input.npy": (400, 300),
-                      "coffee.png~2.srd-input.npy": (250, 200)}
+    assert shapes == {
+        "coffee.png.srd-input.npy": (300, 400),
+        "coffee.jpg.srd-input.npy": (400, 300),
+        "coffee.png~2.srd-input.npy": (250, 200),
+    }
     assert "coffee.png~2" in err  # the renamed outputs are announced
     # the same for two files given by name
-    code, stdout, err = run(capsys, a / "coffee.png", b / "coffee.png", "--model", "shapes-vgg",
-                            "--out", tmp_path / "flat")
+    code, stdout, err = run(
+        capsys, a / "coffee.png", b / "coffee.png", "--model", "shapes-vgg", "--out", tmp_path / "flat"
+    )
     assert code == 0 and summary(stdout) == (2, 2, 0, 0)
     assert np.load(tmp_path / "flat" / "coffee.png.srd-input.npy").shape == (300, 400)
     assert np.load(tmp_path / "flat" / "coffee.png~2.srd-input.npy").shape == (250, 200)
@@ -274,8 +298,9 @@ def test_out_equal_to_the_input_folder_leaves_inputs_untouched(tmp_path, capsys,
     flag = ["--overwrite"] if overwrite else []
     inputs = files_digest(src)
 
-    code, stdout, err = run(capsys, src / "x.png", src / "y.jpg", src / "x.png.srd-input.png",
-                            "--model", "shapes-vgg", "--out", src, *flag)
+    code, stdout, err = run(
+        capsys, src / "x.png", src / "y.jpg", src / "x.png.srd-input.png", "--model", "shapes-vgg", "--out", src, *flag
+    )
     assert code == 0, err
     assert summary(stdout) == (3, 2, 1, 0)
     assert re.search(r"skipped \S*x\.png: its output \S*x\.png\.srd-input\.png would replace the input", err)
@@ -300,8 +325,7 @@ def test_every_skip_and_failure_is_reported(folder, capsys):
     out = tmp / "out"
     assert run(capsys, src / "img0.png", "--model", "shapes-vgg", "--out", out / "photos")[0] == 0
     stamp = os.path.getmtime(out / "photos" / "img0.png.srd-input.npy")
-    code, stdout, err = run(capsys, src, src / "img1.png", tmp / "missing.png", "--model", "shapes-vgg",
-                            "--out", out)
+    code, stdout, err = run(capsys, src, src / "img1.png", tmp / "missing.png", "--model", "shapes-vgg", "--out", out)
     n_in, written, n_skip, failed = summary(stdout)
     # 5 images found in the folder, img1.png given again, one missing path
     assert (n_in, written, n_skip, failed) == (7, 3, 2, 2) and code == 1
@@ -370,8 +394,9 @@ def test_usage_errors_write_nothing(tmp_path, capsys):
 # ----------------------------------------------------------------------------- report
 def make_report(tmp, src, capsys, *extra):
     out = tmp / "out"
-    code, stdout, err = run(capsys, src, "--model", "shapes-resnet", "--layer", "input,high", "--report",
-                            "--out", out, *extra)
+    code, stdout, err = run(
+        capsys, src, "--model", "shapes-resnet", "--layer", "input,high", "--report", "--out", out, *extra
+    )
     assert code == 1, err  # broken.png
     return out / "report.html", stdout, err
 
@@ -411,9 +436,17 @@ def test_report_renders_in_headless_chromium(folder, capsys):
     probe = tmp / "probe.html"
     probe.write_text(page.replace("</body>", CHECK))
     # no network: any request for something outside the page would fail
-    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-            "--user-data-dir=" + str(tmp / "chromium-profile"), "--virtual-time-budget=5000"]
+    base = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--proxy-server=127.0.0.1:9",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--user-data-dir=" + str(tmp / "chromium-profile"),
+        "--virtual-time-budget=5000",
+    ]
     dom = subprocess.run(base + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     m = re.search(r'<pre id="check">(.*?)</pre>', dom.stdout, re.S)
     assert m, dom.stderr[-2000:]
@@ -421,8 +454,9 @@ def test_report_renders_in_headless_chromium(folder, capsys):
     assert len(images) == page.count("<img ") and len(images) == 1 + 4 * 3  # legend + photo, 2 overlays per row
     assert all(c and w > 0 and h > 0 for c, w, h in images)  # every picture decoded
     shot = tmp / "report.png"
-    subprocess.run(base + ["--window-size=1400,1000", f"--screenshot={shot}", report.as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        base + ["--window-size=1400,1000", f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120
+    )
     a = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert a.shape[:2] == (1000, 1400)
     assert (a.std(axis=(0, 1)) > 20).all()  # not a blank page: photos and overlays are drawn

@@ -8,6 +8,7 @@ determinism, realistic layer shapes, odd memory layouts, a side stream and CUDA-
 a second GPU, empty channel dimensions, and one run under compute-sanitizer where it is installed.
 The CPU kernels themselves are checked against slow references in test_ops.py.
 """
+
 import importlib.util
 import os
 import re
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 import srd_ext  # noqa: F401  (loads the operator library)
 from srd_ext import ops as wrappers
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and wrappers.cuda_kernels_built()),
-                                reason="needs a CUDA device and the CUDA kernels")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and wrappers.cuda_kernels_built()), reason="needs a CUDA device and the CUDA kernels"
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH_ENV = "SRD_EXT_TAP_NORMS_PATH"
 TAP_PATHS = ["auto", "product", "gram", "direct"]
@@ -316,8 +318,14 @@ def run_python(code, env=None, timeout=300):
     """Runs `code` in a fresh interpreter (with the repository on sys.path); returns the result."""
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_pfv_decompose_bad_positions():
@@ -380,16 +388,29 @@ def _opcheck_cases():
         "activation_share": (srd.activation_share.default, tuple(a)),
         "activation_share_2d_f32": (srd.activation_share.default, tuple(a2[:3]) + (None,)),
         "conv_tap_norms": (srd.conv_tap_norms.default, (cuda_leaf(x), cuda_leaf(w), s, p, d, groups)),
-        "conv_tap_norms_wide": (srd.conv_tap_norms.default,
-                                (cuda_leaf(xw), cuda_leaf(ww), list(g6[7]), list(g6[8]), list(g6[9]), g6[10])),
+        "conv_tap_norms_wide": (
+            srd.conv_tap_norms.default,
+            (cuda_leaf(xw), cuda_leaf(ww), list(g6[7]), list(g6[8]), list(g6[9]), g6[10]),
+        ),
         "bias_share_scatter": (srd.bias_share_scatter.default, (cuda_leaf(n), cuda_leaf(bd), k, s, p, d)),
-        "pfv_decompose": (srd.pfv_decompose.default,
-                          (cuda_leaf(px), cuda_leaf(pw), cuda_leaf(pb), pos.to(DEV), ps, pp, pd, "contribution")),
+        "pfv_decompose": (
+            srd.pfv_decompose.default,
+            (cuda_leaf(px), cuda_leaf(pw), cuda_leaf(pb), pos.to(DEV), ps, pp, pd, "contribution"),
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["activation_share", "activation_share_2d_f32", "conv_tap_norms",
-                                  "conv_tap_norms_wide", "bias_share_scatter", "pfv_decompose"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "activation_share",
+        "activation_share_2d_f32",
+        "conv_tap_norms",
+        "conv_tap_norms_wide",
+        "bias_share_scatter",
+        "pfv_decompose",
+    ],
+)
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -402,8 +423,9 @@ def _gradcheck_cases():
     xw, ww, sw_, pw_, dw_, _ = conv_inputs(gw, torch.float64)
     n, bd, k, *_ = scatter_inputs(g, torch.float64)
     n = n + 0.5  # keep every S_j well away from 0
-    px, pw, pb, pos, ps, pp, pd = pfv_inputs((2, 3, 5, 4, 4, 3, 3, (1, 1), (1, 1), (2, 1), 1), torch.float64,
-                                             True, n_rows=4)
+    px, pw, pb, pos, ps, pp, pd = pfv_inputs(
+        (2, 3, 5, 4, 4, 3, 3, (1, 1), (1, 1), (2, 1), 1), torch.float64, True, n_rows=4
+    )
     pos = pos.to(DEV)
     a = list(act_inputs((2, 3, 3, 2), torch.float64, True))
     a[2][0, ..., 0] += 1.0  # away from the zero-norm pixels, where g is not differentiable
@@ -414,13 +436,24 @@ def _gradcheck_cases():
         "conv_tap_norms": (lambda x_, w_: wrappers.conv_tap_norms(x_, w_, s, p, d, groups), [x, w]),
         "conv_tap_norms_wide": (lambda x_, w_: wrappers.conv_tap_norms(x_, w_, sw_, pw_, dw_, 1), [xw, ww]),
         "bias_share_scatter": (lambda n_, d_: wrappers.bias_share_scatter(n_, d_, k, s, p, d), [n, bd]),
-        "pfv_decompose": (lambda x_, w_, b_: wrappers.pfv_decompose(x_, w_, b_, pos, ps, pp, pd, "contribution"),
-                          [px, pw, pb]),
+        "pfv_decompose": (
+            lambda x_, w_, b_: wrappers.pfv_decompose(x_, w_, b_, pos, ps, pp, pd, "contribution"),
+            [px, pw, pb],
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["activation_share", "activation_share_2d", "conv_tap_norms",
-                                  "conv_tap_norms_wide", "bias_share_scatter", "pfv_decompose"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "activation_share",
+        "activation_share_2d",
+        "conv_tap_norms",
+        "conv_tap_norms_wide",
+        "bias_share_scatter",
+        "pfv_decompose",
+    ],
+)
 def test_gradcheck(case, tap_path):
     if tap_path != "auto" and not case.startswith("conv_tap_norms"):
         pytest.skip("the path only matters to conv_tap_norms")
@@ -472,7 +505,8 @@ def test_torch_compile_fullgraph(cin):
 def test_deterministic_algorithms():
     """Under torch.use_deterministic_algorithms(True) every op and its backward runs (no op
     raises the not-deterministic alert) and two runs agree bit for bit."""
-    res = run_python("""
+    res = run_python(
+        """
         import torch, srd_ext
         from srd_ext import ops
         torch.use_deterministic_algorithms(True)
@@ -504,7 +538,9 @@ def test_deterministic_algorithms():
         assert len(first) == len(second)
         bad = [i for i, (p, q) in enumerate(zip(first, second)) if not torch.equal(p, q)]
         print("mismatches:", bad)
-    """, env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
+    """,
+        env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "mismatches: []" in res.stdout, res.stdout[-3000:]
 
@@ -556,8 +592,11 @@ def test_conv_ops_layer_shapes(batch, layer):
     bn, bd, k, *_ = scatter_inputs(geom, torch.float32)
     (rel,) = compare(ops.bias_share_scatter, [bn, bd, k, s, p, d], torch.float32)
     if batch == 1:
-        compare(ops.bias_share_scatter_backward, [randn(*rel.shape, dtype=torch.float32, seed=9), bn, bd, k, s, p, d],
-                torch.float32)
+        compare(
+            ops.bias_share_scatter_backward,
+            [randn(*rel.shape, dtype=torch.float32, seed=9), bn, bd, k, s, p, d],
+            torch.float32,
+        )
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -590,19 +629,30 @@ def test_layouts(dtype, layout):
     prep = LAYOUTS[layout]
     a, grad, z, extra = act_inputs((2, 70, 3, 5), dtype, True)
     rel, _ = compare(ops.activation_share, [a, grad, z, extra], dtype, prep=prep)
-    compare(ops.activation_share_backward,
-            [randn(*rel.shape, dtype=dtype, seed=5), randn(2, 70, 3, 5, dtype=dtype, seed=6), a, grad, z,
-             rel.to(dtype)], dtype, prep=prep)
+    compare(
+        ops.activation_share_backward,
+        [randn(*rel.shape, dtype=dtype, seed=5), randn(2, 70, 3, 5, dtype=dtype, seed=6), a, grad, z, rel.to(dtype)],
+        dtype,
+        prep=prep,
+    )
     for geom in (GEOMS[1], GEOMS[6], GEOMS[9]):
         x, w, s, p, d, groups = conv_inputs(geom, dtype)
         (n,) = compare(ops.conv_tap_norms, [x, w, s, p, d, groups], dtype, prep=prep)
-        compare(ops.conv_tap_norms_backward, [randn(*n.shape, dtype=dtype, seed=3), x, w, n.to(dtype), s, p, d,
-                                              groups], dtype, prep=prep)
+        compare(
+            ops.conv_tap_norms_backward,
+            [randn(*n.shape, dtype=dtype, seed=3), x, w, n.to(dtype), s, p, d, groups],
+            dtype,
+            prep=prep,
+        )
     n, bd, k, s, p, d = scatter_inputs(GEOMS[2], dtype)
     compare(ops.bias_share_scatter, [n, bd, k, s, p, d], dtype, prep=prep)
     x, w, bias, pos, s, p, d = pfv_inputs(GEOMS[2], dtype, True)
-    compare(ops.pfv_decompose, [x, w, bias, pos, s, p, d, "input"], dtype,
-            prep=lambda t: t if t.dtype == torch.long else prep(t))
+    compare(
+        ops.pfv_decompose,
+        [x, w, bias, pos, s, p, d, "input"],
+        dtype,
+        prep=lambda t: t if t.dtype == torch.long else prep(t),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -633,7 +683,8 @@ def _all_ops(dev, dtype=torch.float32):
         x, w = xs[cin], ws[cin]
         fns[f"conv_tap_norms_{cin}"] = lambda x=x, w=w: ops.conv_tap_norms(x, w, *geo, 1)
         fns[f"conv_tap_norms_backward_{cin}"] = lambda x=x, w=w: ops.conv_tap_norms_backward(
-            dn, x, w, ops.conv_tap_norms(x, w, *geo, 1), *geo, 1)
+            dn, x, w, ops.conv_tap_norms(x, w, *geo, 1), *geo, 1
+        )
     return fns
 
 
@@ -695,14 +746,14 @@ def test_second_device():
 def test_empty_channels(dtype):
     a, grad, z, extra = act_inputs((2, 0, 3, 4), dtype, True)
     rel, _ = compare(ops.activation_share, [a, grad, z, extra], dtype)
-    compare(ops.activation_share_backward, [randn(2, 3, 4, dtype=dtype, seed=5), a, a, grad, z, rel.to(dtype)],
-            dtype)
+    compare(ops.activation_share_backward, [randn(2, 3, 4, dtype=dtype, seed=5), a, a, grad, z, rel.to(dtype)], dtype)
     s, p, d = [1, 1], [1, 1], [1, 1]
     for cin, cout in ((0, 5), (4, 0), (0, 0)):
         x, w = randn(2, cin, 5, 6, dtype=dtype, seed=1), randn(cout, cin, 3, 3, dtype=dtype, seed=2)
         (n,) = compare(ops.conv_tap_norms, [x, w, s, p, d, 1], dtype)
-        compare(ops.conv_tap_norms_backward, [randn(*n.shape, dtype=dtype, seed=3), x, w, n.to(dtype), s, p, d, 1],
-                dtype)
+        compare(
+            ops.conv_tap_norms_backward, [randn(*n.shape, dtype=dtype, seed=3), x, w, n.to(dtype), s, p, d, 1], dtype
+        )
         pos = torch.tensor([[0, 0, 0], [1, 4, 5]])
         bias = randn(cout, dtype=dtype, seed=4)
         compare(ops.pfv_decompose, [x, w, bias, pos, s, p, d, "contribution"], dtype)
@@ -764,11 +815,16 @@ def test_compute_sanitizer(tool, tmp_path):
     # Only the extension's kernels are instrumented (torch's and cuDNN's are not ours to check),
     # and failing CUDA API calls inside torch are not reported. Older tools lack some of these
     # options (or call the filter --kernel-regex): then the next set is tried.
-    option_sets = (["--report-api-errors", "no", "--kernel-name", "kns=srd_ext"], ["--kernel-name", "kns=srd_ext"],
-                   ["--kernel-regex", "kns=srd_ext"], [])
+    option_sets = (
+        ["--report-api-errors", "no", "--kernel-name", "kns=srd_ext"],
+        ["--kernel-name", "kns=srd_ext"],
+        ["--kernel-regex", "kns=srd_ext"],
+        [],
+    )
     for options in option_sets:
-        res = subprocess.run(base + options + [sys.executable, str(script)], capture_output=True, text=True,
-                             env=env, timeout=900)
+        res = subprocess.run(
+            base + options + [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900
+        )
         out = res.stdout + res.stderr
         unknown_option = re.search(r"(?i)unrecognized|unknown option|invalid (option|value)", out)
         if "workload done" in out or not unknown_option:

@@ -27,7 +27,7 @@ def _dilate(m: np.ndarray, r: int) -> np.ndarray:
     p = np.pad(m, r)
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
-            out |= p[r + dy:r + dy + m.shape[0], r + dx:r + dx + m.shape[1]]
+            out |= p[r + dy : r + dy + m.shape[0], r + dx : r + dx + m.shape[1]]
     return out
 
 
@@ -128,6 +128,7 @@ def test_clutter_uncorrelated_with_label():
 
 # --------------------------------------------------------------------------- folders
 
+
 def _save_rgb(path, w, h, color=(200, 50, 50)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (w, h), color).save(path)
@@ -138,7 +139,7 @@ def test_imagenet_s_folder(tmp_path):
     # Wide image: object box in the middle of the (center-cropped) frame.
     _save_rgb(root / "validation" / "n01" / "a.JPEG", 400, 200)
     seg = np.zeros((200, 400, 3), np.uint8)
-    seg[50:150, 200:300, 0] = 7              # class id 7 (R + 256 G)
+    seg[50:150, 200:300, 0] = 7  # class id 7 (R + 256 G)
     seg[0:20, 0:400] = (1000 % 256, 1000 // 256, 0)  # "ignore" band
     (root / "validation-segmentation" / "n01").mkdir(parents=True)
     Image.fromarray(seg).save(root / "validation-segmentation" / "n01" / "a.png")

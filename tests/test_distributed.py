@@ -6,6 +6,7 @@ on the CPU, against one plain process, on 16 shapes images; a run killed halfway
 of it, SIGKILL) and started again; a corrupt image in a folder. Outputs are compared between
 runs, never against stored numbers.
 """
+
 import csv
 import json
 import os
@@ -36,20 +37,37 @@ def test_env_one_process_without_torchrun_variables():
 
 
 def test_env_from_torchrun_variables():
-    env = distributed.Env.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                                        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400",
-                                        "TORCHELASTIC_RESTART_COUNT": "2"})
-    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.restart, env.is_main) == \
-        (3, 4, 1, 2, 2, False)
+    env = distributed.Env.from_environ(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "29400",
+            "TORCHELASTIC_RESTART_COUNT": "2",
+        }
+    )
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.restart, env.is_main) == (
+        3,
+        4,
+        1,
+        2,
+        2,
+        False,
+    )
 
 
-@pytest.mark.parametrize("environ,message", [
-    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK=2: must be in 0..1"),
-    ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK='x' is not an integer"),
-    ({"RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "WORLD_SIZE is not set"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "MASTER_ADDR is not set"),
-    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "environ,message",
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK=2: must be in 0..1"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK='x' is not an integer"),
+        ({"RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "WORLD_SIZE is not set"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "MASTER_ADDR is not set"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: must be >= 1"),
+    ],
+)
 def test_env_errors_name_the_variable(environ, message):
     with pytest.raises(distributed.DistributedError, match=re.escape(message)):
         distributed.Env.from_environ(environ)
@@ -73,7 +91,7 @@ def test_image_seed_depends_on_seed_and_image_only():
     a = [distributed.image_seed(0, i) for i in range(100)]
     assert a == [distributed.image_seed(0, i) for i in range(100)]
     assert len(set(a)) == 100 and distributed.image_seed(1, 5) != a[5]
-    assert all(0 <= s < 2 ** 63 for s in a)
+    assert all(0 <= s < 2**63 for s in a)
 
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
@@ -99,7 +117,8 @@ def test_a_killed_write_leaves_a_temporary_file_the_next_run_removes(tmp_path):
     (tmp_path / ".hidden.tmp").write_bytes(b"someone's")
     assert distributed.temporary_target(".a.png.srd-input.npy.k3j_x9aa.tmp") == "a.png.srd-input.npy"
     assert distributed.remove_stale_temporaries(str(tmp_path), ["a.png.srd-input.npy"]) == [
-        ".a.png.srd-input.npy.k3j_x9aa.tmp"]
+        ".a.png.srd-input.npy.k3j_x9aa.tmp"
+    ]
     assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", ".other.npy.abcdefgh.tmp", "a.png.srd-input.npy"]
     assert distributed.remove_stale_temporaries(str(tmp_path)) == [".other.npy.abcdefgh.tmp"]
     assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", "a.png.srd-input.npy"]
@@ -110,8 +129,7 @@ def test_tables_and_maps_read_without_srd_ext(tmp_path):
     rows = []
     for i, m in enumerate(maps):
         distributed.save_npy(str(tmp_path / "maps" / f"{i:06d}.npy"), m)
-        rows.append({"index": i, "image": f"a, \"b\" {i}.png", "score": float(m.mean()),
-                     "map_file": f"maps/{i:06d}.npy"})
+        rows.append({"index": i, "image": f'a, "b" {i}.png', "score": float(m.mean()), "map_file": f"maps/{i:06d}.npy"})
     rows.append({"index": 3, "image": "missing", "score": None, "map_file": None})
     distributed.write_csv(str(tmp_path / "t.csv"), rows, ["index", "image", "score", "map_file"])
     code = """
@@ -177,7 +195,8 @@ def test_one_process_session_needs_no_process_group():
         s.beat("image 1", images=2)
         assert s.finish() == [{"rank": 0, "host": s.host, "ok": True, "error": "", "current": "image 1"}]
         assert distributed.failures(s.finish("failed on image 3 (OSError: x)")) == [
-            f"rank 0 (on {s.host}): failed on image 3 (OSError: x), last working on image 1"]
+            f"rank 0 (on {s.host}): failed on image 3 (OSError: x), last working on image 1"
+        ]
         with pytest.raises(KeyError):
             s.share(lambda: {}["missing"])
 
@@ -255,10 +274,22 @@ def two_ranks(tmp_path, *args, timeout=120):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([PY, str(script), *map(str, args)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONPATH=str(ROOT),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [PY, str(script), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     results, started = [], time.monotonic()
     for p in procs:
         out, err = p.communicate(timeout=timeout)
@@ -275,7 +306,8 @@ def test_two_ranks_share_gather_and_agree_on_a_failed_rank(tmp_path):
         assert r["share_error"] == "no inputs found"  # raised on rank 0, raised on every rank
         assert [s["ok"] for s in r["statuses"]] == [True, False]
         assert distributed.failures(r["statuses"]) == [
-            f"rank 1 (on {r['statuses'][1]['host']}): failed on image 7 (OSError: broken file)"]
+            f"rank 1 (on {r['statuses'][1]['host']}): failed on image 7 (OSError: broken file)"
+        ]
     assert r0["gather"] == [{"rank": 0}, {"rank": 1}] and r1["gather"] is None
 
 
@@ -307,8 +339,16 @@ def run_cmd(nproc, argv, module=False, timeout=600, torchrun=()):
     """The command as one process (nproc 0) or under torchrun with ``nproc`` processes."""
     target = ["-m", argv[0]] if module else [argv[0]]
     if nproc:
-        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun, *target,
-               *argv[1:]]
+        cmd = [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *torchrun,
+            *target,
+            *argv[1:],
+        ]
     else:
         cmd = [PY, *target, *argv[1:]]
     return subprocess.run(cmd, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -330,9 +370,10 @@ def run_and_kill(nproc, argv, ready, module=False, timeout=300):
     """Start the command, SIGKILL it and every process it started as soon as ``ready()``; the
     command must not have finished by then."""
     target = ["-m", argv[0]] if module else [argv[0]]
-    cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [PY])
-    p = subprocess.Popen(cmd + target + argv[1:], env=run_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [PY]
+    p = subprocess.Popen(
+        cmd + target + argv[1:], env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -372,9 +413,27 @@ def metric_columns(path):
         return [{k: v for k, v in r.items() if not k.endswith("_per_image")} for r in csv.DictReader(f)]
 
 
-EVAL = ["benchmarks/eval_table.py", "--model", "shapes-resnet", "--num-images", str(N_IMAGES),
-        "--methods", "srd-input,saliency,smoothgrad", "--batch-size", "2", "--fidelity-runs", "8",
-        "--stability-samples", "1", "--stability-n", "10", "--examples", "2", "--save-maps", "--no-progress"]
+EVAL = [
+    "benchmarks/eval_table.py",
+    "--model",
+    "shapes-resnet",
+    "--num-images",
+    str(N_IMAGES),
+    "--methods",
+    "srd-input,saliency,smoothgrad",
+    "--batch-size",
+    "2",
+    "--fidelity-runs",
+    "8",
+    "--stability-samples",
+    "1",
+    "--stability-n",
+    "10",
+    "--examples",
+    "2",
+    "--save-maps",
+    "--no-progress",
+]
 # timings and run facts differ from run to run; everything else must not
 EVAL_VARIES = (r"\.json$", r"\.md$", r"^shapes-resnet\.csv$")
 
@@ -395,8 +454,9 @@ def check_eval_same(out, stdout, ref_out, ref_stdout):
     assert sum(k.endswith(".npy") for k in a) == 3 * N_IMAGES
     ra, rb = (json.loads((o / "shapes-resnet.json").read_text())["rows"] for o in (out, ref_out))
     drop = ("explain_s_per_image", "fidelity_s_per_image", "stability_s_per_image")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in ra] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in rb]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ra] == [
+        {k: v for k, v in r.items() if k not in drop} for r in rb
+    ]
 
 
 def test_eval_table_two_processes_print_the_table_of_one(eval_one, tmp_path):
@@ -418,10 +478,23 @@ def test_eval_table_on_two_machines_prints_the_table_of_one(eval_one, tmp_path):
     # (here both on this one, with a shared output folder).
     ref_out, ref_stdout = eval_one
     port = free_port()
-    cmd = [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=eval-test", *EVAL, "--out", str(tmp_path)]
-    agents = [subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True) for _ in range(2)]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=eval-test",
+        *EVAL,
+        "--out",
+        str(tmp_path),
+    ]
+    agents = [
+        subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [a.communicate(timeout=600) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     stdout = "".join(out for out, _ in results)
@@ -456,9 +529,29 @@ def test_eval_table_leaves_out_an_unreadable_image_and_names_it(tmp_path):
         Image.fromarray(img).save(root / "validation" / c / f"im{i}.png")
         Image.fromarray(mask.astype(np.uint8)).save(root / "validation-segmentation" / c / f"im{i}.png")
     (root / "validation" / "c1" / "im3.png").write_bytes(b"\x89PNG truncated")
-    res = run_script("benchmarks/eval_table.py", "--model", "shapes-vgg", "--data", root, "--num-images", "-1",
-                     "--methods", "saliency", "--batch-size", "2", "--fidelity-runs", "4", "--stability-samples", "0",
-                     "--examples", "1", "--out", tmp_path / "out", "--no-progress", check=False)
+    res = run_script(
+        "benchmarks/eval_table.py",
+        "--model",
+        "shapes-vgg",
+        "--data",
+        root,
+        "--num-images",
+        "-1",
+        "--methods",
+        "saliency",
+        "--batch-size",
+        "2",
+        "--fidelity-runs",
+        "4",
+        "--stability-samples",
+        "0",
+        "--examples",
+        "1",
+        "--out",
+        tmp_path / "out",
+        "--no-progress",
+        check=False,
+    )
     assert res.returncode == 1, res.stderr  # an image was left out
     report = json.loads((tmp_path / "out" / "shapes-vgg_ImageNet-S.json").read_text())
     assert [b["image"] for b in report["failed_images"]] == [os.path.join("validation", "c1", "im3.png")]
@@ -477,8 +570,18 @@ def photos(folder):
     return folder
 
 
-CLI = ["srd_ext.cli", "--model", "shapes-resnet", "--layer", "input,high", "--crop", "none", "--batch-size", "3",
-       "--panel"]
+CLI = [
+    "srd_ext.cli",
+    "--model",
+    "shapes-resnet",
+    "--layer",
+    "input,high",
+    "--crop",
+    "none",
+    "--batch-size",
+    "3",
+    "--panel",
+]
 
 
 @pytest.fixture(scope="module")
@@ -540,8 +643,16 @@ def image_folder(root):
 
 def test_apop_two_processes_count_what_one_counts_and_name_a_broken_image(tmp_path):
     root = image_folder(tmp_path / "folder")
-    argv = ["examples/apop_accuracy.py", "--model", "shapes-vgg", "--data", str(root), "--batch-size", "4",
-            "--binarize-each-layer"]
+    argv = [
+        "examples/apop_accuracy.py",
+        "--model",
+        "shapes-vgg",
+        "--data",
+        str(root),
+        "--batch-size",
+        "4",
+        "--binarize-each-layer",
+    ]
     one = run_cmd(0, argv + ["--out", str(tmp_path / "one"), "--no-progress"])
     two = run_cmd(2, argv + ["--out", str(tmp_path / "two")], torchrun=["--tee", "2"])  # stderr lines prefixed by rank
     lines = two.stderr.replace("\r", "\n").splitlines()

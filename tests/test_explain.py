@@ -1,4 +1,5 @@
 """srd_ext.explain / Explainer / erf against the literal reference, and SRD's properties."""
+
 import copy
 
 import pytest
@@ -7,7 +8,8 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import srd_ext
-from models_for_tests import op_models, randomize, tiny_resnet, tiny_vgg
+
+from models_for_tests import op_models, tiny_resnet, tiny_vgg
 from reference import ReferenceSRD
 
 MODELS = {
@@ -92,9 +94,9 @@ def test_batch_invariance_and_per_sample_targets(name):
     layers = ["input", "low", ex.layer_names(x)[4]]
     batch = ex.explain(x, target, layer=layers)
     for i in range(3):
-        one = ex.explain(x[i:i + 1], int(target[i]), layer=layers)
+        one = ex.explain(x[i : i + 1], int(target[i]), layer=layers)
         for k in batch:
-            torch.testing.assert_close(batch[k][i:i + 1], one[k], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(batch[k][i : i + 1], one[k], rtol=1e-9, atol=1e-12)
     other = ex.explain(x, torch.tensor([2, 2, 2]))
     assert not torch.allclose(other, batch["input"])
 
@@ -129,10 +131,14 @@ def test_forward_form_equals_backward(name):
 
 
 def _state(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
-            [m.training for m in model.modules()],
-            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
-            [id(m) for m in model.modules()], [p.requires_grad for p in model.parameters()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.training,
+        [m.training for m in model.modules()],
+        [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+        [id(m) for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
 
 
 @pytest.mark.parametrize("name", ["resnet-basic", "gates", "channels-last"])
@@ -227,8 +233,9 @@ def test_gradcam_contrast_matches_autograd(name):
     vals = list(values)
     vals[enc] = A
     from srd_ext.capture import Instrument, _ForwardContext, _load
+
     ctx = _ForwardContext(Instrument(), None, g, vals)
-    for n in g.nodes[enc + 1:]:
+    for n in g.nodes[enc + 1 :]:
         if n.kind == "call":
             vals[n.index] = n.rule.forward(n, _load(n.args, vals), _load(n.kwargs, vals), ctx)
         elif n.kind == "output":
@@ -236,8 +243,9 @@ def test_gradcam_contrast_matches_autograd(name):
     logits = vals[g.output_index]
     k = logits.shape[1]
     w = torch.nn.functional.one_hot(torch.tensor([1, 4]), k).double() - 1.0 / k
-    grad, = torch.autograd.grad((logits * w).sum(), A)
+    (grad,) = torch.autograd.grad((logits * w).sum(), A)
     from srd_ext.rules import to_nchw
+
     lay = g.nodes[enc].layout
     A4, G4 = to_nchw(A.detach(), lay), to_nchw(grad, lay)
     expect = torch.relu(torch.einsum("bc,bchw->bhw", G4.mean((2, 3)), A4))
@@ -312,7 +320,7 @@ def test_unsupported_op_is_named():
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x):
-            y = torch.relu(self.a(x)) * torch.relu(self.b(x))     # neither factor is a gate
+            y = torch.relu(self.a(x)) * torch.relu(self.b(x))  # neither factor is a gate
             return self.fc(torch.relu(y).mean((2, 3)))
 
     with pytest.raises(srd_ext.UnsupportedModelError, match=r"'mul'.*neither is a gate"):
@@ -328,7 +336,9 @@ def test_unsupported_op_is_named():
             y = torch.relu(self.a(x)).softmax(1)
             return self.fc(torch.relu(y * 3).mean((2, 3)))
 
-    with pytest.raises(srd_ext.UnsupportedModelError, match=r"'softmax' \(aten.softmax.*Supported on the relevance path"):
+    with pytest.raises(
+        srd_ext.UnsupportedModelError, match=r"'softmax' \(aten.softmax.*Supported on the relevance path"
+    ):
         srd_ext.explain(Softmaxed().eval(), torch.randn(1, 3, 8, 8))
 
 
@@ -351,24 +361,40 @@ def test_capture_is_cached_and_follows_the_model():
     x = torch.randn(2, 3, 32, 32)
     ex = srd_ext.Explainer(model)
     g1 = ex.graph(x)
-    assert ex.graph(torch.randn(5, 3, 32, 32)) is g1            # any batch size
-    assert srd_ext.Explainer(model).graph(x) is g1               # shared between explainers
-    assert ex.graph(torch.randn(2, 3, 48, 48)) is not g1        # another input size
+    assert ex.graph(torch.randn(5, 3, 32, 32)) is g1  # any batch size
+    assert srd_ext.Explainer(model).graph(x) is g1  # shared between explainers
+    assert ex.graph(torch.randn(2, 3, 48, 48)) is not g1  # another input size
     before = ex.explain(x)
-    with torch.no_grad():                                        # a training step: seen at once
+    with torch.no_grad():  # a training step: seen at once
         for p in model.parameters():
             p.mul_(1.1)
     assert ex.graph(x) is g1
     torch.testing.assert_close(ex.explain(x), srd_ext.explain(copy.deepcopy(model), x))
     assert not torch.allclose(ex.explain(x), before)
-    model.fc = nn.Linear(8, 3)                                   # structure changed: captured again
+    model.fc = nn.Linear(8, 3)  # structure changed: captured again
     assert ex.graph(x) is not g1
     assert ex.explain(x, 2).shape == (2, 32, 32)
 
 
-ACTIVATIONS = [nn.ReLU(), nn.LeakyReLU(0.2), nn.ELU(0.7), nn.SELU(), nn.CELU(0.5), nn.SiLU(), nn.GELU(),
-               nn.GELU(approximate="tanh"), nn.Tanh(), nn.Sigmoid(), nn.Softplus(beta=3, threshold=4),
-               nn.Hardtanh(-0.5, 2.0), nn.ReLU6(), nn.Hardswish(), nn.Hardsigmoid(), nn.Mish(), nn.PReLU(1, 0.3)]
+ACTIVATIONS = [
+    nn.ReLU(),
+    nn.LeakyReLU(0.2),
+    nn.ELU(0.7),
+    nn.SELU(),
+    nn.CELU(0.5),
+    nn.SiLU(),
+    nn.GELU(),
+    nn.GELU(approximate="tanh"),
+    nn.Tanh(),
+    nn.Sigmoid(),
+    nn.Softplus(beta=3, threshold=4),
+    nn.Hardtanh(-0.5, 2.0),
+    nn.ReLU6(),
+    nn.Hardswish(),
+    nn.Hardsigmoid(),
+    nn.Mish(),
+    nn.PReLU(1, 0.3),
+]
 
 
 @pytest.mark.parametrize("module", ACTIVATIONS, ids=lambda m: type(m).__name__)
@@ -377,7 +403,7 @@ def test_activation_derivatives_match_autograd(module):
     model = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), module).double().eval()
     with torch.no_grad():
         model[0].weight.fill_(1.0)
-    z = (torch.linspace(-4, 4, 801, dtype=torch.float64) + 1e-3 * 2 ** 0.5).view(1, 1, 1, -1)  # off the kinks
+    z = (torch.linspace(-4, 4, 801, dtype=torch.float64) + 1e-3 * 2**0.5).view(1, 1, 1, -1)  # off the kinks
     g = srd_ext.capture.graph_for(model, z)
     node = next(n for n in g.nodes if n.kind == "call" and n.rule.is_activation)
     values = g.forward(z)
@@ -385,6 +411,7 @@ def test_activation_derivatives_match_autograd(module):
     class Run:
         def value(self, i):
             return values[i]
+
     zz = z.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(module(zz).sum(), zz)
     got = node.rule.derivative(node, values[node.z_input], values[node.index], Run())

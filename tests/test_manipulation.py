@@ -1,5 +1,6 @@
 """Manipulation benchmark: the differentiable maps it attacks (srd_ext.baselines.differentiable and
 SRD), and benchmarks/manipulation.py run end to end as a program."""
+
 import copy
 import csv
 
@@ -19,7 +20,7 @@ LABELS = ["Gradient", "GradInput", "GuidedBackprop", "InteGrad", "LRP z+", "SRD"
 
 def _check_directional_derivatives(f, x, g):
     xr = x.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(f(xr), xr)
+    (grad,) = torch.autograd.grad(f(xr), xr)
     assert grad.abs().sum() > 0
     eps = 1e-6
     with torch.no_grad():
@@ -53,8 +54,7 @@ def test_differentiable_lrp_equals_captum(build):
     torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("build", [lambda: tiny_vgg(cfg=(3, "M", 4)), lambda: tiny_resnet()],
-                         ids=["vgg", "resnet"])
+@pytest.mark.parametrize("build", [lambda: tiny_vgg(cfg=(3, "M", 4)), lambda: tiny_resnet()], ids=["vgg", "resnet"])
 def test_lrp_softplus_copy_gradient_matches_finite_differences(build):
     pytest.importorskip("captum")
     torch.manual_seed(0)
@@ -68,8 +68,23 @@ def test_lrp_softplus_copy_gradient_matches_finite_differences(build):
 
 
 def test_attack_end_to_end(tmp_path):
-    run_script(SCRIPT, "--model", "shapes-vgg", "--random-init", "--image-size", "32", "--pairs", "2", "--steps",
-               "3", "--pool", "8", "--out", tmp_path, "--no-progress")
+    run_script(
+        SCRIPT,
+        "--model",
+        "shapes-vgg",
+        "--random-init",
+        "--image-size",
+        "32",
+        "--pairs",
+        "2",
+        "--steps",
+        "3",
+        "--pool",
+        "8",
+        "--out",
+        tmp_path,
+        "--no-progress",
+    )
     stem = tmp_path / "shapes-vgg_random"
     for ext in (".md", ".csv", ".png"):
         assert stem.with_suffix(ext).stat().st_size > 0, ext
@@ -111,8 +126,7 @@ def test_differentiable_maps_leave_model_unchanged(build):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("build", [lambda: tiny_vgg(cfg=(3, "M", 4)), lambda: tiny_resnet()],
-                         ids=["vgg", "resnet"])
+@pytest.mark.parametrize("build", [lambda: tiny_vgg(cfg=(3, "M", 4)), lambda: tiny_resnet()], ids=["vgg", "resnet"])
 def test_guided_backprop_copy(build):
     pytest.importorskip("captum")
     torch.manual_seed(0)
@@ -122,8 +136,9 @@ def test_guided_backprop_copy(build):
     t = model(x).argmax(1)
     # a very sharp softplus is the ReLU network: captum's guided backprop
     sharp, _ = baselines.GuidedBackprop(model, beta=1e4)(x, t)
-    torch.testing.assert_close(sharp, baselines.get("guided-backprop")(model, x, t),
-                               rtol=1e-3, atol=1e-5, check_dtype=False)
+    torch.testing.assert_close(
+        sharp, baselines.get("guided-backprop")(model, x, t), rtol=1e-3, atol=1e-5, check_dtype=False
+    )
     gbp = baselines.GuidedBackprop(model, beta=5.0)
     w = torch.randn(2, 8, 8, generator=g, dtype=torch.float64)
     _check_directional_derivatives(lambda z: (w * gbp(z, t, create_graph=True)[0]).sum(), x, g)
@@ -137,9 +152,26 @@ def test_attack_on_an_image_folder(tmp_path):
         (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
         px = (torch.rand(40, 48, 3, generator=rng) * 255).to(torch.uint8).numpy()
         Image.fromarray(px).save(tmp_path / "imgs" / cls / f"{k}.png")
-    run_script(SCRIPT, "--model", "resnet18", "--random-init", "--data", tmp_path / "imgs", "--image-size", "32",
-               "--pairs", "2", "--steps", "2", "--methods", "srd", "gradient", "--out", tmp_path / "out",
-               "--no-progress")
+    run_script(
+        SCRIPT,
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--data",
+        tmp_path / "imgs",
+        "--image-size",
+        "32",
+        "--pairs",
+        "2",
+        "--steps",
+        "2",
+        "--methods",
+        "srd",
+        "gradient",
+        "--out",
+        tmp_path / "out",
+        "--no-progress",
+    )
     with open(tmp_path / "out" / "resnet18_random.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["srd", "gradient"]

@@ -174,10 +174,17 @@ def test_fidelity_linear_model_with_baseline_tensor():
 
 def _small_net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(16, 5),
-    ).double().eval()
+    return (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(16, 5),
+        )
+        .double()
+        .eval()
+    )
 
 
 def test_fidelity_seed_and_batching():
@@ -301,14 +308,13 @@ def _quantus_inputs(B=4, H=12, W=12, seed=0):
 def test_against_quantus_localisation_and_sparseness():
     quantus = pytest.importorskip("quantus")
     maps, masks, x = _quantus_inputs()
-    kw = dict(model=None, x_batch=x.numpy(), y_batch=torch.zeros(4, dtype=torch.long).numpy(),
-              a_batch=maps.numpy())
+    kw = dict(model=None, x_batch=x.numpy(), y_batch=torch.zeros(4, dtype=torch.long).numpy(), a_batch=maps.numpy())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pg = quantus.PointingGame(disable_warnings=True)(s_batch=masks.numpy(), **kw)
-        al = quantus.AttributionLocalisation(
-            abs=False, positive_attributions=True, disable_warnings=True
-        )(s_batch=masks.numpy(), **kw)
+        al = quantus.AttributionLocalisation(abs=False, positive_attributions=True, disable_warnings=True)(
+            s_batch=masks.numpy(), **kw
+        )
         sp = quantus.Sparseness(disable_warnings=True)(**kw)
     assert torch.equal(M.pointing_game(maps, masks, tolerance=0), torch.tensor([bool(v) for v in pg]))
     assert torch.allclose(M.attribution_localization(maps, masks), torch.tensor(al, dtype=torch.float32), atol=1e-6)
@@ -322,14 +328,18 @@ def test_against_quantus_on_linear_cases():
     model.eval()
     x = x.float()
     y = torch.tensor([0, 2])
-    maps = (model.weight[y] * x)  # (B, 1, H, W); with C=1 pixel == feature
+    maps = model.weight[y] * x  # (B, 1, H, W); with C=1 pixel == feature
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q_fid = quantus.FaithfulnessCorrelation(
             nr_runs=20, subset_size=5, perturb_baseline=0.0, return_aggregate=False, disable_warnings=True
         )(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=maps.numpy(), device="cpu")
         q_lle = quantus.LocalLipschitzEstimate(nr_samples=5, normalise=False, disable_warnings=True)(
-            model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=(2 * x).numpy(), device="cpu",
+            model=model,
+            x_batch=x.numpy(),
+            y_batch=y.numpy(),
+            a_batch=(2 * x).numpy(),
+            device="cpu",
             explain_func=lambda model, inputs, targets, **k: 2 * inputs,
         )
     fid = M.fidelity(model, x, y, maps, n_runs=20, subset_size=5)
@@ -350,7 +360,10 @@ def test_ssim_against_skimage(data_range, sample_cov):
         if dr is None:
             dr = float(torch.cat([na[i], nb[i]]).max() - torch.cat([na[i], nb[i]]).min())
         ref = skm.structural_similarity(
-            na[i].numpy(), nb[i].numpy(), data_range=dr, gaussian_weights=True,
+            na[i].numpy(),
+            nb[i].numpy(),
+            data_range=dr,
+            gaussian_weights=True,
             use_sample_covariance=sample_cov,
         )
         assert ours[i].item() == pytest.approx(ref, abs=1e-10)

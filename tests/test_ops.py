@@ -4,6 +4,7 @@ The references below work in float64 with explicit loops over kernel taps and in
 for the valid (output, tap) pairs, so they share no code or layout trick with the kernels.
 CUDA is covered in depth by test_cuda_ops.py; here only the device-mismatch errors need it.
 """
+
 import random
 
 import pytest
@@ -18,8 +19,9 @@ NAN = float("nan")
 # conv_tap_norms' evaluation forms (csrc/cpu/conv_tap_norms.cpp), forced through the environment;
 # "auto" is the choice by cost.
 TAP_PATHS = ["auto", "product", "gram", "direct"]
-cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_kernels_built()),
-                               reason="needs a CUDA device and the CUDA kernels")
+cuda_only = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.cuda_kernels_built()), reason="needs a CUDA device and the CUDA kernels"
+)
 
 
 @pytest.fixture(params=TAP_PATHS)
@@ -83,8 +85,13 @@ def ref_tap_norms(x, w, stride, padding, dilation, groups):
     for t, _, iy, _, ix in taps_of(kh, kw, H, W, Ho, Wo, stride, padding, dilation):
         xs = x[:, :, iy][:, :, :, ix]
         w_t = w[:, :, t // kw, t % kw]
-        y = torch.cat([torch.einsum("oc,bcyx->boyx", w_t[g * Og:(g + 1) * Og], xs[:, g * Cg:(g + 1) * Cg])
-                       for g in range(groups)], 1)
+        y = torch.cat(
+            [
+                torch.einsum("oc,bcyx->boyx", w_t[g * Og : (g + 1) * Og], xs[:, g * Cg : (g + 1) * Cg])
+                for g in range(groups)
+            ],
+            1,
+        )
         n[:, t, iy[:, None], ix[None, :]] = torch.linalg.vector_norm(y, dim=1)
     return n
 
@@ -117,8 +124,11 @@ def ref_pfv(x, w, bias, positions, stride, padding, dilation, mode):
                 if 0 <= iy < H and 0 <= ix < W:
                     xi = x[b, :, iy, ix]
                     y = w[:, :, ty, tx] @ xi
-                    nt = {"none": zero, "contribution": torch.linalg.vector_norm(y),
-                          "input": torch.linalg.vector_norm(xi)}[mode]
+                    nt = {
+                        "none": zero,
+                        "contribution": torch.linalg.vector_norm(y),
+                        "input": torch.linalg.vector_norm(xi),
+                    }[mode]
                 else:
                     y, nt = x.new_zeros(C_out), zero
                 ys.append(y)
@@ -199,8 +209,9 @@ def random_geoms(count, seed=1234):
         H, W = rng.randint(1, 14), rng.randint(1, 14)
         if out_size(H, kh, s[0], p[0], d[0]) < 1 or out_size(W, kw, s[1], p[1], d[1]) < 1:
             continue
-        out.append((rng.randint(1, 3), groups * rng.randint(1, 4), H, W, groups * rng.randint(1, 4),
-                    kh, kw, s, p, d, groups))
+        out.append(
+            (rng.randint(1, 3), groups * rng.randint(1, 4), H, W, groups * rng.randint(1, 4), kh, kw, s, p, d, groups)
+        )
     return out
 
 
@@ -228,7 +239,7 @@ def scatter_inputs(geom, dtype=F64, seed=0):
     g = torch.Generator().manual_seed(seed + 7)
     n = torch.rand(B, kh * kw, H, W, dtype=F64, generator=g)
     n[n < 0.25] = 0
-    n[:, :, :min(H, 2), :min(W, 2)] = 0  # outputs that only read this corner have S = 0
+    n[:, :, : min(H, 2), : min(W, 2)] = 0  # outputs that only read this corner have S = 0
     return n.to(dtype), randn(B, Ho, Wo, seed=seed + 8, dtype=dtype), [kh, kw], list(s), list(p), list(d)
 
 
@@ -288,8 +299,12 @@ def test_activation_share_backward_matches_reference(shape, with_extra):
 @pytest.mark.parametrize("shape", [(2, 5, 6, 7), (4, 33)], ids=str)
 def test_activation_share_noncontiguous(shape):
     a, grad, z, extra = act_inputs(shape, True)
-    views = (channels_last_view if len(shape) == 4 else strided_view,
-             strided_view, lambda t: t.transpose(0, -1).contiguous().transpose(0, -1), strided_view)
+    views = (
+        channels_last_view if len(shape) == 4 else strided_view,
+        strided_view,
+        lambda t: t.transpose(0, -1).contiguous().transpose(0, -1),
+        strided_view,
+    )
     nc = [leaf(f(t)) for f, t in zip(views, (a, grad, z, extra))]
     assert not any(t.is_contiguous() for t in nc)
     rel, g = ops.activation_share(*nc)
@@ -449,8 +464,9 @@ def _conv2d_accepts(x, w, s, p, d):
         return False
 
 
-AXIS_CASES = [(n, k, s, p, d) for n in range(1, 6) for k in range(1, 5) for s in (1, 2, 3)
-              for p in (0, 1, 2) for d in (1, 2)]
+AXIS_CASES = [
+    (n, k, s, p, d) for n in range(1, 6) for k in range(1, 5) for s in (1, 2, 3) for p in (0, 1, 2) for d in (1, 2)
+]
 
 
 @pytest.mark.parametrize("axis", [0, 1], ids=["rows", "cols"])
@@ -467,10 +483,12 @@ def test_geometry_rejects_what_conv2d_rejects(axis):
         n_ = torch.rand(1, kh * kw, H, W, dtype=F64)
         calls = {
             "conv_tap_norms": lambda: ops.conv_tap_norms(x, w, stride, padding, dilation),
-            "bias_share_scatter": lambda: ops.bias_share_scatter(n_, randn(1, max(Ho, 1), max(Wo, 1), seed=3),
-                                                                 (kh, kw), stride, padding, dilation),
-            "pfv_decompose": lambda: ops.pfv_decompose(x, w, None, torch.zeros(1, 3, dtype=torch.long),
-                                                       stride, padding, dilation),
+            "bias_share_scatter": lambda: ops.bias_share_scatter(
+                n_, randn(1, max(Ho, 1), max(Wo, 1), seed=3), (kh, kw), stride, padding, dilation
+            ),
+            "pfv_decompose": lambda: ops.pfv_decompose(
+                x, w, None, torch.zeros(1, 3, dtype=torch.long), stride, padding, dilation
+            ),
         }
         for name, call in calls.items():
             if ok:
@@ -504,8 +522,9 @@ def assert_same_nans(got, want):
     assert_close(got[keep], want[keep])
 
 
-@pytest.mark.parametrize("geom", [FIXED_GEOMS[0], FIXED_GEOMS[1], FIXED_GEOMS[5], FIXED_GEOMS[9]],
-                         ids=["3x3", "s2g2", "7x7", "tiled"])
+@pytest.mark.parametrize(
+    "geom", [FIXED_GEOMS[0], FIXED_GEOMS[1], FIXED_GEOMS[5], FIXED_GEOMS[9]], ids=["3x3", "s2g2", "7x7", "tiled"]
+)
 def test_conv_tap_norms_nan(geom, tap_path):
     x, w, s, p, d, groups = conv_inputs(geom)
     x[0, -1, geom[2] // 2, geom[3] // 2] = NAN
@@ -576,8 +595,11 @@ def test_pfv_decompose_nan(mode):
     v, mu = ops.pfv_decompose(x, w, bias, pos, s, p, d, mode)
     # Rows that read the NaN pixel under some tap: z is NaN, so every ratio is NaN.
     ty, tx = torch.arange(3).repeat_interleave(3), torch.arange(3).repeat(3)
-    reads = ((pos[:, 0:1] == 0) & (pos[:, 1:2] * s[0] - p[0] + ty * d[0] == iy)
-             & (pos[:, 2:3] * s[1] - p[1] + tx * d[1] == ix))
+    reads = (
+        (pos[:, 0:1] == 0)
+        & (pos[:, 1:2] * s[0] - p[0] + ty * d[0] == iy)
+        & (pos[:, 2:3] * s[1] - p[1] + tx * d[1] == ix)
+    )
     touched = reads.any(1)
     assert touched.any() and not touched.all()
     assert mu[touched].isnan().all() and v[reads].isnan().all()
@@ -738,8 +760,10 @@ def _f32_cases():
         "conv_tap_norms_s2g2": (ops.conv_tap_norms, list(conv_inputs(g3))),
         "conv_tap_norms_7x7": (ops.conv_tap_norms, list(conv_inputs(g7))),
         "conv_tap_norms_tiled": (ops.conv_tap_norms, list(conv_inputs(gt))),
-        "conv_tap_norms_expand": (ops.conv_tap_norms,
-                                  list(conv_inputs((2, 16, 7, 6, 48, 3, 3, (1, 1), (1, 1), (1, 1), 1)))),
+        "conv_tap_norms_expand": (
+            ops.conv_tap_norms,
+            list(conv_inputs((2, 16, 7, 6, 48, 3, 3, (1, 1), (1, 1), (1, 1), 1))),
+        ),
         "bias_share_scatter": (ops.bias_share_scatter, list(scatter_inputs(g3))),
         "pfv_decompose": (ops.pfv_decompose, list(pfv_inputs(FIXED_GEOMS[2], True)) + ["contribution"]),
     }
@@ -794,8 +818,10 @@ def _opcheck_cases():
         "activation_share_2d_f32": (srd.activation_share.default, tuple(a2[:3]) + (None,)),
         "conv_tap_norms": (srd.conv_tap_norms.default, (leaf(x), leaf(w), s, p, d, groups)),
         "bias_share_scatter": (srd.bias_share_scatter.default, (leaf(n), leaf(bd), k, s, p, d)),
-        **{f"pfv_decompose_{m}": (srd.pfv_decompose.default, (leaf(px), leaf(pw), leaf(pb), pos, ps, pp, pd, m))
-           for m in MODES},
+        **{
+            f"pfv_decompose_{m}": (srd.pfv_decompose.default, (leaf(px), leaf(pw), leaf(pb), pos, ps, pp, pd, m))
+            for m in MODES
+        },
         "pfv_decompose_nobias": (srd.pfv_decompose.default, (leaf(px), leaf(pw), None, pos, ps, pp, pd, "input")),
     }
 
@@ -824,8 +850,10 @@ def _gradcheck_cases():
         "bias_share_scatter": (lambda n_, d_: ops.bias_share_scatter(n_, d_, k, s, p, d), [n, bd]),
     }
     for m in MODES:
-        cases[f"pfv_decompose_{m}"] = (lambda x_, w_, b_, m=m: ops.pfv_decompose(x_, w_, b_, pos, ps, pp, pd, m),
-                                       [px, pw, pb])
+        cases[f"pfv_decompose_{m}"] = (
+            lambda x_, w_, b_, m=m: ops.pfv_decompose(x_, w_, b_, pos, ps, pp, pd, m),
+            [px, pw, pb],
+        )
     return cases
 
 
@@ -884,63 +912,104 @@ POS = torch.tensor([[0, 1, 2], [1, 7, 7]])
 
 BAD = {
     # activation_share
-    "act_rank": (lambda: ops.activation_share(_t(2, 3, 4), _t(2, 3, 4), _t(2, 3, 4)),
-                 ["srd_ext::activation_share", "(2, 3, 4)"]),
-    "act_shapes": (lambda: ops.activation_share(_t(2, 3, 4, 5), _t(2, 3, 4, 6), _t(2, 3, 4, 5)),
-                   ["srd_ext::activation_share", "(2, 3, 4, 5)", "(2, 3, 4, 6)"]),
-    "act_extra_shape": (lambda: ops.activation_share(_t(2, 3, 4, 5), _t(2, 3, 4, 5), _t(2, 3, 4, 5), _t(2, 5, 4)),
-                        ["srd_ext::activation_share", "extra", "(2, 5, 4)", "(2, 3, 4, 5)"]),
-    "act_int": (lambda: ops.activation_share(*(_t(2, 3, dtype=torch.int64),) * 3),
-                ["srd_ext::activation_share", "Long"]),
-    "act_dtypes": (lambda: ops.activation_share(_t(2, 3), _t(2, 3, dtype=F64), _t(2, 3)),
-                   ["srd_ext::activation_share", "Double", "Float"]),
-    "act_extra_dtype": (lambda: ops.activation_share(_t(2, 3), _t(2, 3), _t(2, 3), _t(2, dtype=F64)),
-                        ["srd_ext::activation_share", "extra", "Double"]),
+    "act_rank": (
+        lambda: ops.activation_share(_t(2, 3, 4), _t(2, 3, 4), _t(2, 3, 4)),
+        ["srd_ext::activation_share", "(2, 3, 4)"],
+    ),
+    "act_shapes": (
+        lambda: ops.activation_share(_t(2, 3, 4, 5), _t(2, 3, 4, 6), _t(2, 3, 4, 5)),
+        ["srd_ext::activation_share", "(2, 3, 4, 5)", "(2, 3, 4, 6)"],
+    ),
+    "act_extra_shape": (
+        lambda: ops.activation_share(_t(2, 3, 4, 5), _t(2, 3, 4, 5), _t(2, 3, 4, 5), _t(2, 5, 4)),
+        ["srd_ext::activation_share", "extra", "(2, 5, 4)", "(2, 3, 4, 5)"],
+    ),
+    "act_int": (
+        lambda: ops.activation_share(*(_t(2, 3, dtype=torch.int64),) * 3),
+        ["srd_ext::activation_share", "Long"],
+    ),
+    "act_dtypes": (
+        lambda: ops.activation_share(_t(2, 3), _t(2, 3, dtype=F64), _t(2, 3)),
+        ["srd_ext::activation_share", "Double", "Float"],
+    ),
+    "act_extra_dtype": (
+        lambda: ops.activation_share(_t(2, 3), _t(2, 3), _t(2, 3), _t(2, dtype=F64)),
+        ["srd_ext::activation_share", "extra", "Double"],
+    ),
     # conv_tap_norms
     "norms_rank_x": (lambda: ops.conv_tap_norms(_t(4, 8, 8), Wt, 1, 1), ["srd_ext::conv_tap_norms", "(4, 8, 8)"]),
     "norms_rank_w": (lambda: ops.conv_tap_norms(X, _t(6, 4, 3), 1, 1), ["srd_ext::conv_tap_norms", "(6, 4, 3)"]),
-    "norms_channels": (lambda: ops.conv_tap_norms(X, _t(6, 3, 3, 3), 1, 1),
-                       ["srd_ext::conv_tap_norms", "(2, 4, 8, 8)", "(6, 3, 3, 3)"]),
-    "norms_groups": (lambda: ops.conv_tap_norms(X, _t(6, 4, 3, 3), 1, 1, groups=2),
-                     ["srd_ext::conv_tap_norms", "(2, 4, 8, 8)", "(6, 4, 3, 3)", "groups=2"]),
+    "norms_channels": (
+        lambda: ops.conv_tap_norms(X, _t(6, 3, 3, 3), 1, 1),
+        ["srd_ext::conv_tap_norms", "(2, 4, 8, 8)", "(6, 3, 3, 3)"],
+    ),
+    "norms_groups": (
+        lambda: ops.conv_tap_norms(X, _t(6, 4, 3, 3), 1, 1, groups=2),
+        ["srd_ext::conv_tap_norms", "(2, 4, 8, 8)", "(6, 4, 3, 3)", "groups=2"],
+    ),
     "norms_too_small": (lambda: ops.conv_tap_norms(_t(1, 4, 2, 2), Wt), ["srd_ext::conv_tap_norms", "(1, 4, 2, 2)"]),
     "norms_int": (lambda: ops.conv_tap_norms(X.int(), Wt.int()), ["srd_ext::conv_tap_norms", "Int"]),
     "norms_dtypes": (lambda: ops.conv_tap_norms(X, Wt.double()), ["srd_ext::conv_tap_norms", "Double", "Float"]),
     "norms_stride": (lambda: ops.conv_tap_norms(X, Wt, 0), ["srd_ext::conv_tap_norms", "stride"]),
     # bias_share_scatter
-    "scatter_rank": (lambda: ops.bias_share_scatter(N9, _t(2, 1, 8, 8), 3, 1, 1),
-                     ["srd_ext::bias_share_scatter", "(2, 1, 8, 8)"]),
-    "scatter_taps": (lambda: ops.bias_share_scatter(_t(2, 4, 8, 8), BD, 3, 1, 1),
-                     ["srd_ext::bias_share_scatter", "(2, 4, 8, 8)", "(3, 3)"]),
-    "scatter_out": (lambda: ops.bias_share_scatter(N9, _t(2, 7, 8), 3, 1, 1),
-                    ["srd_ext::bias_share_scatter", "(2, 7, 8)", "(2, 9, 8, 8)", "(2, 8, 8)"]),
-    "scatter_batch": (lambda: ops.bias_share_scatter(N9, _t(3, 8, 8), 3, 1, 1),
-                      ["srd_ext::bias_share_scatter", "(3, 8, 8)"]),
-    "scatter_int": (lambda: ops.bias_share_scatter(N9.long(), BD.long(), 3, 1, 1),
-                    ["srd_ext::bias_share_scatter", "Long"]),
-    "scatter_dtypes": (lambda: ops.bias_share_scatter(N9, BD.double(), 3, 1, 1),
-                       ["srd_ext::bias_share_scatter", "Double", "Float"]),
+    "scatter_rank": (
+        lambda: ops.bias_share_scatter(N9, _t(2, 1, 8, 8), 3, 1, 1),
+        ["srd_ext::bias_share_scatter", "(2, 1, 8, 8)"],
+    ),
+    "scatter_taps": (
+        lambda: ops.bias_share_scatter(_t(2, 4, 8, 8), BD, 3, 1, 1),
+        ["srd_ext::bias_share_scatter", "(2, 4, 8, 8)", "(3, 3)"],
+    ),
+    "scatter_out": (
+        lambda: ops.bias_share_scatter(N9, _t(2, 7, 8), 3, 1, 1),
+        ["srd_ext::bias_share_scatter", "(2, 7, 8)", "(2, 9, 8, 8)", "(2, 8, 8)"],
+    ),
+    "scatter_batch": (
+        lambda: ops.bias_share_scatter(N9, _t(3, 8, 8), 3, 1, 1),
+        ["srd_ext::bias_share_scatter", "(3, 8, 8)"],
+    ),
+    "scatter_int": (
+        lambda: ops.bias_share_scatter(N9.long(), BD.long(), 3, 1, 1),
+        ["srd_ext::bias_share_scatter", "Long"],
+    ),
+    "scatter_dtypes": (
+        lambda: ops.bias_share_scatter(N9, BD.double(), 3, 1, 1),
+        ["srd_ext::bias_share_scatter", "Double", "Float"],
+    ),
     # pfv_decompose
     "pfv_rank": (lambda: ops.pfv_decompose(_t(4, 8, 8), Wt, None, POS, 1, 1), ["srd_ext::pfv_decompose", "(4, 8, 8)"]),
-    "pfv_channels": (lambda: ops.pfv_decompose(X, _t(6, 2, 3, 3), None, POS, 1, 1),
-                     ["srd_ext::pfv_decompose", "(2, 4, 8, 8)", "(6, 2, 3, 3)"]),
+    "pfv_channels": (
+        lambda: ops.pfv_decompose(X, _t(6, 2, 3, 3), None, POS, 1, 1),
+        ["srd_ext::pfv_decompose", "(2, 4, 8, 8)", "(6, 2, 3, 3)"],
+    ),
     "pfv_bias_shape": (lambda: ops.pfv_decompose(X, Wt, _t(5), POS, 1, 1), ["srd_ext::pfv_decompose", "(5)", "(6,)"]),
     "pfv_int": (lambda: ops.pfv_decompose(X.long(), Wt.long(), None, POS, 1, 1), ["srd_ext::pfv_decompose", "Long"]),
-    "pfv_dtypes": (lambda: ops.pfv_decompose(X, Wt, _t(6, dtype=F64), POS, 1, 1),
-                   ["srd_ext::pfv_decompose", "bias", "Double", "Float"]),
-    "pfv_pos_row": (lambda: ops.pfv_decompose(X, Wt, None, torch.tensor([[0, 0, 0], [1, 8, 0]]), 1, 1),
-                    ["srd_ext::pfv_decompose", "row 1", "(1, 8, 0)", "[0, 2)", "[0, 8)"]),
-    "pfv_pos_batch": (lambda: ops.pfv_decompose(X, Wt, None, torch.tensor([[2, 0, 0]]), 1, 1),
-                      ["srd_ext::pfv_decompose", "row 0", "[0, 2)"]),
-    "pfv_pos_negative": (lambda: ops.pfv_decompose(X, Wt, None, torch.tensor([[0, 0, -1]]), 1, 1),
-                         ["srd_ext::pfv_decompose", "row 0", "(0, 0, -1)"]),
-    "pfv_pos_dtype": (lambda: ops.pfv_decompose(X, Wt, None, POS.int(), 1, 1),
-                      ["srd_ext::pfv_decompose", "int64", "Int"]),
+    "pfv_dtypes": (
+        lambda: ops.pfv_decompose(X, Wt, _t(6, dtype=F64), POS, 1, 1),
+        ["srd_ext::pfv_decompose", "bias", "Double", "Float"],
+    ),
+    "pfv_pos_row": (
+        lambda: ops.pfv_decompose(X, Wt, None, torch.tensor([[0, 0, 0], [1, 8, 0]]), 1, 1),
+        ["srd_ext::pfv_decompose", "row 1", "(1, 8, 0)", "[0, 2)", "[0, 8)"],
+    ),
+    "pfv_pos_batch": (
+        lambda: ops.pfv_decompose(X, Wt, None, torch.tensor([[2, 0, 0]]), 1, 1),
+        ["srd_ext::pfv_decompose", "row 0", "[0, 2)"],
+    ),
+    "pfv_pos_negative": (
+        lambda: ops.pfv_decompose(X, Wt, None, torch.tensor([[0, 0, -1]]), 1, 1),
+        ["srd_ext::pfv_decompose", "row 0", "(0, 0, -1)"],
+    ),
+    "pfv_pos_dtype": (
+        lambda: ops.pfv_decompose(X, Wt, None, POS.int(), 1, 1),
+        ["srd_ext::pfv_decompose", "int64", "Int"],
+    ),
     "pfv_pos_float": (lambda: ops.pfv_decompose(X, Wt, None, POS.float(), 1, 1), ["srd_ext::pfv_decompose", "int64"]),
-    "pfv_pos_shape": (lambda: ops.pfv_decompose(X, Wt, None, POS[:, :2], 1, 1),
-                      ["srd_ext::pfv_decompose", "(2, 2)"]),
-    "pfv_mode": (lambda: ops.pfv_decompose(X, Wt, None, POS, 1, 1, bias_share="bias"),
-                 ["srd_ext::pfv_decompose", '"bias"', "contribution"]),
+    "pfv_pos_shape": (lambda: ops.pfv_decompose(X, Wt, None, POS[:, :2], 1, 1), ["srd_ext::pfv_decompose", "(2, 2)"]),
+    "pfv_mode": (
+        lambda: ops.pfv_decompose(X, Wt, None, POS, 1, 1, bias_share="bias"),
+        ["srd_ext::pfv_decompose", '"bias"', "contribution"],
+    ),
 }
 
 

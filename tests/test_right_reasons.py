@@ -5,6 +5,7 @@ examples/train_right_reasons.py trains with.
 The compiled-step test compiles the step with Inductor (C++ kernels on CPU): slow with a cold
 Inductor cache, quick once the cache (``TORCHINDUCTOR_CACHE_DIR``) holds it.
 """
+
 import copy
 
 import numpy as np
@@ -24,8 +25,7 @@ def small_vgg(num_classes: int = 10) -> VGG:
         model = VGG(nn.Sequential(), num_classes=num_classes, init_weights=False)
     model.features = make_layers([8, "M", 16, "M", 16], batch_norm=False)
     model.avgpool = nn.AdaptiveAvgPool2d(1)
-    model.classifier = nn.Sequential(nn.Linear(16, 16), nn.ReLU(True), nn.Dropout(0.2),
-                                     nn.Linear(16, num_classes))
+    model.classifier = nn.Sequential(nn.Linear(16, 16), nn.ReLU(True), nn.Dropout(0.2), nn.Linear(16, num_classes))
     return model
 
 

@@ -1,4 +1,5 @@
 """srd_ext.viz: maps placed on the photo, transparency at 0, colours centred at 0, panels."""
+
 import io
 
 import numpy as np
@@ -19,13 +20,18 @@ def test_to_photo_same_size_is_identity():
     np.testing.assert_allclose(viz.to_photo(r, (50, 30)), r, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("size,box", [((400, 600), (25.0, 125.0, 375.0, 475.0)),
-                                      ((600, 400), (125.0, 25.0, 475.0, 375.0)),
-                                      ((97, 250), (6.06, 82.7, 90.94, 167.68))])
+@pytest.mark.parametrize(
+    "size,box",
+    [
+        ((400, 600), (25.0, 125.0, 375.0, 475.0)),
+        ((600, 400), (125.0, 25.0, 475.0, 375.0)),
+        ((97, 250), (6.06, 82.7, 90.94, 167.68)),
+    ],
+)
 def test_to_photo_places_each_cell_on_its_part_of_the_box(size, box):
     h, w = 7, 5
     left, top, right, bottom = box
-    for (i, j) in [(0, 0), (3, 2), (6, 4)]:
+    for i, j in [(0, 0), (3, 2), (6, 4)]:
         r = np.zeros((h, w), np.float32)
         r[i, j] = 1.0
         m = viz.to_photo(r, size, box, fill=-1.0)

@@ -2,6 +2,7 @@
 weights (biases, norm parameters, gains and BatchNorm statistics randomised): captured, explained,
 and relevance conserved from the encoder output to the input (up to the relevance no pixel can
 carry, which the budget accounts for)."""
+
 import pytest
 import torch
 

@@ -56,8 +56,9 @@ at::Tensor bias_share_scatter_cpu(const at::Tensor& n_in, const at::Tensor& d_in
                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
   const NestedCallGuard nested;
   const char* op = "bias_share_scatter";
-  const ConvGeometry geo = check_scatter_args(op, n_in, d_in, kernel_size, stride, padding, dilation,
-                                          /*allow_half=*/false);
+  const ConvGeometry geo =
+      check_scatter_args(op, n_in, d_in, kernel_size, stride, padding, dilation,
+                         /*allow_half=*/false);
   const auto n = n_in.contiguous(), d = d_in.contiguous();
   const Dims D = make_dims(n, geo);
   auto R = at::empty({D.B, D.H, D.W}, n.options());
@@ -115,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cpu(
   const NestedCallGuard nested;
   const char* op = "bias_share_scatter_backward";
   const ConvGeometry geo = check_scatter_backward_args(op, dR_in, n_in, d_in, kernel_size, stride,
-                                                   padding, dilation, /*allow_half=*/false);
+                                                       padding, dilation, /*allow_half=*/false);
 
   const auto dR = dR_in.contiguous(), n = n_in.contiguous(), d = d_in.contiguous();
   const Dims D = make_dims(n, geo);

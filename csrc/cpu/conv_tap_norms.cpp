@@ -132,7 +132,7 @@ constexpr int64_t kTileBytes = 1 << 20;
 constexpr int64_t kMinTilePixels = 32, kReuseTilePixels = 256, kMaxTilePixels = 4096;
 
 struct TapRect {
-  int64_t phase = -1;                     // -1: the tap reaches no output
+  int64_t phase = -1;                      // -1: the tap reaches no output
   int64_t y0 = 0, ny = 0, x0 = 0, nx = 0;  // rectangle in phase coordinates
 };
 
@@ -176,8 +176,8 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry
   P.geo = geo;
   P.form = form;
   P.R = form == Form::kGram ? P.Cg : P.Cog;
-  P.mkldnn = x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
-             at::globalContext().userEnabledMkldnn();
+  P.mkldnn =
+      x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
   const int64_t sh = geo.y.s, sw = geo.x.s;
 
   std::vector<int64_t> phase_of(sh * sw, -1);
@@ -415,7 +415,8 @@ std::tuple<at::Tensor, at::Tensor> gemm_backward(const at::Tensor& dn_in, const 
   // M_t = sum_i c x_i x_i^T), one partial per part of the chunk list, summed in a fixed order.
   const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunk));
   auto gw_parts = at::zeros({nparts, P.rows, P.Cg}, opt);
-  // Per phase, its stacked matrices transposed per group as a 1x1 conv weight (groups*Cg, Mg, 1, 1).
+  // Per phase, its stacked matrices transposed per group as a 1x1 conv weight (groups*Cg, Mg, 1,
+  // 1).
   std::vector<at::Tensor> w_back;
   for (const Phase& ph : P.phases)
     w_back.push_back(ph.w.view({P.groups, ph.M() / P.groups, P.Cg})
@@ -548,8 +549,17 @@ struct DirectGeo {
 
 DirectGeo make_direct_geo(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& geo,
                           int64_t groups) {
-  DirectGeo G{x.size(0), x.size(1), x.size(2), x.size(3), groups, x.size(1) / groups,
-              weight.size(0) / groups, geo.taps(), geo, {}, {}};
+  DirectGeo G{x.size(0),
+              x.size(1),
+              x.size(2),
+              x.size(3),
+              groups,
+              x.size(1) / groups,
+              weight.size(0) / groups,
+              geo.taps(),
+              geo,
+              {},
+              {}};
   for (int64_t ty = 0; ty < geo.kh(); ++ty) G.ry.push_back(geo.y.run(ty));
   for (int64_t tx = 0; tx < geo.kw(); ++tx) G.rx.push_back(geo.x.run(tx));
   return G;
@@ -575,7 +585,7 @@ void split_row(const scalar_t* xrow, int64_t C, int64_t HW, int64_t W, int64_t s
 }
 
 at::Tensor direct_forward(const at::Tensor& x_in, const at::Tensor& weight, const ConvGeometry& geo,
-                        int64_t groups) {
+                          int64_t groups) {
   const auto x = x_in.contiguous();
   const DirectGeo G = make_direct_geo(x, weight, geo, groups);
   if (G.B * G.H * G.W == 0 || G.Cog == 0 || G.Cg == 0)
@@ -652,8 +662,8 @@ at::Tensor direct_forward(const at::Tensor& x_in, const at::Tensor& weight, cons
 }
 
 std::tuple<at::Tensor, at::Tensor> direct_backward(const at::Tensor& dn_in, const at::Tensor& x_in,
-                                                 const at::Tensor& weight, const at::Tensor& n_in,
-                                                 const ConvGeometry& geo, int64_t groups) {
+                                                   const at::Tensor& weight, const at::Tensor& n_in,
+                                                   const ConvGeometry& geo, int64_t groups) {
   const auto x = x_in.contiguous(), dn = dn_in.contiguous(), n = n_in.contiguous();
   const DirectGeo G = make_direct_geo(x, weight, geo, groups);
   auto grad_x = at::zeros_like(x);
@@ -746,9 +756,8 @@ std::tuple<at::Tensor, at::Tensor> direct_backward(const at::Tensor& dn_in, cons
   return {grad_x, gw};
 }
 
-at::Tensor conv_tap_norms_cpu(const at::Tensor& x, const at::Tensor& weight,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t groups) {
+at::Tensor conv_tap_norms_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const NestedCallGuard nested;
   const char* op = "conv_tap_norms";
   const ConvGeometry geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,

@@ -15,14 +15,10 @@ namespace srd_ext {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
-                                                     const at::Tensor& weight_in,
-                                                     const c10::optional<at::Tensor>& bias_in,
-                                                     const at::Tensor& positions_in,
-                                                     at::IntArrayRef stride,
-                                                     at::IntArrayRef padding,
-                                                     at::IntArrayRef dilation,
-                                                     c10::string_view bias_share) {
+std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& positions_in, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, c10::string_view bias_share) {
   const NestedCallGuard nested;
   const char* op = "pfv_decompose";
   const ConvGeometry geo = check_tap_norms_args(op, x_in, weight_in, stride, padding, dilation,
@@ -55,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
     const int64_t b = pp[3 * r], oy = pp[3 * r + 1], ox = pp[3 * r + 2];
     TORCH_CHECK(b >= 0 && b < B && oy >= 0 && oy < Ho && ox >= 0 && ox < Wo, "srd_ext::", op,
                 ": positions row ", r, " is (b, y, x) = (", b, ", ", oy, ", ", ox,
-                ") but the valid ranges are b in [0, ", B, "), y in [0, ", Ho, "), x in [0, ",
-                Wo, ") for x ", shape_str(x_in), " and weight ", shape_str(weight_in));
+                ") but the valid ranges are b in [0, ", B, "), y in [0, ", Ho, "), x in [0, ", Wo,
+                ") for x ", shape_str(x_in), " and weight ", shape_str(weight_in));
   }
 
   const auto x = x_in.contiguous();
@@ -148,6 +144,4 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cpu(const at::Tensor& x_in,
 }  // namespace cpu
 }  // namespace srd_ext
 
-TORCH_LIBRARY_IMPL(srd_ext, CPU, m) {
-  m.impl("pfv_decompose", &srd_ext::cpu::pfv_decompose_cpu);
-}
+TORCH_LIBRARY_IMPL(srd_ext, CPU, m) { m.impl("pfv_decompose", &srd_ext::cpu::pfv_decompose_cpu); }

@@ -116,7 +116,8 @@ __device__ __forceinline__ Lane lane_of(const Split& S, int64_t tile) {
 // Sums of the lanes of each pixel column, in a fixed order; every thread of the column gets
 // them. `sh` holds 2 * blockDim.x values; all threads of the block must call this.
 template <typename acc_t>
-__device__ __forceinline__ void column_sums(const Lane& l, int TX, acc_t* sh, acc_t& s0, acc_t& s1) {
+__device__ __forceinline__ void column_sums(const Lane& l, int TX, acc_t* sh, acc_t& s0,
+                                            acc_t& s1) {
   __syncthreads();  // sh may still be read by the previous tile
   sh[threadIdx.x] = s0;
   sh[blockDim.x + threadIdx.x] = s1;
@@ -174,7 +175,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Second pass: add the partial sums of every slice (in slice order), write channel slice blockIdx.y.
+// Second pass: add the partial sums of every slice (in slice order), write channel slice
+// blockIdx.y.
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
     finish_kernel(Op op, Split S, int64_t tiles, const typename Op::acc_t* __restrict__ part) {
@@ -265,22 +267,25 @@ std::tuple<at::Tensor, at::Tensor> activation_share_cuda(const at::Tensor& a,
   const int64_t B = a.size(0), C = a.size(1), P = pixels_per_sample(a);
   if (B * P == 0) return {relevance, g};
   if (C == 0) {  // empty sums: relevance = extra (or 0), g has no elements
-    if (ec.defined()) relevance.copy_(ec);
-    else relevance.zero_();
+    if (ec.defined())
+      relevance.copy_(ec);
+    else
+      relevance.zero_();
     return {relevance, g};
   }
 
   const Split S = plan_split(B, C, P, a.device().index());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
-                                  "activation_share_cuda", [&] {
-    const ForwardOp<scalar_t> fop{ac.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-                                  zc.const_data_ptr<scalar_t>(),
-                                  ec.defined() ? ec.const_data_ptr<scalar_t>() : nullptr,
-                                  relevance.mutable_data_ptr<scalar_t>(),
-                                  g.mutable_data_ptr<scalar_t>()};
-    launch(fop, S, B, a, stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.scalar_type(), "activation_share_cuda", [&] {
+        const ForwardOp<scalar_t> fop{ac.const_data_ptr<scalar_t>(),
+                                      gc.const_data_ptr<scalar_t>(),
+                                      zc.const_data_ptr<scalar_t>(),
+                                      ec.defined() ? ec.const_data_ptr<scalar_t>() : nullptr,
+                                      relevance.mutable_data_ptr<scalar_t>(),
+                                      g.mutable_data_ptr<scalar_t>()};
+        launch(fop, S, B, a, stream);
+      });
   return {relevance, g};
 }
 
@@ -308,15 +313,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> activation_share_back
 
   const Split S = plan_split(B, C, P, a.device().index());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
-                                  "activation_share_backward_cuda", [&] {
-    const BackwardOp<scalar_t> bop{
-        drc.const_data_ptr<scalar_t>(), dgc.const_data_ptr<scalar_t>(), ac.const_data_ptr<scalar_t>(),
-        gc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(),
-        grad_a.mutable_data_ptr<scalar_t>(), grad_grad.mutable_data_ptr<scalar_t>(),
-        grad_z.mutable_data_ptr<scalar_t>(), grad_extra.mutable_data_ptr<scalar_t>()};
-    launch(bop, S, B, a, stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.scalar_type(), "activation_share_backward_cuda", [&] {
+        const BackwardOp<scalar_t> bop{
+            drc.const_data_ptr<scalar_t>(),      dgc.const_data_ptr<scalar_t>(),
+            ac.const_data_ptr<scalar_t>(),       gc.const_data_ptr<scalar_t>(),
+            zc.const_data_ptr<scalar_t>(),       rc.const_data_ptr<scalar_t>(),
+            grad_a.mutable_data_ptr<scalar_t>(), grad_grad.mutable_data_ptr<scalar_t>(),
+            grad_z.mutable_data_ptr<scalar_t>(), grad_extra.mutable_data_ptr<scalar_t>()};
+        launch(bop, S, B, a, stream);
+      });
   return {grad_a, grad_grad, grad_z, grad_extra};
 }
 

@@ -81,7 +81,8 @@ __global__ void scatter_kernel(const scalar_t* __restrict__ n, const acc_t* __re
 template <typename scalar_t, typename acc_t>
 __global__ void scatter_backward_kernel(const scalar_t* __restrict__ d_rel,
                                         const acc_t* __restrict__ coef, const acc_t* __restrict__ w,
-                                        scalar_t* __restrict__ grad_n, ConvGeometry g, int64_t total) {
+                                        scalar_t* __restrict__ grad_n, ConvGeometry g,
+                                        int64_t total) {
   const int64_t T = g.taps(), plane_in = g.in_pixels(), plane_out = g.out_pixels();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -112,8 +113,9 @@ at::Tensor bias_share_scatter_cuda(const at::Tensor& tap_norms, const at::Tensor
                                    at::IntArrayRef padding, at::IntArrayRef dilation) {
   const NestedCallGuard nested;
   const char* op = "bias_share_scatter";
-  const ConvGeometry g = check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding, dilation,
-                                      /*allow_half=*/true);
+  const ConvGeometry g =
+      check_scatter_args(op, tap_norms, bias_dot, kernel_size, stride, padding, dilation,
+                         /*allow_half=*/true);
   check_cuda(op, "tap_norms", tap_norms);  // bias_dot was checked to share its device
   const c10::cuda::CUDAGuard guard(tap_norms.device());
 
@@ -135,8 +137,8 @@ at::Tensor bias_share_scatter_cuda(const at::Tensor& tap_norms, const at::Tensor
         coef.mutable_data_ptr<acc_t>(), nullptr, nullptr, g, n_out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     scatter_kernel<scalar_t, acc_t><<<grid_for(n_in), kThreads, 0, stream>>>(
-        nc.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(), rel.mutable_data_ptr<scalar_t>(),
-        g, n_in);
+        nc.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
+        rel.mutable_data_ptr<scalar_t>(), g, n_in);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return rel;
@@ -148,8 +150,9 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cuda(
     at::IntArrayRef dilation) {
   const NestedCallGuard nested;
   const char* op = "bias_share_scatter_backward";
-  const ConvGeometry g = check_scatter_backward_args(op, grad_relevance, tap_norms, bias_dot, kernel_size,
-                                               stride, padding, dilation, /*allow_half=*/true);
+  const ConvGeometry g =
+      check_scatter_backward_args(op, grad_relevance, tap_norms, bias_dot, kernel_size, stride,
+                                  padding, dilation, /*allow_half=*/true);
   check_cuda(op, "tap_norms", tap_norms);
   const c10::cuda::CUDAGuard guard(tap_norms.device());
 
@@ -167,18 +170,19 @@ std::tuple<at::Tensor, at::Tensor> bias_share_scatter_backward_cuda(
   auto coef = at::empty({n_out}, tap_norms.options().dtype(acc_dtype));
   auto w = at::empty({n_out}, tap_norms.options().dtype(acc_dtype));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "bias_share_scatter_backward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    per_output_kernel<scalar_t, acc_t><<<grid_for(n_out), kThreads, 0, stream>>>(
-        nc.const_data_ptr<scalar_t>(), dc.const_data_ptr<scalar_t>(), drc.const_data_ptr<scalar_t>(),
-        coef.mutable_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>(), grad_d.mutable_data_ptr<scalar_t>(),
-        g, n_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    scatter_backward_kernel<scalar_t, acc_t><<<grid_for(n_in), kThreads, 0, stream>>>(
-        drc.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-        grad_n.mutable_data_ptr<scalar_t>(), g, n_in);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, st, "bias_share_scatter_backward_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, true>;
+        per_output_kernel<scalar_t, acc_t><<<grid_for(n_out), kThreads, 0, stream>>>(
+            nc.const_data_ptr<scalar_t>(), dc.const_data_ptr<scalar_t>(),
+            drc.const_data_ptr<scalar_t>(), coef.mutable_data_ptr<acc_t>(),
+            w.mutable_data_ptr<acc_t>(), grad_d.mutable_data_ptr<scalar_t>(), g, n_out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        scatter_backward_kernel<scalar_t, acc_t><<<grid_for(n_in), kThreads, 0, stream>>>(
+            drc.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+            grad_n.mutable_data_ptr<scalar_t>(), g, n_in);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {grad_n, grad_d};
 }
 

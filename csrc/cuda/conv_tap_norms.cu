@@ -119,9 +119,9 @@ struct Chunk {
 };
 
 // For every (pixel of the chunk, tap of the block): out = sqrt(sum_g sum_r y[g, k, r]^2) (product
-// form) or sqrt(sum_g sum_r y[g, k, r] x[g, r]) (Gram form) where the tap reaches the pixel, else 0.
-// y: (nb, groups*ntaps*R, nyc, Wp) products, channels ordered (group, tap, r); xv: (nb, C_in, nyc,
-// Wp) the chunk's pixels of x (Gram form). LANES = 1: one thread per pair, looping over r (for
+// form) or sqrt(sum_g sum_r y[g, k, r] x[g, r]) (Gram form) where the tap reaches the pixel, else
+// 0. y: (nb, groups*ntaps*R, nyc, Wp) products, channels ordered (group, tap, r); xv: (nb, C_in,
+// nyc, Wp) the chunk's pixels of x (Gram form). LANES = 1: one thread per pair, looping over r (for
 // products whose pixels are adjacent in memory); LANES = 32: one warp per pair, its lanes
 // striding over r (for products whose channels are adjacent).
 template <typename scalar_t, typename acc_t, bool GRAM, int LANES>
@@ -130,8 +130,8 @@ __global__ void reduce_kernel(View4<scalar_t> y, View4<scalar_t> xv, scalar_t* _
   const int64_t nt = taps.n;
   const int64_t items = nt * ch.nb * ch.nyc * ch.Wp;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < items * LANES;
-       idx += stride) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < items * LANES; idx += stride) {
     int64_t item = idx / LANES;
     const int lane = static_cast<int>(idx % LANES);
     const int64_t xp = item % ch.Wp;
@@ -222,28 +222,32 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeome
           const int64_t items = nt * nb * nyc * Wp;
           // Channels adjacent in memory (channels_last products): a warp per pair.
           const bool by_warp = y.stride(1) == 1 && M > 1;
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                          "conv_tap_norms_cuda", [&] {
-            using acc_t = at::acc_type<scalar_t, true>;
-            const auto yv = view4<scalar_t>(y), xvv = view4<scalar_t>(xv);
-            scalar_t* po = out.mutable_data_ptr<scalar_t>();
-            auto launch = [&](auto gram, auto lanes) {
-              constexpr int L = decltype(lanes)::value;
-              reduce_kernel<scalar_t, acc_t, decltype(gram)::value, L>
-                  <<<grid_for(items * L), kThreads, 0, stream>>>(yv, xvv, po, taps, ch, groups, R,
-                                                                 Cg);
-            };
-            using Warp = std::integral_constant<int, 32>;
-            using Thread = std::integral_constant<int, 1>;
-            if (form == Form::kGram) {
-              if (by_warp) launch(std::true_type{}, Warp{});
-              else launch(std::true_type{}, Thread{});
-            } else {
-              if (by_warp) launch(std::false_type{}, Warp{});
-              else launch(std::false_type{}, Thread{});
-            }
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
+          AT_DISPATCH_FLOATING_TYPES_AND2(
+              at::kHalf, at::kBFloat16, x.scalar_type(), "conv_tap_norms_cuda", [&] {
+                using acc_t = at::acc_type<scalar_t, true>;
+                const auto yv = view4<scalar_t>(y), xvv = view4<scalar_t>(xv);
+                scalar_t* po = out.mutable_data_ptr<scalar_t>();
+                auto launch = [&](auto gram, auto lanes) {
+                  constexpr int L = decltype(lanes)::value;
+                  reduce_kernel<scalar_t, acc_t, decltype(gram)::value, L>
+                      <<<grid_for(items * L), kThreads, 0, stream>>>(yv, xvv, po, taps, ch, groups,
+                                                                     R, Cg);
+                };
+                using Warp = std::integral_constant<int, 32>;
+                using Thread = std::integral_constant<int, 1>;
+                if (form == Form::kGram) {
+                  if (by_warp)
+                    launch(std::true_type{}, Warp{});
+                  else
+                    launch(std::true_type{}, Thread{});
+                } else {
+                  if (by_warp)
+                    launch(std::false_type{}, Warp{});
+                  else
+                    launch(std::false_type{}, Thread{});
+                }
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
         }
       }
     }
@@ -258,8 +262,8 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeome
 // terms doubled, zero-padded from Cg to CG.
 template <typename scalar_t, typename acc_t, int CG>
 __global__ void direct_kernel(View4<scalar_t> x, const acc_t* __restrict__ A,
-                              scalar_t* __restrict__ out, ConvGeometry g, int64_t B,
-                              int64_t groups, int64_t cg) {
+                              scalar_t* __restrict__ out, ConvGeometry g, int64_t B, int64_t groups,
+                              int64_t cg) {
   const int64_t T = g.taps(), plane = g.in_pixels(), total = B * T * plane;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -300,30 +304,41 @@ void direct_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeo
       at::constant_pad_nd(G * upper, {0, CG - Cg, 0, CG - Cg}).to(acc_dtype).contiguous();
   const int64_t total = B * T * geo.in_pixels();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "conv_tap_norms_cuda_direct", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const auto xv = view4<scalar_t>(x);
-    const acc_t* pa = A.const_data_ptr<acc_t>();
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    const auto grid = grid_for(total);
-    auto launch = [&](auto cg) {
-      direct_kernel<scalar_t, acc_t, decltype(cg)::value>
-          <<<grid, kThreads, 0, stream>>>(xv, pa, po, geo, B, groups, Cg);
-    };
-    switch (CG) {
-      case 1: launch(std::integral_constant<int, 1>{}); break;
-      case 2: launch(std::integral_constant<int, 2>{}); break;
-      case 4: launch(std::integral_constant<int, 4>{}); break;
-      case 8: launch(std::integral_constant<int, 8>{}); break;
-      default: launch(std::integral_constant<int, 16>{}); break;
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "conv_tap_norms_cuda_direct", [&] {
+        using acc_t = at::acc_type<scalar_t, true>;
+        const auto xv = view4<scalar_t>(x);
+        const acc_t* pa = A.const_data_ptr<acc_t>();
+        scalar_t* po = out.mutable_data_ptr<scalar_t>();
+        const auto grid = grid_for(total);
+        auto launch = [&](auto cg) {
+          direct_kernel<scalar_t, acc_t, decltype(cg)::value>
+              <<<grid, kThreads, 0, stream>>>(xv, pa, po, geo, B, groups, Cg);
+        };
+        switch (CG) {
+          case 1:
+            launch(std::integral_constant<int, 1>{});
+            break;
+          case 2:
+            launch(std::integral_constant<int, 2>{});
+            break;
+          case 4:
+            launch(std::integral_constant<int, 4>{});
+            break;
+          case 8:
+            launch(std::integral_constant<int, 8>{});
+            break;
+          default:
+            launch(std::integral_constant<int, 16>{});
+            break;
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
-at::Tensor conv_tap_norms_cuda(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+at::Tensor conv_tap_norms_cuda(const at::Tensor& x, const at::Tensor& weight,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups) {
   const NestedCallGuard nested;
   const char* op = "conv_tap_norms";
   const ConvGeometry geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,
@@ -395,10 +410,10 @@ std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cuda(
         return tsr.slice(ydim, ry.i0, ry.i0 + (ny - 1) * g.y.s + 1, g.y.s)
             .slice(ydim + 1, rx.i0, rx.i0 + (nx - 1) * g.x.s + 1, g.x.s);
       };
-      const auto x_t = sub(xa, 2);                           // (B, C_in, ny, nx)
-      const auto n_t = sub(tap_norms.select(1, t), 1);       // (B, ny, nx)
-      const auto dn_t = sub(grad_tap_norms.select(1, t), 1); // (B, ny, nx)
-      auto gx_t = sub(grad_x, 2);                            // view into grad_x
+      const auto x_t = sub(xa, 2);                            // (B, C_in, ny, nx)
+      const auto n_t = sub(tap_norms.select(1, t), 1);        // (B, ny, nx)
+      const auto dn_t = sub(grad_tap_norms.select(1, t), 1);  // (B, ny, nx)
+      auto gx_t = sub(grad_x, 2);                             // view into grad_x
       const auto w_t = wa.select(3, kx).select(2, ky).reshape({groups, cog, cg});
 
       const int64_t per_sample = P * std::max(c_in, gram ? c_in : c_out);
@@ -409,10 +424,11 @@ std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cuda(
         // c = dn / n where n > 0 (or NaN), else 0; for this tap and chunk only.
         const auto n_c = n_t.narrow(0, b0, nb).to(acc_dtype);
         const auto pos = n_c.le(0).logical_not_();
-        const auto cf = at::where(pos, dn_t.narrow(0, b0, nb).to(acc_dtype) /
-                                           at::where(pos, n_c, at::ones_like(n_c)),
-                                  at::zeros_like(n_c))
-                            .reshape({1, 1, nb * P});
+        const auto cf =
+            at::where(
+                pos, dn_t.narrow(0, b0, nb).to(acc_dtype) / at::where(pos, n_c, at::ones_like(n_c)),
+                at::zeros_like(n_c))
+                .reshape({1, 1, nb * P});
         // (groups, Cg, nb * P): columns are the gathered input pixels.
         const auto X = x_t.narrow(0, b0, nb).transpose(0, 1).reshape({groups, cg, nb * P});
         at::Tensor gX, gW;
@@ -428,8 +444,8 @@ std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cuda(
           }
         } else {
           const auto dY = at::bmm(w_t, X).mul_(cf);  // (groups, Cog, nb * P)
-          gX = at::bmm(w_t.transpose(1, 2), dY);    // (groups, Cg, nb * P)
-          gW = at::bmm(dY, X.transpose(1, 2));      // (groups, Cog, Cg)
+          gX = at::bmm(w_t.transpose(1, 2), dY);     // (groups, Cg, nb * P)
+          gW = at::bmm(dY, X.transpose(1, 2));       // (groups, Cog, Cg)
         }
         gx_t.narrow(0, b0, nb).add_(gX.view({c_in, nb, ny, nx}).transpose(0, 1));
         grad_w.select(3, kx).select(2, ky).add_(gW.reshape({c_out, cg}));

@@ -28,7 +28,8 @@ inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
 // Blocks for a grid-stride loop over n items; capped so the grid size always fits.
 inline unsigned int grid_for(int64_t n, int threads = kThreads) {
   const int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20)));
+  return static_cast<unsigned int>(
+      std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20)));
 }
 
 // Streaming multiprocessors of a device (queried once per device).

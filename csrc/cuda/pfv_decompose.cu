@@ -93,8 +93,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     row_sums_kernel(const acc_t* __restrict__ y, const acc_t* __restrict__ tap_norm,
                     const scalar_t* __restrict__ bias,  // may be null
-                    acc_t* __restrict__ z, acc_t* __restrict__ row_sums, int64_t T,
-                    int64_t c_out) {
+                    acc_t* __restrict__ z, acc_t* __restrict__ row_sums, int64_t T, int64_t c_out) {
   __shared__ acc_t scratch[32];
   const int64_t r = blockIdx.x;
   const int tid = threadIdx.x;
@@ -138,12 +137,10 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) mu[rt] = static_cast<scalar_t>(positive_or_nan(z2) ? dot / z2 : acc_t(0));
 }
 
-std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                      const c10::optional<at::Tensor>& bias,
-                                                      const at::Tensor& positions,
-                                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation,
-                                                      c10::string_view bias_share) {
+std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& positions, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, c10::string_view bias_share) {
   const NestedCallGuard nested;
   const char* op = "pfv_decompose";
   const ConvGeometry g = check_tap_norms_args(op, x, weight, stride, padding, dilation,
@@ -161,15 +158,16 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(const at::Tensor& x, const
   TORCH_CHECK(positions.scalar_type() == at::kLong, "srd_ext::", op,
               ": positions must be int64, got ", positions.scalar_type());
   TORCH_CHECK(positions.device() == x.device(), "srd_ext::", op, ": positions is on ",
-              positions.device(), " but x is on ", x.device(), "; all tensors must be on one device");
+              positions.device(), " but x is on ", x.device(),
+              "; all tensors must be on one device");
   const c10::cuda::CUDAGuard guard(x.device());
 
   const int64_t N = positions.size(0);
   auto v_hat = at::empty({N, T, c_out}, x.options());
   auto mu = at::empty({N, T}, x.options());
   if (N == 0) return {v_hat, mu};
-  TORCH_CHECK(N * T <= std::numeric_limits<int32_t>::max(), "srd_ext::", op, ": too many positions (",
-              N, ") for a kernel with ", T, " taps");
+  TORCH_CHECK(N * T <= std::numeric_limits<int32_t>::max(), "srd_ext::", op,
+              ": too many positions (", N, ") for a kernel with ", T, " taps");
 
   const auto xc = x.contiguous();
   const auto wp = weight.permute({2, 3, 1, 0}).contiguous();  // (kh, kw, C_in, C_out)
@@ -185,23 +183,25 @@ std::tuple<at::Tensor, at::Tensor> pfv_decompose_cuda(const at::Tensor& x, const
   const auto blocks_rt = static_cast<unsigned int>(N * T);
   const auto blocks_r = static_cast<unsigned int>(N);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pfv_decompose_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const scalar_t* bp = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
-    tap_outputs_kernel<scalar_t, acc_t><<<blocks_rt, kThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), wp.const_data_ptr<scalar_t>(), pos.const_data_ptr<int64_t>(),
-        y.mutable_data_ptr<acc_t>(), tap_norm.mutable_data_ptr<acc_t>(), g, B, c_in, c_out, mode);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    row_sums_kernel<scalar_t, acc_t><<<blocks_r, kThreads, 0, stream>>>(
-        y.const_data_ptr<acc_t>(), tap_norm.const_data_ptr<acc_t>(), bp, z.mutable_data_ptr<acc_t>(),
-        row_sums.mutable_data_ptr<acc_t>(), T, c_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    share_kernel<scalar_t, acc_t><<<blocks_rt, kThreads, 0, stream>>>(
-        y.const_data_ptr<acc_t>(), tap_norm.const_data_ptr<acc_t>(), bp, z.const_data_ptr<acc_t>(),
-        row_sums.const_data_ptr<acc_t>(), v_hat.mutable_data_ptr<scalar_t>(),
-        mu.mutable_data_ptr<scalar_t>(), T, c_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "pfv_decompose_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, true>;
+        const scalar_t* bp = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
+        tap_outputs_kernel<scalar_t, acc_t><<<blocks_rt, kThreads, 0, stream>>>(
+            xc.const_data_ptr<scalar_t>(), wp.const_data_ptr<scalar_t>(),
+            pos.const_data_ptr<int64_t>(), y.mutable_data_ptr<acc_t>(),
+            tap_norm.mutable_data_ptr<acc_t>(), g, B, c_in, c_out, mode);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        row_sums_kernel<scalar_t, acc_t><<<blocks_r, kThreads, 0, stream>>>(
+            y.const_data_ptr<acc_t>(), tap_norm.const_data_ptr<acc_t>(), bp,
+            z.mutable_data_ptr<acc_t>(), row_sums.mutable_data_ptr<acc_t>(), T, c_out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        share_kernel<scalar_t, acc_t><<<blocks_rt, kThreads, 0, stream>>>(
+            y.const_data_ptr<acc_t>(), tap_norm.const_data_ptr<acc_t>(), bp,
+            z.const_data_ptr<acc_t>(), row_sums.const_data_ptr<acc_t>(),
+            v_hat.mutable_data_ptr<scalar_t>(), mu.mutable_data_ptr<scalar_t>(), T, c_out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {v_hat, mu};
 }
 

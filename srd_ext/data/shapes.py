@@ -16,6 +16,7 @@ with ``normalize=True`` (default), normalized with the ImageNet mean/std, which 
 every model of :mod:`srd_ext.models` expects. Masks mark the pixels at least half covered
 by the visible object (the object is drawn antialiased).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -37,8 +38,16 @@ __all__ = [
 ]
 
 SHAPES_CLASSES: Tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross",
-    "semicircle", "ring", "crescent", "heart", "arrow",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "semicircle",
+    "ring",
+    "crescent",
+    "heart",
+    "arrow",
 )
 SPLITS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SIZES = {"train": 10000, "val": 500, "test": 752}  # train: what train_shapes.py uses
@@ -49,6 +58,7 @@ _SS = 4  # supersampling factor of the antialiased rasterizer
 # --------------------------------------------------------------------------- shapes
 # Each class is a list of (polygon, fill) in unit coordinates (extent about 1);
 # fill 0 cuts a hole into what was painted before.
+
 
 def _ngon(n: int, r: float = 1.0, phase: float = 0.0, center=(0.0, 0.0)) -> np.ndarray:
     t = phase + 2 * np.pi * np.arange(n) / n
@@ -72,24 +82,23 @@ def _heart() -> np.ndarray:
 
 def _build_shapes() -> List[List[Tuple[np.ndarray, int]]]:
     w, l = 0.25, 0.95
-    cross = np.array([[-w, -l], [w, -l], [w, -w], [l, -w], [l, w], [w, w],
-                      [w, l], [-w, l], [-w, w], [-l, w], [-l, -w], [-w, -w]])
-    arrow = np.array([[-1.0, -0.2], [0.15, -0.2], [0.15, -0.6], [1.0, 0.0],
-                      [0.15, 0.6], [0.15, 0.2], [-1.0, 0.2]])
+    cross = np.array(
+        [[-w, -l], [w, -l], [w, -w], [l, -w], [l, w], [w, w], [w, l], [-w, l], [-w, w], [-l, w], [-l, -w], [-w, -w]]
+    )
+    arrow = np.array([[-1.0, -0.2], [0.15, -0.2], [0.15, -0.6], [1.0, 0.0], [0.15, 0.6], [0.15, 0.2], [-1.0, 0.2]])
     t = np.linspace(0, np.pi, 49)
     semi = 0.9 * (np.stack([np.cos(t), -np.sin(t)], 1) + [0, 0.5])
     return [
-        [(_ngon(96, 0.9), 1)],                                        # circle
-        [(_ngon(4, 1.05, np.pi / 4), 1)],                             # square
-        [(_ngon(3, 1.05, -np.pi / 2) + [0, 0.2], 1)],                 # triangle
-        [(_star(5, 1.05, 0.42), 1)],                                  # star
-        [(cross, 1)],                                                 # cross
-        [(semi, 1)],                                                  # semicircle
-        [(_ngon(96, 0.95), 1), (_ngon(96, 0.55), 0)],                 # ring
-        [(_ngon(96, 0.95, center=(0.22, 0)), 1),
-         (_ngon(96, 0.8, center=(0.67, 0)), 0)],                      # crescent
-        [(_heart(), 1)],                                              # heart
-        [(arrow, 1)],                                                 # arrow
+        [(_ngon(96, 0.9), 1)],  # circle
+        [(_ngon(4, 1.05, np.pi / 4), 1)],  # square
+        [(_ngon(3, 1.05, -np.pi / 2) + [0, 0.2], 1)],  # triangle
+        [(_star(5, 1.05, 0.42), 1)],  # star
+        [(cross, 1)],  # cross
+        [(semi, 1)],  # semicircle
+        [(_ngon(96, 0.95), 1), (_ngon(96, 0.55), 0)],  # ring
+        [(_ngon(96, 0.95, center=(0.22, 0)), 1), (_ngon(96, 0.8, center=(0.67, 0)), 0)],  # crescent
+        [(_heart(), 1)],  # heart
+        [(arrow, 1)],  # arrow
     ]
 
 
@@ -97,6 +106,7 @@ _SHAPES = _build_shapes()
 
 
 # --------------------------------------------------------------------------- rendering
+
 
 def _color(rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.15:  # some greys, so hue alone never separates object and clutter
@@ -202,8 +212,9 @@ def _distractor(rng: np.random.Generator, S: int, u: float) -> np.ndarray:
         p = _place(_blob(rng), pos, rng.uniform(5, 13) * u, rng.uniform(0, 2 * np.pi), 1.0)
         dr.polygon(_pts(p), fill=255)
     elif kind < 0.8:
-        dr.line(_pts(_scribble(rng, pos, 14 * u)), fill=255,
-                width=int(round(rng.uniform(1.5, 4) * u * _SS)), joint="curve")
+        dr.line(
+            _pts(_scribble(rng, pos, 14 * u)), fill=255, width=int(round(rng.uniform(1.5, 4) * u * _SS)), joint="curve"
+        )
     else:
         t = rng.uniform(0, np.pi)
         d = rng.uniform(10, 30) * u * np.array([np.cos(t), np.sin(t)])
@@ -211,8 +222,9 @@ def _distractor(rng: np.random.Generator, S: int, u: float) -> np.ndarray:
     return _coverage(cv, S)
 
 
-def render(seed: int, split: str, index: int, image_size: int = 112,
-           draw_object: bool = True) -> Tuple[np.ndarray, np.ndarray, int]:
+def render(
+    seed: int, split: str, index: int, image_size: int = 112, draw_object: bool = True
+) -> Tuple[np.ndarray, np.ndarray, int]:
     """Render one scene. Returns (uint8 image (H, W, 3), bool mask (H, W), label).
 
     ``draw_object=False`` renders the identical scene without the class object (the mask
@@ -275,9 +287,15 @@ def render(seed: int, split: str, index: int, image_size: int = 112,
     return img, visible >= 0.5, label
 
 
-def generate(split: str, n: Optional[int] = None, image_size: int = 112, seed: int = 0,
-             start: int = 0, normalize: bool = True, uint8: bool = False
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def generate(
+    split: str,
+    n: Optional[int] = None,
+    image_size: int = 112,
+    seed: int = 0,
+    start: int = 0,
+    normalize: bool = True,
+    uint8: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Items ``start .. start+n-1`` of a split as (images (N, 3, H, W), masks (N, H, W), labels (N,)).
 
     Images are float32 (normalized unless ``normalize=False``), or raw uint8 with ``uint8=True``.
@@ -304,8 +322,14 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     classes = SHAPES_CLASSES
 
-    def __init__(self, split: str = "test", size: Optional[int] = None, image_size: int = 112,
-                 seed: int = 0, normalize: bool = True):
+    def __init__(
+        self,
+        split: str = "test",
+        size: Optional[int] = None,
+        image_size: int = 112,
+        seed: int = 0,
+        normalize: bool = True,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         self.split, self.image_size, self.seed, self.normalize = split, image_size, seed, normalize

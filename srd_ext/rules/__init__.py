@@ -11,6 +11,7 @@ tests.
 rule, folds every BatchNorm into the conv before it, follows pixel layouts, and finds the nodes
 every path passes through.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Set
@@ -20,11 +21,23 @@ import torch
 from . import activations, affine, structure  # noqa: F401  (register the rules)
 from .activations import Activation
 from .affine import BatchNorm, Conv2d, Linear
-from .base import BIAS_SHARES, REGISTRY, Rule, relevance_to_field, to_nchw, from_nchw, pixel_sum, unsupported
+from .base import BIAS_SHARES, REGISTRY, Rule, from_nchw, pixel_sum, relevance_to_field, to_nchw, unsupported
 
-__all__ = ["REGISTRY", "Rule", "BIAS_SHARES", "rule_for", "analyse", "supported_table",
-           "supported_summary", "relevance_to_field", "to_nchw", "from_nchw", "pixel_sum",
-           "unsupported", "Activation"]
+__all__ = [
+    "REGISTRY",
+    "Rule",
+    "BIAS_SHARES",
+    "rule_for",
+    "analyse",
+    "supported_table",
+    "supported_summary",
+    "relevance_to_field",
+    "to_nchw",
+    "from_nchw",
+    "pixel_sum",
+    "unsupported",
+    "Activation",
+]
 
 
 class _Opaque(Rule):
@@ -47,10 +60,16 @@ def rule_for(node) -> Rule:
     name = node.op_name
     if name in REGISTRY:
         return REGISTRY[name]
-    if not isinstance(node.target, torch._ops.OpOverload) or name in ("aten.sym_size", "aten.sym_numel",
-                                                                        "aten.sym_stride"):
-        if node.target.__module__ in ("_operator", "operator") or name.startswith("sym_") or \
-                getattr(node.target, "__module__", "").startswith("torch"):
+    if not isinstance(node.target, torch._ops.OpOverload) or name in (
+        "aten.sym_size",
+        "aten.sym_numel",
+        "aten.sym_stride",
+    ):
+        if (
+            node.target.__module__ in ("_operator", "operator")
+            or name.startswith("sym_")
+            or getattr(node.target, "__module__", "").startswith("torch")
+        ):
             return _META
     return _OPAQUE
 
@@ -106,9 +125,14 @@ def _fold_batchnorms(graph) -> None:
         if not (n.kind == "call" and n.data and isinstance(n.rule, BatchNorm)):
             continue
         src = graph.nodes[n.params["x"]]
-        if src.kind == "call" and isinstance(src.rule, Conv2d) and src.data \
-                and graph.users[src.index] == [n.index] and src.params.get("dims") == 2 \
-                and not src.params.get("transposed"):
+        if (
+            src.kind == "call"
+            and isinstance(src.rule, Conv2d)
+            and src.data
+            and graph.users[src.index] == [n.index]
+            and src.params.get("dims") == 2
+            and not src.params.get("transposed")
+        ):
             n.fused = src.index
             n.field_inputs = list(src.field_inputs)
 
@@ -148,9 +172,11 @@ def _cuts(graph) -> Set[int]:
 # --------------------------------------------------------------------------------------------
 # The supported-op list
 # --------------------------------------------------------------------------------------------
-_GROUPS = (("activations", "Activations (decomposition sites)"),
-           ("affine", "Affine ops (with their bias shares)"),
-           ("structure", "Routing, pooling and resizing"))
+_GROUPS = (
+    ("activations", "Activations (decomposition sites)"),
+    ("affine", "Affine ops (with their bias shares)"),
+    ("structure", "Routing, pooling and resizing"),
+)
 
 
 def _unique_rules() -> List[Rule]:
@@ -167,8 +193,12 @@ def supported_table() -> str:
     lines = []
     for key, title in _GROUPS:
         rules = [r for r in _unique_rules() if r.group == key]
-        lines.append(f"- **{title}**: " + "; ".join(
-            f"{r.describe()} (`{'`, `'.join(sorted({o.split('.', 1)[-1] for o in r.ops}))}`)" for r in rules))
+        lines.append(
+            f"- **{title}**: "
+            + "; ".join(
+                f"{r.describe()} (`{'`, `'.join(sorted({o.split('.', 1)[-1] for o in r.ops}))}`)" for r in rules
+            )
+        )
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ its forward, its derivative (for the head's gradient) and, where it is piecewise
 pieces (for APOP). The output ``a`` is recomputed from ``z`` when the walk needs it, so the
 forward keeps one tensor per site.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,9 @@ class Activation(Rule):
         if node.layout is None:
             from .base import unsupported
 
-            raise unsupported(node, f"an activation on a tensor of shape {node.shape} with no pixel "
-                                    "layout (batch, height, width)")
+            raise unsupported(
+                node, f"an activation on a tensor of shape {node.shape} with no pixel layout (batch, height, width)"
+            )
 
     def layout(self, node, graph):
         return same_layout(node, graph)
@@ -198,8 +200,7 @@ class Hardsigmoid(Activation):
 
 @register
 class Clamp(Activation):
-    ops = ("aten.clamp", "aten.clamp_", "aten.clamp_min", "aten.clamp_min_", "aten.clamp_max",
-           "aten.clamp_max_")
+    ops = ("aten.clamp", "aten.clamp_", "aten.clamp_min", "aten.clamp_min_", "aten.clamp_max", "aten.clamp_max_")
     title = "clamp with constant bounds"
     piecewise_linear = True
 
@@ -309,7 +310,7 @@ class GELU(Activation):
         approximate = self.arg(node, 1, "approximate", "none")
         if approximate == "tanh":
             k = math.sqrt(2.0 / math.pi)
-            u = k * (z + 0.044715 * z ** 3)
+            u = k * (z + 0.044715 * z**3)
             t = torch.tanh(u)
             return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
         return 0.5 * (1 + torch.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)

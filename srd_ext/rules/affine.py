@@ -12,10 +12,11 @@ pixels it reads (docs/math.md, "Bias shares"):
 - a pixel whose contribution is zero takes no share; an output pixel none of whose inputs
   contributes hands its bias to nobody.
 """
+
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,7 @@ from torch import Tensor
 
 from .. import ops
 from ..capture import Ref
-from .base import (Rule, nchw_layout, pixel_norm, pixel_sum, register, same_layout, sum_to,
-                   to_nchw, unsupported)
+from .base import Rule, nchw_layout, pixel_norm, pixel_sum, register, same_layout, sum_to, unsupported
 
 
 def _is_ref(a) -> bool:
@@ -58,9 +58,15 @@ def _conv_args(node):
 def conv_geometry(node, graph):
     x, w, b, stride, padding, dilation, groups, transposed = _conv_args(node)
     wshape = graph.nodes[w.index].shape if _is_ref(w) else tuple(w.shape)
-    p = {"x": x.index, "w": w.index if _is_ref(w) else None, "b": b.index if _is_ref(b) else None,
-         "transposed": transposed, "groups": int(groups), "dims": len(wshape) - 2,
-         "weight_data": _is_ref(w) and graph.nodes[w.index].data}
+    p = {
+        "x": x.index,
+        "w": w.index if _is_ref(w) else None,
+        "b": b.index if _is_ref(b) else None,
+        "transposed": transposed,
+        "groups": int(groups),
+        "dims": len(wshape) - 2,
+        "weight_data": _is_ref(w) and graph.nodes[w.index].data,
+    }
     if p["dims"] != 2:
         return p
     kh, kw = int(wshape[2]), int(wshape[3])
@@ -75,8 +81,14 @@ def conv_geometry(node, graph):
     else:
         ph, pw = (int(v) for v in _pair(padding))
         pad = (ph, ph, pw, pw)
-    p.update(k=(kh, kw), stride=(sh, sw), dilation=(dh, dw), pad=pad,
-             symmetric=pad[0] == pad[1] and pad[2] == pad[3], pointwise=(kh, kw) == (1, 1))
+    p.update(
+        k=(kh, kw),
+        stride=(sh, sw),
+        dilation=(dh, dw),
+        pad=pad,
+        symmetric=pad[0] == pad[1] and pad[2] == pad[3],
+        pointwise=(kh, kw) == (1, 1),
+    )
     return p
 
 
@@ -93,12 +105,13 @@ def conv_vjp(g: Tensor, weight: Tensor, p, in_shape) -> Tensor:
         out_pad.append(n_in - full)
     gx = F.conv_transpose2d(g, weight, None, (sh, sw), 0, tuple(out_pad), p["groups"], (dh, dw))
     if any(p["pad"]):
-        gx = gx[:, :, top:top + in_shape[2], left:left + in_shape[3]]
+        gx = gx[:, :, top : top + in_shape[2], left : left + in_shape[3]]
     return gx
 
 
-def conv_bias_relevance(g: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p, mode: str,
-                        out_norm: Optional[Tensor] = None) -> Tensor:
+def conv_bias_relevance(
+    g: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p, mode: str, out_norm: Optional[Tensor] = None
+) -> Tensor:
     """Relevance (B, H_in, W_in) a conv's bias hands to its input pixels.
 
     ``bias_dot_j = <b, g_j>`` is the bias' share of output pixel j; it is split among the input
@@ -112,7 +125,8 @@ def conv_bias_relevance(g: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p, m
         if mode == "contribution":
             if out_norm is None:
                 out_norm = torch.linalg.vector_norm(
-                    F.conv2d(x, weight, None, p["stride"], (p["pad"][0], p["pad"][2]), 1, p["groups"]), dim=1)
+                    F.conv2d(x, weight, None, p["stride"], (p["pad"][0], p["pad"][2]), 1, p["groups"]), dim=1
+                )
             n = out_norm
         return _pointwise_share(bias_dot, x, n, p)
     top, bottom, left, right = p["pad"]
@@ -130,13 +144,13 @@ def conv_bias_relevance(g: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p, m
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True) * valid
     r = ops.bias_share_scatter(norms, bias_dot, p["k"], p["stride"], pad, p["dilation"])
     if not p["symmetric"]:
-        r = r[:, top:r.shape[1] - bottom, left:r.shape[2] - right]
+        r = r[:, top : r.shape[1] - bottom, left : r.shape[2] - right]
     return r
 
 
 def _strided_window(n_in: int, n_out: int, s: int, pad: int):
     """Output positions j whose 1x1 tap reads an input pixel (i = j*s - pad), as slices."""
-    j0 = max(0, -(-pad // s))                 # first j with j*s - pad >= 0
+    j0 = max(0, -(-pad // s))  # first j with j*s - pad >= 0
     j1 = min(n_out, (n_in - 1 + pad) // s + 1)  # last j with j*s - pad <= n_in - 1, exclusive
     if j1 <= j0:
         return slice(0, 0), slice(0, 0)
@@ -261,9 +275,15 @@ class BatchNorm(Rule):
 
     def prepare(self, node, graph):
         x, w, b, mean, var, eps = _bn_args(node)
-        node.params = {"x": x.index, "w": w.index if _is_ref(w) else None,
-                       "b": b.index if _is_ref(b) else None, "mean": mean.index, "var": var.index,
-                       "eps": eps, "tuple": node.op_name != "aten.batch_norm"}
+        node.params = {
+            "x": x.index,
+            "w": w.index if _is_ref(w) else None,
+            "b": b.index if _is_ref(b) else None,
+            "mean": mean.index,
+            "var": var.index,
+            "eps": eps,
+            "tuple": node.op_name != "aten.batch_norm",
+        }
         node.field_inputs = [x.index] if graph.nodes[x.index].data else []
 
     def layout(self, node, graph):
@@ -374,8 +394,13 @@ def _norm_args(node, graph, second: str, convert) -> None:
     w = a[2] if len(a) > 2 else kw.get("weight")
     b = a[3] if len(a) > 3 else kw.get("bias")
     eps = a[4] if len(a) > 4 else kw.get("eps", 1e-5)
-    node.params = {"x": x.index, second: convert(a[1]), "w": w.index if _is_ref(w) else None,
-                   "b": b.index if _is_ref(b) else None, "eps": float(eps)}
+    node.params = {
+        "x": x.index,
+        second: convert(a[1]),
+        "w": w.index if _is_ref(w) else None,
+        "b": b.index if _is_ref(b) else None,
+        "eps": float(eps),
+    }
     node.field_inputs = [x.index] if graph.nodes[x.index].data else []
 
 
@@ -432,12 +457,12 @@ class LayerNorm(Rule):
         w = run.value(p["w"]) if p["w"] is not None else None
         b = run.value(p["b"]) if p["b"] is not None else None
         gx, _, _ = torch.ops.aten.native_layer_norm_backward(
-            g, run.value(p["x"]), p["shape"], mean, rstd, w, b, [True, False, False])
+            g, run.value(p["x"]), p["shape"], mean, rstd, w, b, [True, False, False]
+        )
         return [(p["x"], gx)]
 
     def bias(self, node, g, run):
-        return _own_bias(node, g, run, lambda b: b,
-                         lambda b, layout: pixel_norm(run.value(node.index) - b, layout))
+        return _own_bias(node, g, run, lambda b: b, lambda b, layout: pixel_norm(run.value(node.index) - b, layout))
 
 
 @register
@@ -472,15 +497,14 @@ class GroupNorm(Rule):
         w, b = self._wb(node, args, kwargs)
         n, c = x.shape[0], x.shape[1]
         hw = x.numel() // max(1, n * c)
-        out, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, n, c, hw, node.params["groups"],
-                                                           node.params["eps"])
+        out, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, n, c, hw, node.params["groups"], node.params["eps"])
         ctx.records[node.index] = (mean, rstd)
         return out
 
     def vjp(self, node, g, run):
         p = node.params
         _, rstd = run.records[node.index]
-        bsz, c = g.shape[0], g.shape[1]
+        bsz, _c = g.shape[0], g.shape[1]
         G = p["groups"]
         u = g
         if p["w"] is not None:
@@ -496,12 +520,14 @@ class GroupNorm(Rule):
         w = run.value(p["w"]) if p["w"] is not None else None
         n, c = x.shape[0], x.shape[1]
         gx, _, _ = torch.ops.aten.native_group_norm_backward(
-            g, x, mean, rstd, w, n, c, x.numel() // max(1, n * c), p["groups"], [True, False, False])
+            g, x, mean, rstd, w, n, c, x.numel() // max(1, n * c), p["groups"], [True, False, False]
+        )
         return [(p["x"], gx)]
 
     def bias(self, node, g, run):
-        return _own_bias(node, g, run, lambda b: b.view(1, -1, 1, 1),
-                         lambda b, layout: pixel_norm(run.value(node.index) - b, layout))
+        return _own_bias(
+            node, g, run, lambda b: b.view(1, -1, 1, 1), lambda b, layout: pixel_norm(run.value(node.index) - b, layout)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,9 +548,12 @@ class Linear(Rule):
         a = list(node.args)
         x, w = a[0], a[1]
         b = a[2] if len(a) > 2 else node.kwargs.get("bias")
-        node.params = {"x": x.index, "w": w.index if _is_ref(w) else None,
-                       "b": b.index if _is_ref(b) else None,
-                       "weight_data": _is_ref(w) and graph.nodes[w.index].data}
+        node.params = {
+            "x": x.index,
+            "w": w.index if _is_ref(w) else None,
+            "b": b.index if _is_ref(b) else None,
+            "weight_data": _is_ref(w) and graph.nodes[w.index].data,
+        }
         node.field_inputs = [x.index] if graph.nodes[x.index].data else []
 
     def check_main(self, node, graph):
@@ -532,8 +561,10 @@ class Linear(Rule):
         if node.params["weight_data"]:
             raise unsupported(node, "a linear layer whose weight depends on the input")
         if x.layout is None or (len(x.shape) - 1) in x.layout:
-            raise unsupported(node, "a linear layer on the relevance path whose input is not a "
-                                    "channels-last image tensor (B, H, W, C)")
+            raise unsupported(
+                node,
+                "a linear layer on the relevance path whose input is not a channels-last image tensor (B, H, W, C)",
+            )
 
     def needs(self, node, graph, bias_share):
         return [node.params["x"]]
@@ -663,8 +694,10 @@ def _sigmoid_like(graph, index: int) -> bool:
             return False
         if isinstance(n.rule, (Sigmoid, Hardsigmoid, Tanh)) or n.op_name in ("aten.softmax", "aten._softmax"):
             return True
-        scalar_op = n.op_name in ("aten.div", "aten.mul", "aten.add", "aten.sub") and \
-            sum(1 for a in n.args[:2] if _is_data(graph, a)) == 1
+        scalar_op = (
+            n.op_name in ("aten.div", "aten.mul", "aten.add", "aten.sub")
+            and sum(1 for a in n.args[:2] if _is_data(graph, a)) == 1
+        )
         relu6 = n.op_name in ("aten.hardtanh", "aten.relu6", "aten.clamp")  # relu6(x + 3) / 6
         if not (isinstance(n.rule, Routing) or scalar_op or relu6):
             return False
@@ -748,8 +781,11 @@ class MulDiv(Rule):
 
     def check_main(self, node, graph):
         if node.params["mode"] == "product":
-            raise unsupported(node, "a product of two input-dependent tensors where neither is a gate "
-                                    "(spatially constant, or from a sigmoid-like function)")
+            raise unsupported(
+                node,
+                "a product of two input-dependent tensors where neither is a gate "
+                "(spatially constant, or from a sigmoid-like function)",
+            )
         if node.params["mode"] == "activation" and node.layout is None:
             raise unsupported(node, "an activation on a tensor without pixel layout")
 

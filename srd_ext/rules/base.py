@@ -16,6 +16,7 @@ field reaches (a gate's side branch receives none); ``check_main`` refuses, with
 what SRD cannot decompose on the field's path. Rules are registered by ATen op name; the list of
 supported ops in errors and in the README comes from the registry.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -23,8 +24,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Rule", "register", "REGISTRY", "to_nchw", "from_nchw", "pixel_sum", "sum_to",
-           "relevance_to_field", "BIAS_SHARES", "unsupported"]
+__all__ = [
+    "Rule",
+    "register",
+    "REGISTRY",
+    "to_nchw",
+    "from_nchw",
+    "pixel_sum",
+    "sum_to",
+    "relevance_to_field",
+    "BIAS_SHARES",
+    "unsupported",
+]
 
 BIAS_SHARES = ("contribution", "input", "none")
 
@@ -46,8 +57,8 @@ def unsupported(node, what: str):
     from . import supported_summary
 
     return UnsupportedModelError(
-        f"srd_ext cannot decompose {node.where()}: {what}. Supported on the relevance path: "
-        f"{supported_summary()}.")
+        f"srd_ext cannot decompose {node.where()}: {what}. Supported on the relevance path: {supported_summary()}."
+    )
 
 
 class Rule:
@@ -55,12 +66,12 @@ class Rule:
     its gradient by autograd; on the relevance path it is refused with the node named."""
 
     ops: Tuple[str, ...] = ()
-    title: str = ""           # how the supported-op list names it
-    group: str = "other"      # section of the supported-op list
-    is_activation = False     # an elementwise activation (a decomposition site on the path)
-    decomposable = False      # has a field VJP (may lie on the relevance path)
-    identity_like = False     # passes its input through unchanged (dropout, clone, ...)
-    reads_nchw = False        # its first input is a (B, C, H, W) image tensor (conv, pooling)
+    title: str = ""  # how the supported-op list names it
+    group: str = "other"  # section of the supported-op list
+    is_activation = False  # an elementwise activation (a decomposition site on the path)
+    decomposable = False  # has a field VJP (may lie on the relevance path)
+    identity_like = False  # passes its input through unchanged (dropout, clone, ...)
+    reads_nchw = False  # its first input is a (B, C, H, W) image tensor (conv, pooling)
 
     # -- capture ----------------------------------------------------------------------------
     def prepare(self, node, graph) -> None:
@@ -111,8 +122,9 @@ class Rule:
             kwargs = run.load(node.kwargs, values) if node.kwargs else {}
             out = node.target(*args, **kwargs)
             idx = list(leaves)
-            grads = torch.autograd.grad(out, [leaves[i] for i in idx], g, allow_unused=True,
-                                        create_graph=run.create_graph)
+            grads = torch.autograd.grad(
+                out, [leaves[i] for i in idx], g, allow_unused=True, create_graph=run.create_graph
+            )
         return [(i, gr) for i, gr in zip(idx, grads) if gr is not None]
 
     # -- docs -------------------------------------------------------------------------------

@@ -6,17 +6,16 @@ scatters it to the recorded winners (overlapping windows accumulate), average po
 upsampling spread it like their gradients. Dropout and stochastic depth are the identity (the
 model is captured in eval mode).
 """
+
 from __future__ import annotations
 
 import operator
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from ..capture import Ref
-from .base import Rule, nchw_layout, register, same_layout, sum_to, unsupported
+from .base import Rule, nchw_layout, register, sum_to, unsupported
 
 
 def _ref_index(a):
@@ -43,15 +42,26 @@ class Routing(Rule):
 
 @register
 class Identity(Routing):
-    ops = ("aten.dropout", "aten.feature_dropout", "aten.alpha_dropout", "aten.feature_alpha_dropout",
-           "aten.native_dropout", "aten.clone", "aten.contiguous", "aten.alias", "aten.detach",
-           "aten.lift_fresh_copy", "aten._to_copy", "aten.to", "aten.type_as")
+    ops = (
+        "aten.dropout",
+        "aten.feature_dropout",
+        "aten.alpha_dropout",
+        "aten.feature_alpha_dropout",
+        "aten.native_dropout",
+        "aten.clone",
+        "aten.contiguous",
+        "aten.alias",
+        "aten.detach",
+        "aten.lift_fresh_copy",
+        "aten._to_copy",
+        "aten.to",
+        "aten.type_as",
+    )
     title = "Dropout, stochastic depth (identity), clone, contiguous, dtype casts"
     identity_like = True
 
     def forward(self, node, args, kwargs, ctx):
-        if node.op_name in ("aten.dropout", "aten.feature_dropout", "aten.alpha_dropout",
-                            "aten.feature_alpha_dropout"):
+        if node.op_name in ("aten.dropout", "aten.feature_dropout", "aten.alpha_dropout", "aten.feature_alpha_dropout"):
             return args[0]
         return node.target(*args, **kwargs)
 
@@ -112,8 +122,17 @@ def _align_layout(in_shape, in_layout, out_shape) -> Optional[Tuple[int, int, in
 
 @register
 class Reshape(Routing):
-    ops = ("aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.unflatten",
-           "aten.squeeze", "aten.unsqueeze", "aten.view_as", "aten.reshape_as")
+    ops = (
+        "aten.view",
+        "aten.reshape",
+        "aten._unsafe_view",
+        "aten.flatten",
+        "aten.unflatten",
+        "aten.squeeze",
+        "aten.unsqueeze",
+        "aten.view_as",
+        "aten.reshape_as",
+    )
     title = "view / reshape / flatten / squeeze / unsqueeze"
     view_like = True
 
@@ -339,10 +358,17 @@ class MaxPool(Routing):
 
     def prepare(self, node, graph):
         super().prepare(node, graph)
-        x, k, s, p, d, ceil = _pool_args(node, ["x", "kernel_size", "stride", "padding", "dilation", "ceil_mode"],
-                                         [None, None, [], 0, 1, False])
-        node.params = {"k": k, "s": s if s else k, "p": p, "d": d, "ceil": bool(ceil),
-                       "tuple": node.op_name == "aten.max_pool2d_with_indices"}
+        x, k, s, p, d, ceil = _pool_args(
+            node, ["x", "kernel_size", "stride", "padding", "dilation", "ceil_mode"], [None, None, [], 0, 1, False]
+        )
+        node.params = {
+            "k": k,
+            "s": s if s else k,
+            "p": p,
+            "d": d,
+            "ceil": bool(ceil),
+            "tuple": node.op_name == "aten.max_pool2d_with_indices",
+        }
 
     def layout(self, node, graph):
         return (0, 2, 3) if node.params["tuple"] or len(node.shape or ()) == 4 else None
@@ -377,8 +403,10 @@ class AdaptiveMaxPool(MaxPool):
 
     def prepare(self, node, graph):
         node.field_inputs = _data_first(node, graph)
-        node.params = {"out": list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else [node.args[1]] * 2,
-                       "tuple": True}
+        node.params = {
+            "out": list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else [node.args[1]] * 2,
+            "tuple": True,
+        }
 
     def global_pool(self, node):
         return tuple(node.params["out"]) == (1, 1)
@@ -398,8 +426,10 @@ class AvgPool(Routing):
     def prepare(self, node, graph):
         super().prepare(node, graph)
         x, k, s, p, ceil, cip, div = _pool_args(
-            node, ["x", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
-            [None, None, [], 0, False, True, None])
+            node,
+            ["x", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
+            [None, None, [], 0, False, True, None],
+        )
         node.params = {"args": (k, s if s else k, p, bool(ceil), bool(cip), div)}
 
     def layout(self, node, graph):
@@ -446,8 +476,11 @@ class Mean(Routing):
             dims = list(range(ndim))
         dims = [dims] if isinstance(dims, int) else list(dims)
         keep = a[2] if len(a) > 2 else node.kwargs.get("keepdim", False)
-        node.params = {"dims": sorted(d % ndim for d in dims) if ndim else [], "keep": bool(keep),
-                       "mean": node.op_name == "aten.mean"}
+        node.params = {
+            "dims": sorted(d % ndim for d in dims) if ndim else [],
+            "keep": bool(keep),
+            "mean": node.op_name == "aten.mean",
+        }
 
     def global_pool(self, node):
         return bool(node.params.get("spatial"))
@@ -496,8 +529,13 @@ class _LinearByAutograd(Routing):
 
 @register
 class Upsample(_LinearByAutograd):
-    ops = ("aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten._upsample_nearest_exact2d",
-           "aten.upsample_bicubic2d", "aten._upsample_bilinear2d_aa")
+    ops = (
+        "aten.upsample_nearest2d",
+        "aten.upsample_bilinear2d",
+        "aten._upsample_nearest_exact2d",
+        "aten.upsample_bicubic2d",
+        "aten._upsample_bilinear2d_aa",
+    )
     title = "upsample (nearest, bilinear, bicubic)"
     reads_nchw = True
 

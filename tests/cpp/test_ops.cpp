@@ -33,12 +33,12 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 }
 
 T2 activation_share(const Tensor& a, const Tensor& g, const Tensor& z, const Opt& e) {
-  static auto h = op<T2(const Tensor&, const Tensor&, const Tensor&, const Opt&)>(
-      "srd_ext::activation_share");
+  static auto h =
+      op<T2(const Tensor&, const Tensor&, const Tensor&, const Opt&)>("srd_ext::activation_share");
   return h.call(a, g, z, e);
 }
-T4 activation_share_backward(const Tensor& dR, const Tensor& dg, const Tensor& a,
-                             const Tensor& g, const Tensor& z, const Tensor& R) {
+T4 activation_share_backward(const Tensor& dR, const Tensor& dg, const Tensor& a, const Tensor& g,
+                             const Tensor& z, const Tensor& R) {
   static auto h = op<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                         const Tensor&)>("srd_ext::activation_share_backward");
   return h.call(dR, dg, a, g, z, R);
@@ -64,8 +64,9 @@ struct Geo {
 };
 
 Tensor conv_tap_norms(const Tensor& x, const Tensor& w, const Geo& g, int64_t groups) {
-  static auto h = op<Tensor(const Tensor&, const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef,
-                            int64_t)>("srd_ext::conv_tap_norms");
+  static auto h =
+      op<Tensor(const Tensor&, const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, int64_t)>(
+          "srd_ext::conv_tap_norms");
   return h.call(x, w, g.stride(), g.padding(), g.dilation(), groups);
 }
 T2 conv_tap_norms_backward(const Tensor& dn, const Tensor& x, const Tensor& w, const Tensor& n,
@@ -75,8 +76,9 @@ T2 conv_tap_norms_backward(const Tensor& dn, const Tensor& x, const Tensor& w, c
   return h.call(dn, x, w, n, g.stride(), g.padding(), g.dilation(), groups);
 }
 Tensor bias_share_scatter(const Tensor& n, const Tensor& d, const Geo& g) {
-  static auto h = op<Tensor(const Tensor&, const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef,
-                            IntArrayRef)>("srd_ext::bias_share_scatter");
+  static auto h =
+      op<Tensor(const Tensor&, const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef)>(
+          "srd_ext::bias_share_scatter");
   return h.call(n, d, g.kernel(), g.stride(), g.padding(), g.dilation());
 }
 T2 bias_share_scatter_backward(const Tensor& dR, const Tensor& n, const Tensor& d, const Geo& g) {
@@ -84,8 +86,8 @@ T2 bias_share_scatter_backward(const Tensor& dR, const Tensor& n, const Tensor& 
                         IntArrayRef, IntArrayRef)>("srd_ext::bias_share_scatter_backward");
   return h.call(dR, n, d, g.kernel(), g.stride(), g.padding(), g.dilation());
 }
-T2 pfv_decompose(const Tensor& x, const Tensor& w, const Opt& bias, const Tensor& pos,
-                 const Geo& g, const std::string& mode) {
+T2 pfv_decompose(const Tensor& x, const Tensor& w, const Opt& bias, const Tensor& pos, const Geo& g,
+                 const std::string& mode) {
   static auto h = op<T2(const Tensor&, const Tensor&, const Opt&, const Tensor&, IntArrayRef,
                         IntArrayRef, IntArrayRef, c10::string_view)>("srd_ext::pfv_decompose");
   return h.call(x, w, bias, pos, g.stride(), g.padding(), g.dilation(), mode);
@@ -388,8 +390,8 @@ TEST_CASE("activation_share matches the reference", "[activation_share]") {
   at::manual_seed(1);
   for (bool spatial : {true, false})
     for (bool with_extra : {true, false}) {
-      std::vector<int64_t> shape = spatial ? std::vector<int64_t>{2, 5, 4, 3}
-                                           : std::vector<int64_t>{3, 7};
+      std::vector<int64_t> shape =
+          spatial ? std::vector<int64_t>{2, 5, 4, 3} : std::vector<int64_t>{3, 7};
       auto a = randn(shape), g = randn(shape), z = randn(shape);
       z.select(1, 0).zero_();
       if (spatial) z.select(2, 1).zero_();  // pixels with n2 = 0
@@ -426,8 +428,8 @@ TEST_CASE("activation_share accepts non-contiguous inputs", "[activation_share]"
 TEST_CASE("activation_share_backward matches finite differences", "[activation_share]") {
   at::manual_seed(3);
   for (bool spatial : {true, false}) {
-    std::vector<int64_t> shape = spatial ? std::vector<int64_t>{2, 3, 2, 2}
-                                         : std::vector<int64_t>{2, 4};
+    std::vector<int64_t> shape =
+        spatial ? std::vector<int64_t>{2, 3, 2, 2} : std::vector<int64_t>{2, 4};
     std::vector<int64_t> rs{shape[0]};
     if (spatial) rs.insert(rs.end(), {shape[2], shape[3]});
     auto a = randn(shape), g = randn(shape), z = randn(shape), e = randn(rs);
@@ -545,9 +547,8 @@ TEST_CASE("conv_tap_norms_backward matches the reference and finite differences"
       check_close(gx, gx_ref);
       check_close(gw, gw_ref, 1e-10, 1e-9);
 
-      auto [gxf, gwf] = conv_tap_norms_backward(dn.to(at::kFloat), x.to(at::kFloat),
-                                                w.to(at::kFloat), n.to(at::kFloat), cc.g,
-                                                cc.groups);
+      auto [gxf, gwf] = conv_tap_norms_backward(
+          dn.to(at::kFloat), x.to(at::kFloat), w.to(at::kFloat), n.to(at::kFloat), cc.g, cc.groups);
       check_close(gxf, gx_ref, 1e-3, 1e-3);
       check_close(gwf, gw_ref, 1e-3, 1e-2);
 
@@ -625,8 +626,8 @@ TEST_CASE("bias_share_scatter_backward matches the reference and finite differen
       check_close(gn, gn_ref);
       check_close(gd, gd_ref);
 
-      auto [gnf, gdf] = bias_share_scatter_backward(dR.to(at::kFloat), n.to(at::kFloat),
-                                                    d.to(at::kFloat), cc.g);
+      auto [gnf, gdf] =
+          bias_share_scatter_backward(dR.to(at::kFloat), n.to(at::kFloat), d.to(at::kFloat), cc.g);
       check_close(gnf, gn_ref, 1e-3, 1e-3);
       check_close(gdf, gd_ref, 1e-3, 1e-3);
 
@@ -806,8 +807,8 @@ TEST_CASE("ConvAxis matches a brute-force enumeration", "[geometry]") {
               // out_coord inverts in_coord on the run, and is -1 for every other input.
               for (int64_t i = 0; i < in; ++i) {
                 const int64_t o = ax.out_coord(i, t);
-                const bool hit = (i - run.i0) % s == 0 && i >= run.i0 &&
-                                 (i - run.i0) / s < run.count;
+                const bool hit =
+                    (i - run.i0) % s == 0 && i >= run.i0 && (i - run.i0) / s < run.count;
                 CHECK(o == (hit ? run.o0 + (i - run.i0) / s : -1));
               }
             }
@@ -824,15 +825,18 @@ TEST_CASE("the ops reject an input smaller than the dilated kernel", "[geometry]
   CHECK(contains(msg, "srd_ext::conv_tap_norms"));
   CHECK(contains(msg, "too small"));
   CHECK(contains(msg, "(1, 2, 2, 6)"));
-  CHECK(contains(error_of([&] { bias_share_scatter(at::rand({1, 9, 2, 6}, kD), randn({1, 1, 6}), g); }),
-                 "too small"));
-  CHECK(contains(error_of([&] { pfv_decompose(x, w, Opt(), at::zeros({1, 3}, at::kLong), g, "input"); }),
-                 "too small"));
+  CHECK(contains(
+      error_of([&] { bias_share_scatter(at::rand({1, 9, 2, 6}, kD), randn({1, 1, 6}), g); }),
+      "too small"));
+  CHECK(contains(
+      error_of([&] { pfv_decompose(x, w, Opt(), at::zeros({1, 3}, at::kLong), g, "input"); }),
+      "too small"));
   // Padding 1 makes it fit, as in F.conv2d.
   CHECK_FALSE(throws([&] { conv_tap_norms(x, w, Geo{3, 3, 2, 1, 1, 1, 1, 1}, 1); }));
   // Dilation 2 makes a 3-tap kernel span 5 pixels.
   CHECK(throws([&] { conv_tap_norms(randn({1, 2, 4, 6}), w, Geo{3, 3, 1, 1, 0, 1, 2, 1}, 1); }));
-  CHECK_FALSE(throws([&] { conv_tap_norms(randn({1, 2, 5, 6}), w, Geo{3, 3, 1, 1, 0, 1, 2, 1}, 1); }));
+  CHECK_FALSE(
+      throws([&] { conv_tap_norms(randn({1, 2, 5, 6}), w, Geo{3, 3, 1, 1, 0, 1, 2, 1}, 1); }));
 }
 
 // ---------------------------------------------------------------------------------------------
