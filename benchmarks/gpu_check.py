@@ -7,8 +7,8 @@ For a machine that already has a CUDA build of torch and no network:
 
 1. builds the extension against that torch, `pip install --no-build-isolation --no-deps -e .`
    (no TORCH_CUDA_ARCH_LIST: setup.py lets torch target the visible GPU);
-2. runs tests/test_cuda_ops.py, then its compute-sanitizer tests (memcheck, racecheck; they skip
-   where compute-sanitizer is not installed);
+2. runs tests/test_cuda_ops.py and tests/test_cuda_explain.py, then the compute-sanitizer tests
+   (memcheck, racecheck; they skip where compute-sanitizer is not installed);
 3. measures ResNet-50 and VGG16 (torchvision's architectures, or the same ones defined here
    without torchvision; random weights with randomised biases and batch-norm statistics) at
    224x224, batch 1 and 32, float32 and bfloat16: the time and peak memory
@@ -101,7 +101,10 @@ def pytest_counts(out: str) -> dict:
     return counts
 
 
-def run_tests(select: str, timeout: int) -> dict:
+CUDA_TESTS = ["tests/test_cuda_ops.py", "tests/test_cuda_explain.py"]
+
+
+def run_tests(files: list, select: str, timeout: int) -> dict:
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [
         sys.executable,
@@ -109,7 +112,7 @@ def run_tests(select: str, timeout: int) -> dict:
         "pytest",
         "-q",
         "-rfEs",
-        "tests/test_cuda_ops.py",
+        *files,
         "-k",
         select,
         "-p",
@@ -538,8 +541,12 @@ def main(argv=None) -> int:
         return 1
 
     if not args.skip_tests and build_ok:
-        doc["tests"] = run_tests("not compute_sanitizer", timeout=max(60, int(args.budget_s - 200 - elapsed())))
-        doc["sanitizer"] = run_tests("compute_sanitizer", timeout=max(60, int(args.budget_s - 110 - elapsed())))
+        doc["tests"] = run_tests(
+            CUDA_TESTS, "not compute_sanitizer", timeout=max(60, int(args.budget_s - 200 - elapsed()))
+        )
+        doc["sanitizer"] = run_tests(
+            CUDA_TESTS[:1], "compute_sanitizer", timeout=max(60, int(args.budget_s - 110 - elapsed()))
+        )
 
     doc["machine"] = machine_info(device)
     size = args.size or (64 if args.dry_run else 224)

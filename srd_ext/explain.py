@@ -13,6 +13,8 @@ penalty in a training loop, attacks on explanations, gradcheck).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 import torch
@@ -35,6 +37,25 @@ Init = Union[str, Tensor]
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _own_precision(method):
+    """Run ``method(self, x, ...)`` with autocast switched off for ``x``'s device.
+
+    Under ``torch.autocast`` the model's ops would run in float16/bfloat16 while the relevance
+    walk reads their weights in the model's dtype; the explanation is computed in the model's own
+    dtype instead (a half-precision explanation: convert the model and the input)."""
+
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        dev = x.device.type if isinstance(x, Tensor) else None
+        ctx = contextlib.nullcontext()
+        if dev is not None and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            ctx = torch.autocast(dev, enabled=False)
+        with ctx:
+            return method(self, x, *args, **kwargs)
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,6 +657,7 @@ class Explainer:
         return cam / (h * w)
 
     # -- public -----------------------------------------------------------------------------
+    @_own_precision
     def explain(
         self,
         x: Tensor,
@@ -690,6 +712,7 @@ class Explainer:
 
     __call__ = explain
 
+    @_own_precision
     def relevance_at_all_layers(
         self, x: Tensor, target: Target = None, init: Optional[Init] = None, create_graph: bool = False
     ) -> Dict[str, Tensor]:
@@ -707,6 +730,7 @@ class Explainer:
             maps[plan.encoder] = r0
         return {g.display_name(i): maps[i] for i in idx if i in maps}
 
+    @_own_precision
     def relevance_budget(self, x: Tensor, target: Target = None, init: Optional[Init] = None) -> Dict[str, Tensor]:
         """Where the relevance went, per sample (B,): ``"encoder"`` (the initial relevance),
         ``"input"`` (the map at the image) and ``"unassigned"`` (bias shares of output pixels
@@ -737,6 +761,7 @@ class Explainer:
             and (g.nodes[i].site or i in g.cuts)
         ]
 
+    @_own_precision
     def erf(self, x: Tensor, layer: str, position) -> Tensor:
         """Effective receptive field of the PFV at ``position`` (y, x) of ``layer``: the input map
         (B, H, W) reached by a unit relevance there (Eq. 1-2; the backward form of Appendix C)."""

@@ -274,6 +274,27 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled(x, torch.tensor([0, 1])), eager, rtol=1e-4, atol=1e-6)
 
 
+def test_autocast_explains_in_the_model_dtype():
+    """Under torch.autocast the explanation runs in the model's own dtype (autocast off inside),
+    so it equals the plain explanation and conserves; the caller's autocast state is kept."""
+    model = tiny_resnet(seed=4)
+    x = torch.randn(2, 3, 32, 32)
+    ex = srd_ext.Explainer(model)
+    plain = ex.explain(x, layer=["input", "high"])
+    budget = ex.relevance_budget(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ex.explain(x, layer=["input", "high"])
+        mixed_budget = ex.relevance_budget(x)
+        erf = ex.erf(x, "high", (0, 0))
+        assert torch.is_autocast_enabled("cpu")
+    for k in plain:
+        assert mixed[k].dtype == torch.float32
+        torch.testing.assert_close(mixed[k], plain[k])
+    for k in budget:
+        torch.testing.assert_close(mixed_budget[k], budget[k])
+    assert erf.dtype == torch.float32 and torch.isfinite(erf).all()
+
+
 def test_compile_without_an_eager_call_says_what_to_do():
     model = tiny_resnet(seed=4)
     ex = srd_ext.Explainer(model)
