@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from srd_ext import ops
 
+from common import machine_info
 from peak_memory import CHILD_ENV, peak_growth
 
 # ------------------------------------------------------------------------------------------------
@@ -397,30 +398,6 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
             if "peak_tap_norms_bytes" in r and "peak_materialized_bytes" in r:
                 r["mem_ratio"] = r["peak_tap_norms_bytes"] / max(r["peak_materialized_bytes"], 1)
     return rows
-
-
-def machine_info():
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg": [round(v, 2) for v in os.getloadavg()],
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-        with open("/proc/meminfo") as f:
-            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    return info
 
 
 def _ms(v):
