@@ -137,13 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write every method's raw map of every image: <out>/<tag>.maps/<method>/<index>.npy, "
         "listed in <tag>.per-image.csv",
     )
-    ap.add_argument(
-        "--timeout",
-        type=float,
-        default=distributed.DEFAULT_TIMEOUT,
-        help="under torchrun: seconds to wait for the other processes to start, in each exchange, "
-        "and for a process that makes no progress (default 1800; must exceed one batch's time)",
-    )
+    distributed.add_timeout_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -167,8 +161,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     }
     if args.num_images < 1 and args.num_images != -1:
         ap.error(f"--num-images must be >= 1 or -1 (all images), got {args.num_images}")
-    if not args.timeout > 0:
-        ap.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     for name, low in minimum.items():
         if getattr(args, name) < low:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")

@@ -132,13 +132,7 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--binarize-each-layer", action="store_true")
     ap.add_argument("--out", default="results/apop")
-    ap.add_argument(
-        "--timeout",
-        type=float,
-        default=distributed.DEFAULT_TIMEOUT,
-        help="under torchrun: seconds to wait for the other processes (to start, in each exchange, "
-        "without progress); default 1800",
-    )
+    distributed.add_timeout_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -150,8 +144,6 @@ def parse_args(argv=None):
         ap.error(f"--num-images must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
         ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.timeout > 0:
-        ap.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     return args
 
 

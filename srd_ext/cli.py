@@ -455,14 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
-    ap.add_argument(
-        "--timeout",
-        type=float,
-        default=1800.0,
-        metavar="SECONDS",
-        help="under torchrun: how long to wait for the other processes to start, in each exchange, "
-        "and for a process that makes no progress (default 1800)",
-    )
+    from srd_ext import distributed
+
+    distributed.add_timeout_argument(ap)
     return ap
 
 
@@ -609,8 +604,6 @@ def _run(args, env) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
     try:
         device = distributed.resolve_device(args.device, env)
     except distributed.DistributedError as e:

@@ -37,6 +37,7 @@ method, file paths relative to the table's folder). Neither needs srd_ext to rea
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import io
@@ -55,6 +56,29 @@ import torch
 
 DEFAULT_TIMEOUT = 1800.0  # seconds; torch's default for collectives
 POLL = 0.2  # seconds between looks at the other ranks while waiting
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def add_timeout_argument(ap: argparse.ArgumentParser) -> None:
+    """The ``--timeout SECONDS`` option of the scripts that run under torchrun (> 0)."""
+    ap.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="under torchrun: how long to wait for the other processes to start, in each exchange, "
+        f"and for a process that makes no progress (default {DEFAULT_TIMEOUT:.0f}; must exceed one "
+        "batch's time)",
+    )
 
 
 class DistributedError(RuntimeError):
