@@ -60,31 +60,17 @@ def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # torch adds -std=c++20, which ATen needs
     extra = {"cxx": cxx}
-    if want_cuda():
+    cuda = want_cuda()
+    if cuda:
         arch_list = default_cuda_arch_list()
         if arch_list is not None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
-        return [
-            CUDAExtension(
-                "srd_ext._C",
-                sources,
-                include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args=extra,
-                extra_link_args=["-fopenmp"],
-                define_macros=[("SRD_EXT_WITH_CUDA", "1")],
-            )
-        ]
-    return [
-        CppExtension(
-            "srd_ext._C",
-            sources,
-            include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
-        )
-    ]
+    common = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    if cuda:
+        return [CUDAExtension("srd_ext._C", sources, define_macros=[("SRD_EXT_WITH_CUDA", "1")], **common)]
+    return [CppExtension("srd_ext._C", sources, **common)]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
