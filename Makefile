@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 # compile at load time), to keep a build on this 2-core machine short; a user's build, and
 # `make gpu-check`, target the GPUs torch finds (setup.py).
 DEV_CUDA_ARCHS ?= 8.0+PTX
-CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 # C++ sources under clang-format (.clang-format): the operators and their Catch2 tests.
 CXX_FORMAT := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh \
                 tests/cpp/*.cpp tests/cpp/*.h)

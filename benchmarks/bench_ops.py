@@ -281,21 +281,24 @@ def _row(op, case, t, fused, unfused, diff, **extra):
 
 
 PATH_ENV = "SRD_EXT_TAP_NORMS_PATH"
+FUSED_ENV = "SRD_EXT_TAP_NORMS_FUSED"
 
 
 def with_path(path, fn):
-    """fn run with conv_tap_norms forced onto one evaluation path (see csrc/cpu/conv_tap_norms.cpp)."""
+    """fn run with conv_tap_norms forced onto one evaluation path (see csrc/cpu/conv_tap_norms.cpp);
+    "unfused": the form chosen by cost, with the fused float32 CPU kernel turned off."""
+    name, value = (FUSED_ENV, "0") if path == "unfused" else (PATH_ENV, path)
 
     def run():
-        old = os.environ.get(PATH_ENV)
-        os.environ[PATH_ENV] = path
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ[PATH_ENV]
+                del os.environ[name]
             else:
-                os.environ[PATH_ENV] = old
+                os.environ[name] = old
 
     return run
 
@@ -471,7 +474,8 @@ def markdown(doc):
         "materializing tap norms = unfold + one batched matmul into (B, kh*kw, C_out, H_out*W_out), "
         "then norms, scattered to input pixels; bias_share_scatter = unfold of every tap channel "
         "(diagonal) + fold; pfv_decompose = gather + einsum (`srd_ext.ops.pfv_decompose_reference`). "
-        "`<path> / conv`: conv_tap_norms forced onto one evaluation path (SRD_EXT_TAP_NORMS_PATH). "
+        "`<path> / conv`: conv_tap_norms forced onto one evaluation path (SRD_EXT_TAP_NORMS_PATH); "
+        "`unfused / conv`: the choice by cost with the fused float32 CPU kernel off (SRD_EXT_TAP_NORMS_FUSED=0). "
         "Peak memory: CPU = peak-RSS growth of a fresh process over one call, CUDA = "
         "max_memory_allocated growth.",
         "",
@@ -506,7 +510,8 @@ def main(argv=None):
         "--paths",
         default="",
         help="comma-separated conv_tap_norms paths to time as well, forced through "
-        f"{PATH_ENV} (CPU: product, gram, direct; CUDA: gemm, direct)",
+        f"{PATH_ENV} (CPU: product, gram, direct; CUDA: gemm, direct), or unfused (CPU: the choice by "
+        f"cost without the fused float32 kernel, {FUSED_ENV}=0)",
     )
     ap.add_argument("--_peak", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -62,6 +62,12 @@ def machine_info() -> Dict[str, object]:
         "load_avg": [round(v, 2) for v in os.getloadavg()],
     }
     try:
+        from srd_ext import ops
+
+        info["tap_norms_cpu_kernel"] = ops.tap_norms_cpu_kernel()
+    except (ImportError, AttributeError):
+        pass
+    try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
         with open("/proc/meminfo") as f:

@@ -1,10 +1,27 @@
-// Python module stub of srd_ext._C. The ops themselves are registered by static initializers in
-// csrc/schemas.cpp and the backend files; importing the module only has to load the library.
+// Python module srd_ext._C. The ops themselves are registered by static initializers in
+// csrc/schemas.cpp and the backend files; importing the module loads the library. The module's
+// one function reports which CPU kernel of the tap norms this process runs.
 #include <Python.h>
+
+#include <string>
+
+#include "cpu/fused_tap_sums.h"
+
+namespace {
+PyObject* tap_norms_cpu_kernel(PyObject*, PyObject*) {
+  const std::string s = srd_ext::cpu::fused::describe();
+  return PyUnicode_FromString(s.c_str());
+}
+
+PyMethodDef methods[] = {
+    {"tap_norms_cpu_kernel", tap_norms_cpu_kernel, METH_NOARGS,
+     "The float32 tap-norm kernel of this CPU: instruction set and register tile, or 'none'."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
 
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

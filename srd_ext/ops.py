@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library: registers the schemas and kernels)
+from . import _C  # loads the library: registers the schemas and kernels
 
 __all__ = [
     "activation_share",
@@ -25,6 +25,7 @@ __all__ = [
     "bias_share_scatter",
     "pfv_decompose",
     "cuda_kernels_built",
+    "tap_norms_cpu_kernel",
 ]
 
 _ops = torch.ops.srd_ext
@@ -33,6 +34,14 @@ _ops = torch.ops.srd_ext
 def cuda_kernels_built() -> bool:
     """Whether this build of the extension has CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("srd_ext::activation_share", "CUDA")
+
+
+def tap_norms_cpu_kernel() -> str:
+    """The CPU kernel behind float32 ``conv_tap_norms`` without groups in this process: the
+    instruction set and register tile of the fused kernel (``"avx512f 8x48"``, ``"avx2 6x16"``), or
+    ``"none"`` where the CPU has neither or ``SRD_EXT_TAP_NORMS_FUSED=0`` turns it off (the GEMM
+    forms then run)."""
+    return _C.tap_norms_cpu_kernel()
 
 
 def _pair(v, name: str) -> list:

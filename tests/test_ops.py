@@ -453,6 +453,77 @@ def test_conv_tap_norms_gram_accuracy_float32(monkeypatch):
     assert rel <= 32 * 1.2e-7 * cond**2, (rel, cond)
 
 
+# The fused float32 kernel (csrc/cpu/fused_tap_sums.cpp) runs where the CPU has AVX2+FMA or
+# AVX-512; SRD_EXT_TAP_NORMS_FUSED=0 turns it off. Shapes that cut its register tiles and chunks
+# unevenly (rows and Gram rows no multiple of the tile, pixel counts no multiple of a panel), with
+# several phases, dilation, an inner dimension of 1 and many chunks.
+FUSED_GEOMS = [
+    (3, 70, 9, 11, 13, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (2, 19, 12, 10, 37, 3, 3, (2, 2), (1, 1), (1, 1), 1),
+    (1, 33, 15, 15, 33, 5, 5, (1, 1), (4, 4), (2, 2), 1),
+    (2, 1, 8, 8, 9, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (2, 256, 40, 40, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (1, 48, 5, 7, 96, 3, 3, (1, 2), (1, 0), (1, 1), 1),
+]
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def test_tap_norms_cpu_kernel(monkeypatch):
+    """The extension reports the fused kernel the CPU supports, and the switch turns it off."""
+    flags = _cpu_flags()
+    kernel = ops.tap_norms_cpu_kernel()
+    if "avx512f" in flags:
+        assert kernel == "avx512f 8x48"
+    elif "avx2" in flags and "fma" in flags:
+        assert kernel == "avx2 6x16"
+    elif flags:
+        assert kernel == "none"
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", "0")
+    assert ops.tap_norms_cpu_kernel() == "none"
+
+
+@pytest.mark.parametrize("path", ["product", "gram"])
+@pytest.mark.parametrize("geom", FUSED_GEOMS, ids=[f"f{i}" for i in range(len(FUSED_GEOMS))])
+def test_conv_tap_norms_fused_float32(geom, path, monkeypatch):
+    """Float32 norms from the fused kernel against the float64 reference and against the GEMM
+    forms (the kernel switched off), within float32 rounding; unreached pairs are exactly 0."""
+    if ops.tap_norms_cpu_kernel() == "none":
+        pytest.skip("no fused kernel on this CPU")
+    x, w, s, p, d, groups = conv_inputs(geom)
+    ref = ref_tap_norms(x, w, s, p, d, groups)
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", path)
+    fused = ops.conv_tap_norms(x.float(), w.float(), s, p, d, groups)
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", "0")
+    gemm = ops.conv_tap_norms(x.float(), w.float(), s, p, d, groups)
+    tol = dict(rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(fused.double(), ref, **tol)
+    torch.testing.assert_close(fused, gemm, **tol)
+    assert torch.equal(fused == 0, ref == 0)
+
+
+@pytest.mark.parametrize("path", ["product", "gram"])
+def test_conv_tap_norms_fused_nan(path, monkeypatch):
+    """NaN in a float32 input reaches the fused kernel's norms of that pixel and no other."""
+    if ops.tap_norms_cpu_kernel() == "none":
+        pytest.skip("no fused kernel on this CPU")
+    geom = FUSED_GEOMS[0]
+    x, w, s, p, d, groups = conv_inputs(geom)
+    x[1, 5, 4, 6] = NAN
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", path)
+    got = ops.conv_tap_norms(x.float(), w.float(), s, p, d, groups)
+    want = ref_tap_norms(x, w, s, p, d, groups)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    keep = ~want.isnan()
+    torch.testing.assert_close(got.double()[keep], want[keep], rtol=1e-5, atol=1e-6 * want[keep].abs().max().item())
+
+
 # ------------------------------------------------------------------------------------------------
 # Geometry: the ops accept exactly the inputs F.conv2d accepts
 # ------------------------------------------------------------------------------------------------

@@ -6,25 +6,36 @@
 // Product form: n_t(i) = ||W_t x_i||_2 from the products. Polyphase layout: the input pixels a
 // tap reaches all lie on one of the sh*sw sub-lattices (phases) x[:, :, py::sh, px::sw], and
 // inside its phase they form a rectangle. Work items are runs of pixels of one phase (in
-// (b, y, x) order across the batch): the run is gathered pixel-major, (len, C_in), and one GEMM
-// against the phase's stacked tap matrices ((group, tap, o) rows x C_in/groups) gives the
-// products of every tap of the phase, which are reduced to norms at once and dropped. Only one
-// tile of inputs and products is alive per thread, and each input pixel is multiplied by the
-// taps of its phase, as in the conv itself (only the pairs cut off at the image border are
-// computed in excess). Float32 GEMMs run as 1x1 oneDNN convolutions when available (about twice
-// as fast as the BLAS sgemm on some CPUs), everything else through at::mm.
+// (b, y, x) order across the batch). Each input pixel is multiplied by the taps of its phase, as
+// in the conv itself (only the pairs cut off at the image border are computed in excess).
 //
-// Gram form: n_t(i)^2 = <G_t x_i, x_i> per group, with G_t = W_t^T W_t (Cg x Cg). Same layout
-// and GEMMs, with the Gram matrices stacked in place of the tap matrices, then a row-wise dot
-// with the gathered inputs: Cg instead of C_out/groups multiply-adds per (pixel, tap, input
-// channel), so it wins whenever a group has fewer input than output channels (1x1 expansions,
-// the first conv of a VGG stage). Its backward needs no product at all: grad x_i = sum_t c G_t x_i
-// and grad W_t = W_t sum_i c x_i x_i^T with c = dn / n. The terms of <G_t x, x> may cancel: its
-// absolute error is about eps ||W_t||^2 ||x_i||^2, against eps ||W_t|| ||x_i|| on the norm for
-// the product form. Where the cost model picks it, W_t is tall (more rows than columns), so
-// n >= sigma_min(W_t) ||x_i|| and n^2 keeps a relative error of about eps cond(W_t)^2; forced onto
-// a wide W_t, a norm near 0 can be off by sqrt(eps) ||W_t|| ||x_i||. A negative rounding of n^2
-// is clamped to 0.
+// Float32 without groups, on x86-64 CPUs with AVX2+FMA or AVX-512 (the common case), runs on the
+// fused kernel of fused_tap_sums.h: a chunk's pixels are packed into panels, and a register-blocked
+// kernel multiplies them by a tap's matrix and squares and sums the products while they are still
+// in registers, so no product reaches memory; the work is split evenly over the threads in
+// (chunk, tap, panel) units. Elsewhere (float64, groups, other CPUs, or
+// SRD_EXT_TAP_NORMS_FUSED=0) the run is gathered pixel-major, (len, C_in), one GEMM against the
+// phase's stacked tap matrices ((group, tap, o) rows x C_in/groups) gives the products of every tap
+// of the phase, which are reduced to norms at once and dropped; only one tile of inputs and
+// products is alive per thread. Those float32 GEMMs run as 1x1 oneDNN convolutions when available
+// (about twice as fast as the BLAS sgemm on some CPUs), everything else through at::mm.
+//
+// Gram form: n_t(i)^2 = <G_t x_i, x_i> per group, with G_t = W_t^T W_t (Cg x Cg), computed in
+// double and rounded once. Same layout; the GEMM path stacks the Gram matrices in place of the tap
+// matrices and then takes a row-wise dot with the gathered inputs (Cg instead of C_out/groups
+// multiply-adds per pixel, tap and input channel); the fused kernel reads only the upper triangle
+// of G_t (off-diagonal entries doubled), about Cg^2/2. So the Gram form wins where a group has
+// fewer input than output channels (1x1 expansions, the first conv of a VGG stage) and, on the
+// fused kernel, also for square layers with enough pixels to pay for G_t. Its backward needs no
+// product at all: grad x_i = sum_t c G_t x_i and grad W_t = W_t sum_i c x_i x_i^T with c = dn / n.
+// Accuracy: the terms of <G_t x, x> may cancel, so its absolute error is about
+// eps ||W_t||^2 ||x_i||^2 (times a slowly growing factor of Cg for the float32 sums), against
+// eps ||W_t|| ||x_i|| on the norm for the product form. For a tall W_t (more rows than columns),
+// n >= sigma_min(W_t) ||x_i|| and n^2 keeps a relative error of about eps cond(W_t)^2. For a square
+// or wide W_t a norm far below ||W_t|| ||x_i|| (x_i close to a direction W_t nearly annihilates)
+// can be off by about sqrt(eps) ||W_t|| ||x_i||; a negative rounding of n^2 is clamped to 0. The
+// norms only split a conv's bias among the pixels under the kernel (the shares of a pixel still sum
+// to one), so such a pair moves a share of about sqrt(eps) of that bias.
 //
 // Direct form (a handful of input channels per group: an RGB stem, depthwise convs, where a
 // GEMM with an inner dimension of 1 to 4 runs far below its peak): the Gram form with plain
@@ -51,6 +62,7 @@
 #endif
 
 #include "../common.h"
+#include "fused_tap_sums.h"
 
 namespace srd_ext {
 namespace cpu {
@@ -89,23 +101,35 @@ constexpr double kShortInner = 16;  // inner dimension below which a GEMM slows 
 constexpr double kDirectCost = 4;   // one multiply-add of the direct form
 constexpr double kReduceCost = 1;   // one element of the square-sum or the row-wise dot
 constexpr double kSetupCost = 3;    // one multiply-add of the Gram matrices (double, batched)
+// The fused float32 kernel (fused_tap_sums.h) keeps the products in registers: no reduction pass,
+// and its Gram form reads only the upper triangle of G_t. Against its multiply-adds the double
+// Gram matrices cost a little more (3.2-3.5 of them on the VGG16 layer shapes).
+constexpr double kFusedSetupCost = 3.5;
 
-double form_cost(Form f, double Cg, double Cog, double T, double pairs) {
+double form_cost(Form f, double Cg, double Cog, double T, double pairs, bool fused) {
   const double slow = std::max(1.0, kShortInner / std::max(1.0, Cg));
-  const double setup = kSetupCost * T * Cog * Cg * Cg;
+  const double setup = (fused ? kFusedSetupCost : kSetupCost) * T * Cog * Cg * Cg;
   switch (f) {
     case Form::kProduct:
-      return pairs * (Cog * Cg * slow + kReduceCost * Cog);
+      return fused ? pairs * Cog * Cg * slow : pairs * (Cog * Cg * slow + kReduceCost * Cog);
     case Form::kGram:
-      return pairs * (Cg * Cg * slow + 2 * kReduceCost * Cg) + setup;
+      return fused ? pairs * Cg * (Cg + 1) / 2 * slow + setup
+                   : pairs * (Cg * Cg * slow + 2 * kReduceCost * Cg) + setup;
     case Form::kDirect:
       return pairs * kDirectCost * Cg * (Cg + 1) / 2 + setup;
   }
   return 0;
 }
 
+// The fused kernel takes float32 forward calls without groups, on CPUs where it runs.
+fused::Tile fused_tile(const at::Tensor& x, int64_t groups) {
+  if (x.scalar_type() != at::kFloat || groups != 1) return fused::Tile{};
+  return fused::tile();
+}
+
+// `fused`: the forward will run on the fused kernel (see fused_tile).
 Form choose_form(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                 const ConvGeometry& geo, int64_t groups) {
+                 const ConvGeometry& geo, int64_t groups, bool fused = false) {
   const char* env = std::getenv("SRD_EXT_TAP_NORMS_PATH");
   const std::string forced = env == nullptr ? "" : env;
   if (forced == "product") return Form::kProduct;
@@ -120,7 +144,8 @@ Form choose_form(const char* op, const at::Tensor& x, const at::Tensor& weight,
   const double pairs = static_cast<double>(x.size(0)) * static_cast<double>(geo.out_pixels()) * T;
   Form best = Form::kProduct;
   for (Form f : {Form::kGram, Form::kDirect})
-    if (form_cost(f, Cg, Cog, T, pairs) < form_cost(best, Cg, Cog, T, pairs)) best = f;
+    if (form_cost(f, Cg, Cog, T, pairs, fused) < form_cost(best, Cg, Cog, T, pairs, fused))
+      best = f;
   return best;
 }
 
@@ -141,9 +166,12 @@ struct Phase {
   std::vector<int64_t> taps;
   // (groups*ntaps*R, Cg): rows ordered (group, tap of the phase, r). Product form: the tap
   // matrices W_t (R = C_out/groups rows each); Gram form: the Gram matrices G_t (R = Cg).
-  at::Tensor w;
+  // Not built for the fused kernel, which takes `wf`: the same matrices in its packed layout,
+  // (ntaps, ceil(R / mr), Cg, mr).
+  at::Tensor w, wf;
+  int64_t rows = 0;  // rows of `w`
   int64_t row0 = 0;  // first row of `w` in the stacked (all phases) layout
-  int64_t M() const { return w.size(0); }
+  int64_t M() const { return rows; }
 };
 
 struct Chunk {
@@ -155,14 +183,43 @@ struct Plan {
   ConvGeometry geo;
   Form form;
   bool mkldnn = false;
-  at::Tensor wt;  // (T, groups, Cog, Cg): the tap-major weight
+  fused::Tile tile;  // nonzero: the fused kernel evaluates the chunks
+  at::Tensor wt;     // (T, groups, Cog, Cg): the tap-major weight
   std::vector<TapRect> taps;
   std::vector<Phase> phases;
   std::vector<Chunk> chunks;
 };
 
+// Bytes of packed inputs per chunk of the fused kernel (they are swept once per row block).
+constexpr int64_t kFusedPackBytes = 512 << 10;
+
+// The fused kernel's packed matrices of a phase (groups == 1), (ntaps, nob, Cg, mr) with nob =
+// ceil(R / mr), rows past R zero, from src(t, r, c) = src[t * st + r * sr + c * sc]; `upper`
+// (Gram form): only the upper triangle, off-diagonal entries doubled. One task per row block: it
+// reads those rows of every tap and writes one contiguous block per tap.
+at::Tensor pack_fused_weights(const float* src, int64_t st, int64_t sr, int64_t sc,
+                              const std::vector<int64_t>& taps, int64_t R, int64_t Cg, int64_t mr,
+                              bool upper) {
+  const int64_t nt = static_cast<int64_t>(taps.size()), nob = (R + mr - 1) / mr;
+  auto wf = at::empty({nt, nob, Cg, mr}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = wf.data_ptr<float>();
+  at::parallel_for(0, nob, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ob = begin; ob < end; ++ob)
+      for (int64_t i = 0; i < mr; ++i) {
+        const int64_t r = ob * mr + i;
+        for (int64_t c = 0; c < Cg; ++c)
+          for (int64_t k = 0; k < nt; ++k)
+            dst[((k * nob + ob) * Cg + c) * mr + i] =
+                r >= R || (upper && c < r)
+                    ? 0.0f
+                    : (upper && c > r ? 2.0f : 1.0f) * src[taps[k] * st + r * sr + c * sc];
+      }
+  });
+  return wf;
+}
+
 Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& geo,
-               int64_t groups, Form form) {
+               int64_t groups, Form form, fused::Tile tile = fused::Tile{}) {
   Plan P;
   P.B = x.size(0);
   P.C_in = x.size(1);
@@ -178,6 +235,7 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry
   P.R = form == Form::kGram ? P.Cg : P.Cog;
   P.mkldnn =
       x.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  P.tile = tile;
   const int64_t sh = geo.y.s, sw = geo.x.s;
 
   std::vector<int64_t> phase_of(sh * sw, -1);
@@ -205,16 +263,28 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry
   }
   if (P.B == 0 || P.C_in == 0 || P.C_out == 0) P.phases.clear();  // all norms are 0
 
-  P.wt = weight.permute({2, 3, 0, 1}).contiguous().view({P.T, groups, P.Cog, P.Cg});
+  const bool fused = P.tile.mr > 0 && !P.phases.empty();
+  if (!fused || form == Form::kGram)
+    P.wt = weight.permute({2, 3, 0, 1}).contiguous().view({P.T, groups, P.Cog, P.Cg});
   at::Tensor mats = P.wt;  // (T, groups, R, Cg)
   if (form == Form::kGram && !P.phases.empty()) {
     const auto wd = P.wt.to(at::kDouble);  // Gram matrices rounded once, from exact products
     mats = at::matmul(wd.transpose(2, 3), wd).to(x.scalar_type());
   }
+  const auto wc = fused && form != Form::kGram ? weight.contiguous() : at::Tensor();
   int64_t total = 0;
   for (auto& ph : P.phases) {
-    const auto idx = at::tensor(ph.taps, at::TensorOptions().dtype(at::kLong));
-    ph.w = mats.index_select(0, idx).transpose(0, 1).contiguous().view({-1, P.Cg});
+    ph.rows = P.groups * static_cast<int64_t>(ph.taps.size()) * P.R;
+    if (!fused) {
+      const auto idx = at::tensor(ph.taps, at::TensorOptions().dtype(at::kLong));
+      ph.w = mats.index_select(0, idx).transpose(0, 1).contiguous().view({-1, P.Cg});
+    } else if (form == Form::kGram) {  // mats (T, 1, Cg, Cg)
+      ph.wf = pack_fused_weights(mats.data_ptr<float>(), P.R * P.Cg, P.Cg, 1, ph.taps, P.R, P.Cg,
+                                 P.tile.mr, /*upper=*/true);
+    } else {  // weight (C_out, Cg, kh, kw)
+      ph.wf = pack_fused_weights(wc.data_ptr<float>(), 1, P.Cg * P.T, P.T, ph.taps, P.R, P.Cg,
+                                 P.tile.mr, /*upper=*/false);
+    }
     ph.row0 = P.rows;
     P.rows += ph.M();
     P.max_M = std::max(P.max_M, ph.M());
@@ -226,10 +296,20 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry
   for (int64_t p = 0; p < static_cast<int64_t>(P.phases.size()); ++p) {
     const Phase& ph = P.phases[p];
     const int64_t n = P.B * ph.Hp * ph.Wp;
-    int64_t tile = kTileBytes / (elem * std::max(ph.M(), P.C_in));
-    tile = std::min(tile, (total + 4 * threads - 1) / (4 * threads));
-    tile = std::max(tile, std::min(kReuseTilePixels, (total + threads - 1) / threads));
-    tile = std::min(kMaxTilePixels, std::max(kMinTilePixels, tile));
+    int64_t tile;
+    if (P.tile.nr > 0) {
+      // Whole panels, as many in every chunk of the phase as can be, and a bounded pack. The
+      // work items are (chunk, tap) pairs, so the threads are balanced even with few chunks.
+      const int64_t nr = P.tile.nr, panels = (n + nr - 1) / nr;
+      const int64_t most = std::max<int64_t>(1, kFusedPackBytes / (elem * P.C_in * nr));
+      const int64_t nchunks = (panels + most - 1) / most;
+      tile = (panels + nchunks - 1) / nchunks * nr;
+    } else {
+      tile = kTileBytes / (elem * std::max(ph.M(), P.C_in));
+      tile = std::min(tile, (total + 4 * threads - 1) / (4 * threads));
+      tile = std::max(tile, std::min(kReuseTilePixels, (total + threads - 1) / threads));
+      tile = std::min(kMaxTilePixels, std::max(kMinTilePixels, tile));
+    }
     for (int64_t q0 = 0; q0 < n; q0 += tile) {
       P.chunks.push_back(Chunk{p, q0, std::min(n, q0 + tile)});
       P.max_len = std::max(P.max_len, P.chunks.back().q1 - q0);
@@ -276,6 +356,28 @@ void gather_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scalar
   });
 }
 
+// dst (ceil(len / nr), C_in, nr) <- the chunk's pixels of x in panels of nr pixels, channel-major
+// inside a panel; the pixels past len are zero.
+void pack_panels(const Plan& P, const Phase& ph, const Chunk& ch, const float* x, float* dst) {
+  const int64_t HW = P.H * P.W, sw = P.geo.x.s, C = P.C_in, nr = P.tile.nr;
+  const int64_t len = ch.q1 - ch.q0, npanels = (len + nr - 1) / nr;
+  if (len < npanels * nr) {
+    float* last = dst + (npanels - 1) * C * nr;
+    std::fill(last, last + C * nr, 0.0f);
+  }
+  for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
+    const float* s = x + run.b * C * HW + run.base;
+    for (int64_t l0 = 0; l0 < run.n;) {
+      // The part of the run inside one panel.
+      const int64_t q = run.q - ch.q0 + l0, lane = q % nr, n = std::min(run.n - l0, nr - lane);
+      float* d = dst + (q / nr) * C * nr + lane;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t l = 0; l < n; ++l) d[c * nr + l] = s[c * HW + (l0 + l) * sw];
+      l0 += n;
+    }
+  });
+}
+
 // The reverse: the chunk's pixels of x <- src (len, C_in). Chunks own disjoint pixels.
 template <typename scalar_t>
 void scatter_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scalar_t* src,
@@ -292,13 +394,15 @@ void scatter_pixels(const Plan& P, const Phase& ph, const Chunk& ch, const scala
   });
 }
 
-// Calls f(b, k, t, q, i) for every pixel q of the chunk and every tap t of the phase (its k-th)
-// that reaches an output from it; i is the pixel's offset in an (H, W) plane of sample b.
+// Calls f(b, k, t, q, i) for every pixel q of the chunk and every tap t of the phase (its k-th,
+// k in [k0, k1); default: all) that reaches an output from it; i is the pixel's offset in an
+// (H, W) plane of sample b.
 template <typename F>
-void for_valid_pairs(const Plan& P, const Phase& ph, const Chunk& ch, const F& f) {
-  const int64_t nt = static_cast<int64_t>(ph.taps.size()), sw = P.geo.x.s;
+void for_valid_pairs(const Plan& P, const Phase& ph, const Chunk& ch, const F& f, int64_t k0 = 0,
+                     int64_t k1 = -1) {
+  const int64_t nt = k1 < 0 ? static_cast<int64_t>(ph.taps.size()) : k1, sw = P.geo.x.s;
   for_row_runs(P, ph, ch.q0, ch.q1, [&](const Run& run) {
-    for (int64_t k = 0; k < nt; ++k) {
+    for (int64_t k = k0; k < nt; ++k) {
       const int64_t t = ph.taps[k];
       const TapRect& R = P.taps[t];
       if (run.yp < R.y0 || run.yp >= R.y0 + R.ny) continue;
@@ -358,13 +462,72 @@ inline acc_t root(acc_t s) {
   return s < acc_t(0) ? acc_t(0) : std::sqrt(s);
 }
 
+// The product and Gram forms by the fused kernel: per chunk, the pixels are packed into panels and
+// every tap's sums come out of registers; only (pixel, tap) sums are stored.
+void fused_forward(const Plan& P, const at::Tensor& x, at::Tensor& out) {
+  const float* px = x.data_ptr<float>();
+  float* pout = out.data_ptr<float>();
+  const int64_t HW = P.H * P.W, nr = P.tile.nr, K = P.C_in;
+  const bool gram = P.form == Form::kGram;
+  // The work is (chunk, tap, panel) triples, chunk-major; each thread takes an equal, contiguous
+  // share of them, so the threads are balanced however the chunks fall. first[c]: the triples
+  // before chunk c.
+  const int64_t nchunks = static_cast<int64_t>(P.chunks.size());
+  std::vector<int64_t> first(nchunks + 1, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const Chunk& ch = P.chunks[c];
+    const int64_t nt = static_cast<int64_t>(P.phases[ch.phase].taps.size());
+    first[c + 1] = first[c] + nt * ((ch.q1 - ch.q0 + nr - 1) / nr);
+  }
+  const int64_t units = first[nchunks];
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    const int64_t max_panels = (P.max_len + nr - 1) / nr;
+    std::vector<float> xbuf(max_panels * nr * K), sbuf(max_panels * nr);
+    for (int64_t part = pbegin; part < pend; ++part) {
+      const int64_t u1 = (part + 1) * units / parts;
+      int64_t u = part * units / parts;
+      int64_t c = std::upper_bound(first.begin(), first.end(), u) - first.begin() - 1;
+      Chunk packed{-1, 0, 0};
+      while (u < u1) {
+        const Chunk& ch = P.chunks[c];
+        const Phase& ph = P.phases[ch.phase];
+        const int64_t npanels = (ch.q1 - ch.q0 + nr - 1) / nr;
+        // This chunk's tap k, panels [j0, j1).
+        const int64_t k = (u - first[c]) / npanels, j0 = (u - first[c]) % npanels;
+        const int64_t j1 = std::min(npanels, j0 + (u1 - u));
+        const Chunk sub{ch.phase, ch.q0 + j0 * nr, std::min(ch.q1, ch.q0 + j1 * nr)};
+        if (sub.phase != packed.phase || sub.q0 != packed.q0 || sub.q1 != packed.q1) {
+          pack_panels(P, ph, sub, px, xbuf.data());
+          packed = sub;
+        }
+        const int64_t per_tap = ph.wf.size(1) * ph.wf.size(2) * ph.wf.size(3);
+        fused::tap_sums(ph.wf.data_ptr<float>() + k * per_tap, P.R, xbuf.data(), j1 - j0, K, gram,
+                        sbuf.data());
+        for_valid_pairs(
+            P, ph, sub,
+            [&](int64_t b, int64_t, int64_t t, int64_t q, int64_t i) {
+              pout[(b * P.T + t) * HW + i] = root(sbuf[q - sub.q0]);
+            },
+            k, k + 1);
+        u += j1 - j0;
+        if (j1 == npanels && k + 1 == static_cast<int64_t>(ph.taps.size())) ++c;
+      }
+    }
+  });
+}
+
 at::Tensor gemm_forward(const at::Tensor& x_in, const at::Tensor& weight, const ConvGeometry& geo,
                         int64_t groups, Form form) {
   const auto x = x_in.contiguous();
-  const Plan P = make_plan(x, weight, geo, groups, form);
+  const Plan P = make_plan(x, weight, geo, groups, form, fused_tile(x, groups));
   auto out = empty_output({P.B, P.T, P.H, P.W}, x.options()).zero_();
   if (P.chunks.empty()) return out;
 
+  if (P.tile.nr > 0) {
+    fused_forward(P, x, out);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_tap_norms_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* px = x.data_ptr<scalar_t>();
@@ -762,7 +925,7 @@ at::Tensor conv_tap_norms_cpu(const at::Tensor& x, const at::Tensor& weight, at:
   const char* op = "conv_tap_norms";
   const ConvGeometry geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,
                                                 /*allow_half=*/false);
-  const Form form = choose_form(op, x, weight, geo, groups);
+  const Form form = choose_form(op, x, weight, geo, groups, fused_tile(x, groups).mr > 0);
   return form == Form::kDirect ? direct_forward(x, weight, geo, groups)
                                : gemm_forward(x, weight, geo, groups, form);
 }

@@ -525,6 +525,49 @@ TEST_CASE("every conv_tap_norms path matches the reference", "[conv_tap_norms][p
   }
 }
 
+// Turns the fused float32 kernel off while alive.
+struct NoFusedKernel {
+  NoFusedKernel() { setenv("SRD_EXT_TAP_NORMS_FUSED", "0", 1); }
+  ~NoFusedKernel() { unsetenv("SRD_EXT_TAP_NORMS_FUSED"); }
+};
+
+TEST_CASE("the fused float32 kernel matches the reference and the GEMM forms",
+          "[conv_tap_norms][fused]") {
+  // Shapes that cut the kernel's register tiles (rows, pixels) and its chunks unevenly: output
+  // channels and Gram rows that are no multiple of the tile, pixel counts that are no multiple
+  // of a panel, several phases (stride 2), dilation, an inner dimension of 1, many chunks.
+  const std::vector<ConvCase> cases = {
+      {"13 outputs", 3, 70, 13, 1, 9, 11, {3, 3, 1, 1, 1, 1, 1, 1}},
+      {"stride 2", 2, 19, 37, 1, 12, 10, {3, 3, 2, 2, 1, 1, 1, 1}},
+      {"dilation 2, square", 1, 33, 33, 1, 15, 15, {5, 5, 1, 1, 4, 4, 2, 2}},
+      {"one input channel", 2, 1, 9, 1, 8, 8, {3, 3, 1, 1, 1, 1, 1, 1}},
+      {"many chunks", 2, 256, 16, 1, 40, 40, {3, 3, 1, 1, 1, 1, 1, 1}},
+  };
+  for (const char* path : {"product", "gram"}) {
+    for (const auto& cc : cases) {
+      SECTION(std::string(path) + ": " + cc.name) {
+        at::manual_seed(31);
+        const TapPath forced(path);
+        auto x = randn({cc.B, cc.Ci, cc.H, cc.W});
+        auto w = randn({cc.Co, cc.Ci / cc.groups, cc.g.kh, cc.g.kw});
+        const auto ref = ref_tap_norms(x, w, cc.g, cc.groups);
+        const auto xf = x.to(at::kFloat), wf = w.to(at::kFloat);
+        const auto fused = conv_tap_norms(xf, wf, cc.g, cc.groups);
+        Tensor gemm;
+        {
+          const NoFusedKernel off;
+          gemm = conv_tap_norms(xf, wf, cc.g, cc.groups);
+        }
+        const double scale = ref.abs().max().item<double>();
+        check_close(fused, ref, 1e-5, 1e-6 * scale);
+        check_close(fused, gemm, 1e-5, 1e-6 * scale);
+        // Unreached (pixel, tap) pairs stay exactly 0.
+        CHECK(at::equal(fused == 0, ref == 0));
+      }
+    }
+  }
+}
+
 TEST_CASE("conv_tap_norms accepts non-contiguous inputs", "[conv_tap_norms]") {
   at::manual_seed(5);
   const Geo g{3, 3, 2, 1, 1, 0, 1, 2};
