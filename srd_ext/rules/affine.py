@@ -98,15 +98,33 @@ def conv_vjp(g: Tensor, weight: Tensor, p, in_shape) -> Tensor:
     sh, sw = p["stride"]
     dh, dw = p["dilation"]
     kh, kw = p["k"]
-    hin, win = in_shape[2] + top + bottom, in_shape[3] + left + right
-    out_pad = []
-    for ax, (n_in, s, d, k) in enumerate(((hin, sh, dh, kh), (win, sw, dw, kw))):
-        full = (g.shape[2 + ax] - 1) * s + d * (k - 1) + 1
-        out_pad.append(n_in - full)
-    gx = F.conv_transpose2d(g, weight, None, (sh, sw), 0, tuple(out_pad), p["groups"], (dh, dw))
+    geo = ((sh, dh, kh), (sw, dw, kw))
+
+    def output_padding(sizes, pads):
+        return tuple(
+            n - ((g.shape[2 + ax] - 1) * s - 2 * q + d * (k - 1) + 1)
+            for ax, (n, q, (s, d, k)) in enumerate(zip(sizes, pads, geo))
+        )
+
+    if p["symmetric"]:
+        # The padding cropped by the transposed conv itself: a contiguous field of the input's
+        # size, where the output padding it needs is one the op accepts (below stride or dilation).
+        out_pad = output_padding(in_shape[2:], (top, left))
+        if all(0 <= o < max(s, d) for o, (s, d, _) in zip(out_pad, geo)):
+            return F.conv_transpose2d(g, weight, None, (sh, sw), (top, left), out_pad, p["groups"], (dh, dw))
+    out_pad = output_padding((in_shape[2] + top + bottom, in_shape[3] + left + right), (0, 0))
+    gx = F.conv_transpose2d(g, weight, None, (sh, sw), 0, out_pad, p["groups"], (dh, dw))
     if any(p["pad"]):
         gx = gx[:, :, top : top + in_shape[2], left : left + in_shape[3]]
     return gx
+
+
+def channel_dot(g: Tensor, v: Tensor) -> Tensor:
+    """``sum_c g[:, c] * v[c]``: (B, C, H, W) with (C,) -> (B, H, W), as one batched row-times-matrix
+    product with ``v`` broadcast over the batch. (An einsum, or a matmul where ``v`` requires grad,
+    would first copy ``g`` into a channel-last layout: 30x slower on a VGG16 stage-1 field.)"""
+    B, C = g.shape[:2]
+    return torch.bmm(v.view(1, 1, C).expand(B, 1, C), g.reshape(B, C, -1)).view(B, *g.shape[2:])
 
 
 def conv_bias_relevance(
@@ -119,7 +137,7 @@ def conv_bias_relevance(
     ``out_norm``: for a 1x1 conv, a per-pixel norm of the recorded conv output without its bias,
     zero exactly where ``W x_i`` is (the pixel then takes no share).
     """
-    bias_dot = torch.einsum("bchw,c->bhw", g, bias)
+    bias_dot = channel_dot(g, bias)
     if p["pointwise"]:
         n = None
         if mode == "contribution":
@@ -248,7 +266,7 @@ def _conv_bias(node, g, run, bn=None, conv=None):
         w = w * bn[0].view(-1, 1, 1, 1)
     r = conv_bias_relevance(g, x, w, b, p, run.bias_share, run.records.get(node.index))
     if run.lost is not None:
-        run.note_lost(torch.einsum("bchw,c->b", g, b) - r.sum((1, 2)))
+        run.note_lost(channel_dot(g, b).sum((1, 2)) - r.sum((1, 2)))
     return [(p["x"], r)]
 
 
