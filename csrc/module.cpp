@@ -2,6 +2,7 @@
 // csrc/schemas.cpp and the backend files; importing the module loads the library. The module's
 // one function reports which CPU kernel of the tap norms this process runs.
 #include <Python.h>
+#include <c10/util/Exception.h>
 
 #include <string>
 
@@ -9,8 +10,13 @@
 
 namespace {
 PyObject* tap_norms_cpu_kernel(PyObject*, PyObject*) {
-  const std::string s = srd_ext::cpu::fused::describe();
-  return PyUnicode_FromString(s.c_str());
+  try {
+    const std::string s = srd_ext::cpu::fused::describe();
+    return PyUnicode_FromString(s.c_str());
+  } catch (const c10::Error& e) {  // a bad SRD_EXT_TAP_NORMS_FUSED
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 PyMethodDef methods[] = {

@@ -475,30 +475,47 @@ def _cpu_flags():
         return []
 
 
-def test_tap_norms_cpu_kernel(monkeypatch):
-    """The extension reports the fused kernel the CPU supports, and the switch turns it off."""
+def _fused_kernels():
+    """The fused kernels this CPU runs, by their SRD_EXT_TAP_NORMS_FUSED names."""
     flags = _cpu_flags()
-    kernel = ops.tap_norms_cpu_kernel()
-    if "avx512f" in flags:
-        assert kernel == "avx512f 8x48"
-    elif "avx2" in flags and "fma" in flags:
-        assert kernel == "avx2 6x16"
-    elif flags:
-        assert kernel == "none"
+    return [k for k, need in (("avx512f", ["avx512f"]), ("avx2", ["avx2", "fma"])) if all(f in flags for f in need)]
+
+
+def test_tap_norms_cpu_kernel(monkeypatch):
+    """The extension reports the widest fused kernel the CPU supports; the switch picks another
+    one or none, and a bad value is an error naming the accepted ones."""
+    tiles = {"avx512f": "avx512f 8x48", "avx2": "avx2 6x16"}
+    have = _fused_kernels()
+    if _cpu_flags():
+        assert ops.tap_norms_cpu_kernel() == (tiles[have[0]] if have else "none")
+    for k in have:
+        monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", k)
+        assert ops.tap_norms_cpu_kernel() == tiles[k]
     monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", "0")
     assert ops.tap_norms_cpu_kernel() == "none"
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", "fast")
+    with pytest.raises(RuntimeError, match="SRD_EXT_TAP_NORMS_FUSED must be 0, 1, auto, avx512f or avx2"):
+        ops.tap_norms_cpu_kernel()
+    with pytest.raises(RuntimeError, match="SRD_EXT_TAP_NORMS_FUSED.*fast"):
+        ops.conv_tap_norms(X.float(), Wt.float(), 1, 1)
 
 
+# Every fused kernel this CPU runs (a CPU with AVX-512 also runs the AVX2 one).
+FUSED_KERNELS = _fused_kernels() or ["none"]
+
+
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 @pytest.mark.parametrize("path", ["product", "gram"])
 @pytest.mark.parametrize("geom", FUSED_GEOMS, ids=[f"f{i}" for i in range(len(FUSED_GEOMS))])
-def test_conv_tap_norms_fused_float32(geom, path, monkeypatch):
+def test_conv_tap_norms_fused_float32(geom, path, kernel, monkeypatch):
     """Float32 norms from the fused kernel against the float64 reference and against the GEMM
     forms (the kernel switched off), within float32 rounding; unreached pairs are exactly 0."""
-    if ops.tap_norms_cpu_kernel() == "none":
+    if kernel == "none":
         pytest.skip("no fused kernel on this CPU")
     x, w, s, p, d, groups = conv_inputs(geom)
     ref = ref_tap_norms(x, w, s, p, d, groups)
     monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", path)
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", kernel)
     fused = ops.conv_tap_norms(x.float(), w.float(), s, p, d, groups)
     monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", "0")
     gemm = ops.conv_tap_norms(x.float(), w.float(), s, p, d, groups)
@@ -508,15 +525,17 @@ def test_conv_tap_norms_fused_float32(geom, path, monkeypatch):
     assert torch.equal(fused == 0, ref == 0)
 
 
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 @pytest.mark.parametrize("path", ["product", "gram"])
-def test_conv_tap_norms_fused_nan(path, monkeypatch):
+def test_conv_tap_norms_fused_nan(path, kernel, monkeypatch):
     """NaN in a float32 input reaches the fused kernel's norms of that pixel and no other."""
-    if ops.tap_norms_cpu_kernel() == "none":
+    if kernel == "none":
         pytest.skip("no fused kernel on this CPU")
     geom = FUSED_GEOMS[0]
     x, w, s, p, d, groups = conv_inputs(geom)
     x[1, 5, 4, 6] = NAN
     monkeypatch.setenv("SRD_EXT_TAP_NORMS_PATH", path)
+    monkeypatch.setenv("SRD_EXT_TAP_NORMS_FUSED", kernel)
     got = ops.conv_tap_norms(x.float(), w.float(), s, p, d, groups)
     want = ref_tap_norms(x, w, s, p, d, groups)
     assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()

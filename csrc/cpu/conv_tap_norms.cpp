@@ -502,8 +502,8 @@ void fused_forward(const Plan& P, const at::Tensor& x, at::Tensor& out) {
           packed = sub;
         }
         const int64_t per_tap = ph.wf.size(1) * ph.wf.size(2) * ph.wf.size(3);
-        fused::tap_sums(ph.wf.data_ptr<float>() + k * per_tap, P.R, xbuf.data(), j1 - j0, K, gram,
-                        sbuf.data());
+        fused::tap_sums(P.tile, ph.wf.data_ptr<float>() + k * per_tap, P.R, xbuf.data(), j1 - j0, K,
+                        gram, sbuf.data());
         for_valid_pairs(
             P, ph, sub,
             [&](int64_t b, int64_t, int64_t t, int64_t q, int64_t i) {

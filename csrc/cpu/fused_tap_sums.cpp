@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SRD_EXT_FUSED_X86 1
@@ -118,59 +119,70 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* a, const float*
 #endif  // SRD_EXT_FUSED_X86
 
 struct Kernel {
+  const char* isa;
   Tile tile;
-  const char* isa = "none";
-  BlockFn product = nullptr, gram = nullptr;
+  BlockFn product, gram;
 };
 
-Kernel detect() {
-  Kernel k;
+// The kernels this CPU runs, widest first.
+std::vector<Kernel> detect() {
+  std::vector<Kernel> ks;
 #if SRD_EXT_FUSED_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
-    k.tile = Tile{kMr512, 16 * kNv512};
-    k.isa = "avx512f";
-    k.product = &block_avx512<false>;
-    k.gram = &block_avx512<true>;
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    k.tile = Tile{kMr256, 8 * kNv256};
-    k.isa = "avx2";
-    k.product = &block_avx2<false>;
-    k.gram = &block_avx2<true>;
-  }
+  if (__builtin_cpu_supports("avx512f"))
+    ks.push_back(
+        Kernel{"avx512f", Tile{kMr512, 16 * kNv512, 0}, &block_avx512<false>, &block_avx512<true>});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    ks.push_back(
+        Kernel{"avx2", Tile{kMr256, 8 * kNv256, 0}, &block_avx2<false>, &block_avx2<true>});
+  for (size_t i = 0; i < ks.size(); ++i) ks[i].tile.kernel = static_cast<int>(i);
 #endif
-  return k;
+  return ks;
 }
 
-const Kernel& kernel() {
-  static const Kernel k = detect();
-  return k;
+const std::vector<Kernel>& kernels() {
+  static const std::vector<Kernel> ks = detect();
+  return ks;
 }
 
 }  // namespace
 
 Tile tile() {
   const char* env = std::getenv("SRD_EXT_TAP_NORMS_FUSED");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return Tile{};
-  return kernel().tile;
+  const std::string want = env == nullptr ? "" : env;
+  const auto& ks = kernels();
+  if (want == "0") return Tile{};
+  if (want.empty() || want == "1" || want == "auto") return ks.empty() ? Tile{} : ks[0].tile;
+  for (const Kernel& k : ks)
+    if (want == k.isa) return k.tile;
+  std::string have;
+  for (const Kernel& k : ks) have += std::string(", ") + k.isa;
+  TORCH_CHECK(want == "avx512f" || want == "avx2",
+              "srd_ext: SRD_EXT_TAP_NORMS_FUSED must be 0, 1, auto, avx512f or avx2, got \"", want,
+              "\"");
+  TORCH_CHECK(false, "srd_ext: SRD_EXT_TAP_NORMS_FUSED=", want,
+              " names a kernel this CPU does not run; it runs 0, 1, auto", have);
+  return Tile{};
 }
 
 std::string describe() {
   const Tile t = tile();
   if (t.mr == 0) return "none";
-  return std::string(kernel().isa) + " " + std::to_string(t.mr) + "x" + std::to_string(t.nr);
+  return std::string(kernels()[t.kernel].isa) + " " + std::to_string(t.mr) + "x" +
+         std::to_string(t.nr);
 }
 
-void tap_sums(const float* a, int64_t R, const float* x, int64_t npanels, int64_t K, bool gram,
-              float* s) {
-  const Kernel& k = kernel();
+void tap_sums(const Tile& t, const float* a, int64_t R, const float* x, int64_t npanels, int64_t K,
+              bool gram, float* s) {
+  TORCH_CHECK(t.kernel >= 0 && t.kernel < static_cast<int>(kernels().size()),
+              "srd_ext: the fused tap-norm kernel does not run on this CPU");
+  const Kernel& k = kernels()[t.kernel];
   const int64_t mr = k.tile.mr, nr = k.tile.nr;
   const BlockFn fn = gram ? k.gram : k.product;
-  TORCH_CHECK(fn != nullptr, "srd_ext: the fused tap-norm kernel does not run on this CPU");
   std::fill(s, s + npanels * nr, 0.0f);
   // Row blocks outside, panels inside: one block of A (K * mr floats) stays in L1 while the
-  // panels stream from L2.
-  // In the Gram form the columns left of the block's first row are zero: start there.
+  // panels stream from L2. In the Gram form the columns left of the block's first row are zero:
+  // start there.
   for (int64_t r0 = 0; r0 < R; r0 += mr) {
     const int64_t k0 = gram ? r0 : 0;
     const float* ab = a + r0 * K + k0 * mr;

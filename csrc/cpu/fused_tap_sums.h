@@ -24,19 +24,22 @@ namespace fused {
 
 struct Tile {
   int64_t mr = 0, nr = 0;  // 0: no fused kernel on this CPU (or disabled), use the GEMM forms
+  int kernel = -1;         // which of the CPU's kernels (for tap_sums)
 };
 
-// The register tile of the widest instruction set this CPU supports. SRD_EXT_TAP_NORMS_FUSED=0 in
-// the environment turns the fused kernel off (for tests and benchmarks), as does a build for
-// another architecture or compiler.
+// The register tile of the kernel to use: by default the widest instruction set this CPU
+// supports. The environment variable SRD_EXT_TAP_NORMS_FUSED picks one (for tests and
+// benchmarks): 0 (none: the GEMM forms), 1 or auto (the default), avx512f or avx2 (an error where
+// the CPU lacks it). A build for another architecture or compiler has none.
 Tile tile();
 
-// "avx512f 8x48", "avx2 6x16" (instruction set, rows x pixels of the register tile), or "none".
+// "avx512f 8x48", "avx2 6x16" (instruction set, rows x pixels of the register tile), or "none":
+// what tile() picks.
 std::string describe();
 
-// s (npanels * nr floats) <- the sums above, for the rows [0, R) of A.
-void tap_sums(const float* a, int64_t R, const float* x, int64_t npanels, int64_t K, bool gram,
-              float* s);
+// s (npanels * t.nr floats) <- the sums above, for the rows [0, R) of A, on the kernel of `t`.
+void tap_sums(const Tile& t, const float* a, int64_t R, const float* x, int64_t npanels, int64_t K,
+              bool gram, float* s);
 
 }  // namespace fused
 }  // namespace cpu

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "conv_geometry.h"
+#include "cpu/fused_tap_sums.h"
 
 #ifdef SRD_CATCH2_V3
 #include <catch2/catch_test_macros.hpp>
@@ -525,13 +526,14 @@ TEST_CASE("every conv_tap_norms path matches the reference", "[conv_tap_norms][p
   }
 }
 
-// Turns the fused float32 kernel off while alive.
-struct NoFusedKernel {
-  NoFusedKernel() { setenv("SRD_EXT_TAP_NORMS_FUSED", "0", 1); }
-  ~NoFusedKernel() { unsetenv("SRD_EXT_TAP_NORMS_FUSED"); }
+// Sets SRD_EXT_TAP_NORMS_FUSED while alive: "0" turns the fused float32 kernel off, "avx512f" or
+// "avx2" picks one.
+struct FusedKernel {
+  explicit FusedKernel(const char* value) { setenv("SRD_EXT_TAP_NORMS_FUSED", value, 1); }
+  ~FusedKernel() { unsetenv("SRD_EXT_TAP_NORMS_FUSED"); }
 };
 
-TEST_CASE("the fused float32 kernel matches the reference and the GEMM forms",
+TEST_CASE("the fused float32 kernels match the reference and the GEMM forms",
           "[conv_tap_norms][fused]") {
   // Shapes that cut the kernel's register tiles (rows, pixels) and its chunks unevenly: output
   // channels and Gram rows that are no multiple of the tile, pixel counts that are no multiple
@@ -543,29 +545,45 @@ TEST_CASE("the fused float32 kernel matches the reference and the GEMM forms",
       {"one input channel", 2, 1, 9, 1, 8, 8, {3, 3, 1, 1, 1, 1, 1, 1}},
       {"many chunks", 2, 256, 16, 1, 40, 40, {3, 3, 1, 1, 1, 1, 1, 1}},
   };
-  for (const char* path : {"product", "gram"}) {
-    for (const auto& cc : cases) {
-      SECTION(std::string(path) + ": " + cc.name) {
-        at::manual_seed(31);
-        const TapPath forced(path);
-        auto x = randn({cc.B, cc.Ci, cc.H, cc.W});
-        auto w = randn({cc.Co, cc.Ci / cc.groups, cc.g.kh, cc.g.kw});
-        const auto ref = ref_tap_norms(x, w, cc.g, cc.groups);
-        const auto xf = x.to(at::kFloat), wf = w.to(at::kFloat);
-        const auto fused = conv_tap_norms(xf, wf, cc.g, cc.groups);
-        Tensor gemm;
-        {
-          const NoFusedKernel off;
-          gemm = conv_tap_norms(xf, wf, cc.g, cc.groups);
+  int ran = 0;
+  for (const char* kernel : {"avx512f", "avx2"}) {
+    {
+      const FusedKernel pick(kernel);
+      try {
+        srd_ext::cpu::fused::describe();
+      } catch (const c10::Error&) {
+        continue;  // this CPU does not run that kernel
+      }
+    }
+    ++ran;
+    for (const char* path : {"product", "gram"}) {
+      for (const auto& cc : cases) {
+        SECTION(std::string(kernel) + ", " + path + ": " + cc.name) {
+          at::manual_seed(31);
+          const TapPath forced(path);
+          auto x = randn({cc.B, cc.Ci, cc.H, cc.W});
+          auto w = randn({cc.Co, cc.Ci / cc.groups, cc.g.kh, cc.g.kw});
+          const auto ref = ref_tap_norms(x, w, cc.g, cc.groups);
+          const auto xf = x.to(at::kFloat), wf = w.to(at::kFloat);
+          Tensor fused, gemm;
+          {
+            const FusedKernel pick(kernel);
+            fused = conv_tap_norms(xf, wf, cc.g, cc.groups);
+          }
+          {
+            const FusedKernel off("0");
+            gemm = conv_tap_norms(xf, wf, cc.g, cc.groups);
+          }
+          const double scale = ref.abs().max().item<double>();
+          check_close(fused, ref, 1e-5, 1e-6 * scale);
+          check_close(fused, gemm, 1e-5, 1e-6 * scale);
+          // Unreached (pixel, tap) pairs stay exactly 0.
+          CHECK(at::equal(fused == 0, ref == 0));
         }
-        const double scale = ref.abs().max().item<double>();
-        check_close(fused, ref, 1e-5, 1e-6 * scale);
-        check_close(fused, gemm, 1e-5, 1e-6 * scale);
-        // Unreached (pixel, tap) pairs stay exactly 0.
-        CHECK(at::equal(fused == 0, ref == 0));
       }
     }
   }
+  if (ran == 0) WARN("no fused kernel on this CPU: nothing to check");
 }
 
 TEST_CASE("conv_tap_norms accepts non-contiguous inputs", "[conv_tap_norms]") {
