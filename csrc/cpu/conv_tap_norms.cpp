@@ -517,10 +517,11 @@ void fused_forward(const Plan& P, const at::Tensor& x, at::Tensor& out) {
   });
 }
 
+// `tile`: the fused kernel's (fused_tile), or none for the GEMM path.
 at::Tensor gemm_forward(const at::Tensor& x_in, const at::Tensor& weight, const ConvGeometry& geo,
-                        int64_t groups, Form form) {
+                        int64_t groups, Form form, fused::Tile tile) {
   const auto x = x_in.contiguous();
-  const Plan P = make_plan(x, weight, geo, groups, form, fused_tile(x, groups));
+  const Plan P = make_plan(x, weight, geo, groups, form, tile);
   auto out = empty_output({P.B, P.T, P.H, P.W}, x.options()).zero_();
   if (P.chunks.empty()) return out;
 
@@ -925,9 +926,10 @@ at::Tensor conv_tap_norms_cpu(const at::Tensor& x, const at::Tensor& weight, at:
   const char* op = "conv_tap_norms";
   const ConvGeometry geo = check_tap_norms_args(op, x, weight, stride, padding, dilation, groups,
                                                 /*allow_half=*/false);
-  const Form form = choose_form(op, x, weight, geo, groups, fused_tile(x, groups).mr > 0);
+  const fused::Tile tile = fused_tile(x, groups);
+  const Form form = choose_form(op, x, weight, geo, groups, tile.mr > 0);
   return form == Form::kDirect ? direct_forward(x, weight, geo, groups)
-                               : gemm_forward(x, weight, geo, groups, form);
+                               : gemm_forward(x, weight, geo, groups, form, tile);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_tap_norms_backward_cpu(

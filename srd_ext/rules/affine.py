@@ -128,16 +128,16 @@ def channel_dot(g: Tensor, v: Tensor) -> Tensor:
 
 
 def conv_bias_relevance(
-    g: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p, mode: str, out_norm: Optional[Tensor] = None
+    bias_dot: Tensor, x: Tensor, weight: Tensor, p, mode: str, out_norm: Optional[Tensor] = None
 ) -> Tensor:
     """Relevance (B, H_in, W_in) a conv's bias hands to its input pixels.
 
-    ``bias_dot_j = <b, g_j>`` is the bias' share of output pixel j; it is split among the input
-    pixels under the kernel by ``||W_t x_i||`` ("contribution") or ``||x_i||`` ("input").
+    ``bias_dot_j = <b, g_j>`` (B, H_out, W_out; ``channel_dot``) is the bias' share of output
+    pixel j; it is split among the input pixels under the kernel by ``||W_t x_i||``
+    ("contribution") or ``||x_i||`` ("input").
     ``out_norm``: for a 1x1 conv, a per-pixel norm of the recorded conv output without its bias,
     zero exactly where ``W x_i`` is (the pixel then takes no share).
     """
-    bias_dot = channel_dot(g, bias)
     if p["pointwise"]:
         n = None
         if mode == "contribution":
@@ -264,9 +264,10 @@ def _conv_bias(node, g, run, bn=None, conv=None):
     x = run.value(p["x"])
     if bn is not None and not p["pointwise"] and run.bias_share == "contribution":
         w = w * bn[0].view(-1, 1, 1, 1)
-    r = conv_bias_relevance(g, x, w, b, p, run.bias_share, run.records.get(node.index))
+    bias_dot = channel_dot(g, b)
+    r = conv_bias_relevance(bias_dot, x, w, p, run.bias_share, run.records.get(node.index))
     if run.lost is not None:
-        run.note_lost(channel_dot(g, b).sum((1, 2)) - r.sum((1, 2)))
+        run.note_lost(bias_dot.sum((1, 2)) - r.sum((1, 2)))
     return [(p["x"], r)]
 
 
