@@ -18,8 +18,8 @@ import importlib
 
 from . import capture, ops
 from ._version import __version__
-from .capture import UnsupportedModelError
 from .explain import Explainer, erf, explain
+from .nodes import UnsupportedModelError
 from .ops import activation_share, bias_share_scatter, conv_tap_norms, pfv_decompose
 
 # Submodules imported on first attribute access (module __getattr__, PEP 562).

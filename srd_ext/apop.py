@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .capture import Graph, Instrument, Node, graph_for, unwrap
+from .capture import Graph, Instrument, graph_for, unwrap
+from .nodes import Node
 
 __all__ = [
     "ActivationPatterns",

@@ -31,12 +31,14 @@ from __future__ import annotations
 import contextlib
 import operator
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from . import rules
+from .nodes import Node, Ref, UnsupportedModelError, collect_refs, load, plain
 
 __all__ = [
     "Graph",
@@ -49,64 +51,6 @@ __all__ = [
     "UnsupportedModelError",
     "Ref",
 ]
-
-
-class UnsupportedModelError(TypeError):
-    """The model contains an op SRD cannot decompose, or cannot be captured."""
-
-
-@dataclass(frozen=True)
-class Ref:
-    """Stands for the value of node ``index`` inside a node's stored arguments."""
-
-    index: int
-
-
-# --------------------------------------------------------------------------------------------
-# Nodes
-# --------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Node:
-    """One node of the captured graph.
-
-    kind: "input", "param" (a parameter, buffer or constant of the model), "call" (an op or a
-    Python function on values), "output".
-    """
-
-    index: int
-    name: str
-    kind: str
-    target: Any = None
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    inputs: List[int] = field(default_factory=list)  # nodes read, in argument order, no repeats
-    rule: Any = None
-    module: str = ""  # innermost module path ("" for the model's own forward)
-    module_type: str = ""
-    scopes: Tuple[Tuple[str, int], ...] = ()  # (module path, call number), outer to inner
-    shape: Optional[Tuple[int, ...]] = None  # example shape (batch dim as in the example)
-    dtype: Optional[torch.dtype] = None
-    data: bool = False  # depends on the input
-    field_inputs: List[int] = field(default_factory=list)  # data inputs the relevance field reaches
-    site: bool = False  # a decomposition site (activation on the field's path)
-    z_input: Optional[int] = None  # a site's pre-activation node
-    layout: Optional[Tuple[int, int, int]] = None  # (batch, height, width) dims, if pixels
-    pooled: bool = False  # downstream of a global pooling (the head)
-    is_tuple: bool = False  # the op returns several tensors (split, ...): read with getitem
-    fused: Optional[int] = None  # a conv folded into the BatchNorm node with this index
-    params: dict = field(default_factory=dict)  # the rule's parsed arguments
-    binder: Optional[Callable[[nn.Module], Tensor]] = None  # "param": reads the live tensor
-
-    op_name: str = ""  # "aten.conv2d", "getitem", ...: what the registry keys rules by
-
-    def where(self) -> str:
-        """How errors name the node: its op, module path and module type."""
-        mod = (
-            f"module '{self.module}' ({self.module_type.rsplit('.', 1)[-1]})"
-            if self.module
-            else "the model's own forward"
-        )
-        return f"node '{self.name}' ({self.op_name}, {mod})"
 
 
 class Instrument:
@@ -126,17 +70,10 @@ class Instrument:
 
 class Recorder(Instrument):
     """Runs the model unchanged, recording each max-pool's argmax indices (which SRD's max-pool
-    rule needs) and, with ``activations=True``, each activation's pre-activation (APOP)."""
+    rule needs)."""
 
-    def __init__(self, activations: bool = False):
-        self.record_activations = activations
+    def __init__(self):
         self.indices: Dict[int, Tensor] = {}
-        self.pre_activations: Dict[int, Tensor] = {}
-
-    def activation(self, node, z, fn, args=()):
-        if self.record_activations:
-            self.pre_activations[node.index] = z
-        return fn(z)
 
     def maxpool(self, node, x, fn):
         out, idx = fn(x)
@@ -151,12 +88,13 @@ class Graph:
     """A captured model for one input signature: nodes in topological order and the forward
     that runs them, with the analyses SRD needs."""
 
-    def __init__(self, model: nn.Module, nodes: List[Node], signature, export_seconds: float = 0.0):
+    def __init__(self, model: nn.Module, nodes: List[Node], signature):
         self.model_ref = weakref.ref(model)
         self.nodes = nodes
         self.signature = signature
-        self.export_seconds = export_seconds
         self.input_index = next(n.index for n in nodes if n.kind == "input")
+        # the batch size may vary between calls (export kept the batch dim symbolic)
+        self.dynamic_batch = bool(nodes[self.input_index].params.get("dynamic_batch"))
         self.output_index = next(n.index for n in nodes if n.kind == "output")
         self.users: List[List[int]] = [[] for _ in nodes]
         for n in nodes:
@@ -167,6 +105,8 @@ class Graph:
             for i in n.inputs:
                 self.last_use[i] = max(self.last_use[i], n.index)
         self.plans: Dict[Any, Any] = {}  # the explainer's per-encoder analyses
+        self.cuts: set = set()  # nodes every path from the input to the output passes through
+        self.default_encoder: Optional[int] = None  # chosen once, by the explainer
         self._names: Optional[Dict[str, int]] = None
         self._display: Optional[Dict[int, str]] = None
         self._ambiguous: Dict[str, List[str]] = {}
@@ -210,8 +150,8 @@ class Graph:
             elif k == "output":
                 values[n.index] = values[n.inputs[0]]
             else:
-                args = _load(n.args, values)
-                kwargs = _load(n.kwargs, values) if n.kwargs else {}
+                args = load(n.args, values.__getitem__)
+                kwargs = load(n.kwargs, values.__getitem__) if n.kwargs else {}
                 values[n.index] = n.rule.forward(n, args, kwargs, ctx)
             if shapes is not None:
                 shapes.append(_shape_of(values[n.index]))
@@ -321,18 +261,6 @@ def _shape_of(v):
     return None
 
 
-def _load(template, values: List[Any]):
-    if isinstance(template, Ref):
-        return values[template.index]
-    if isinstance(template, tuple):
-        return tuple(_load(t, values) for t in template)
-    if isinstance(template, list):
-        return [_load(t, values) for t in template]
-    if isinstance(template, dict):
-        return {k: _load(v, values) for k, v in template.items()}
-    return template
-
-
 # --------------------------------------------------------------------------------------------
 # Capture
 # --------------------------------------------------------------------------------------------
@@ -402,11 +330,17 @@ def graph_for(model: nn.Module, x: Tensor) -> Graph:
     model = unwrap(model)
     entry = _CACHE.get(model)
     sig = signature_of(x)
+
+    def cached(entry) -> Optional[Graph]:
+        for (s, batch), g in entry["graphs"].items() if entry is not None else ():
+            if s == sig and (batch is None or batch == x.shape[0]):
+                return g
+        return None
+
     if torch.compiler.is_compiling():
-        if entry is not None:
-            for key, g in entry["graphs"].items():
-                if key[0] == sig and (key[1] is None or key[1] == x.shape[0]):
-                    return g
+        g = cached(entry)
+        if g is not None:
+            return g
         raise RuntimeError(
             "srd_ext captures a model with torch.export, which cannot run inside torch.compile: "
             "call the explainer once eagerly on an input of this shape before compiling"
@@ -416,9 +350,9 @@ def graph_for(model: nn.Module, x: Tensor) -> Graph:
     if entry is None or entry["structure"] != skey:
         entry = {"structure": skey, "graphs": {}}
         _CACHE[model] = entry
-    for key, g in entry["graphs"].items():
-        if key[0] == sig and (key[1] is None or key[1] == x.shape[0]):
-            return g
+    g = cached(entry)
+    if g is not None:
+        return g
     g = capture(model, x)
     static_batch = None if g.dynamic_batch else x.shape[0]
     entry["graphs"][(sig, static_batch)] = g
@@ -428,16 +362,11 @@ def graph_for(model: nn.Module, x: Tensor) -> Graph:
 def capture(model: nn.Module, x: Tensor) -> Graph:
     """Export ``model`` for inputs shaped like ``x`` and build its :class:`Graph` (uncached; see
     :func:`graph_for`). The model is not modified."""
-    import time
-
-    from . import rules
-
     model = unwrap(model)
     check_eval(model)
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise TypeError("x must be a batched tensor")
     example = torch.zeros((2,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    t0 = time.perf_counter()
     with _all_eval(model), torch.no_grad(), _quiet_export():
         try:
             ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
@@ -450,9 +379,7 @@ def capture(model: nn.Module, x: Tensor) -> Graph:
             nodes = _build(model, ep)
         except _NeedsFunctionalGraph:
             nodes = _build(model, ep.run_decompositions({}))
-    seconds = time.perf_counter() - t0
-    g = Graph(model, nodes, signature_of(x), seconds)
-    g.dynamic_batch = bool(g.nodes[g.input_index].params.get("dynamic_batch"))
+    g = Graph(model, nodes, signature_of(x))
     rules.analyse(g)
     return g
 
@@ -549,18 +476,11 @@ def _const_binder(value: Tensor) -> Callable[[nn.Module], Tensor]:
     return lambda _model, value=value: value
 
 
-def _build(model: nn.Module, ep) -> List[Node]:
-    from . import rules
-
-    sig = ep.graph_signature
-    kinds = {}
-    for spec in sig.input_specs:
-        kinds[spec.arg.name] = spec
-    nodes: List[Node] = []
-    index: Dict[str, int] = {}
-    fx_nodes = list(ep.graph.nodes)
+def _inplace_redirects(fx_nodes) -> Dict[str, str]:
+    """Functionalise in-place ops: mutated tensor name -> the in-place op whose result later
+    reads of it read. Raises :class:`_NeedsFunctionalGraph` where another alias of the mutated
+    tensor is read later (the simple rewrite cannot follow that)."""
     position = {n.name: i for i, n in enumerate(fx_nodes)}
-    # Functionalise in-place ops: a later read of the mutated tensor reads the op's result.
     redirect: Dict[str, str] = {}
     base_of: Dict[str, str] = {}
     for fx in fx_nodes:
@@ -578,92 +498,105 @@ def _build(model: nn.Module, ep) -> List[Node]:
         if not isinstance(tgt, torch.fx.Node) or tgt.op == "placeholder" or _functional_target(fx.target) is None:
             raise _NeedsFunctionalGraph(fx.name)
         root = base_of.get(tgt.name, tgt.name)
-        me = position[fx.name]
-        for other in fx_nodes[me + 1 :]:
-            reads = [a.name for a in other.all_input_nodes]
-            for r in reads:
-                if r == fx.name or r == tgt.name:
+        for other in fx_nodes[position[fx.name] + 1 :]:
+            for r in (a.name for a in other.all_input_nodes):
+                if r in (fx.name, tgt.name):
                     continue
                 if base_of.get(r, r) == root or r == root:
                     raise _NeedsFunctionalGraph(fx.name)  # another alias of the mutated tensor
         redirect[tgt.name] = fx.name
+    return redirect
 
-    def ref_of(n: torch.fx.Node, at: int):
+
+def _example_shape(meta) -> Tuple[Optional[Tuple[int, ...]], Optional[torch.dtype]]:
+    if not isinstance(meta, Tensor):
+        return None, None
+    shape = tuple(int(d) if not isinstance(d, torch.SymInt) else int(d.node.hint or 2) for d in meta.shape)
+    return shape, meta.dtype
+
+
+def _placeholder_node(i: int, fx, spec, ep) -> Node:
+    """The model's input, or a parameter, buffer or constant it reads."""
+    meta = fx.meta.get("val")
+    shape, dtype = _example_shape(meta)
+    kind = spec.kind.name if spec is not None else "USER_INPUT"
+    if kind == "USER_INPUT":
+        node = Node(i, "x", "input", shape=shape, dtype=dtype)
+        node.params = {"dynamic_batch": isinstance(meta, Tensor) and isinstance(meta.shape[0], torch.SymInt)}
+        return node
+    if kind in ("PARAMETER", "BUFFER"):
+        return Node(
+            i, fx.name, "param", binder=_param_binder(spec.target), shape=shape, dtype=dtype, module=spec.target
+        )
+    if kind == "CONSTANT_TENSOR":
+        return Node(i, fx.name, "param", binder=_const_binder(ep.constants[spec.target]), shape=shape, dtype=dtype)
+    raise UnsupportedModelError(f"the model's forward reads a {kind.lower()} ('{fx.name}'), which srd_ext cannot bind")
+
+
+def _call_node(i: int, fx, ref_of: Callable[[torch.fx.Node], Ref]) -> Node:
+    """An op, its arguments stored as a template of :class:`Ref` to the nodes it reads."""
+    target = fx.target
+    if _mutated_arg(target) is not None:
+        target = _functional_target(target)
+    args = torch.fx.node.map_arg(fx.args, ref_of)
+    kwargs = dict(torch.fx.node.map_arg(fx.kwargs, ref_of))
+    ins: List[int] = []
+    collect_refs((args, kwargs), ins)
+    scopes, module, mtype = _scopes(fx)
+    meta = fx.meta.get("val")
+    shape, dtype = _example_shape(meta)
+    return Node(
+        i,
+        fx.name,
+        "call",
+        target=target,
+        args=plain(args),
+        kwargs=plain(kwargs),
+        inputs=ins,
+        scopes=scopes,
+        module=module,
+        module_type=mtype,
+        shape=shape,
+        dtype=dtype,
+        example=meta,
+    )
+
+
+def _build(model: nn.Module, ep) -> List[Node]:
+    """The nodes of an exported program, in order, each with the rule of its op."""
+    specs = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
+    nodes: List[Node] = []
+    index: Dict[str, int] = {}
+    fx_nodes = list(ep.graph.nodes)
+    position = {n.name: i for i, n in enumerate(fx_nodes)}
+    redirect = _inplace_redirects(fx_nodes)
+
+    def ref_of(n: torch.fx.Node, at: int) -> Ref:
         name = n.name
         # follow redirects made by in-place ops that ran before node ``at``
         while name in redirect and position[redirect[name]] < at:
             name = redirect[name]
         return Ref(index[name])
 
-    user_inputs = 0
     for fx in fx_nodes:
-        i = len(nodes)
-        scopes, module, mtype = _scopes(fx)
-        meta = fx.meta.get("val")
-        shape = (
-            tuple(int(d) if not isinstance(d, torch.SymInt) else int(d.node.hint or 2) for d in meta.shape)
-            if isinstance(meta, Tensor)
-            else None
-        )
-        dtype = meta.dtype if isinstance(meta, Tensor) else None
+        i, at = len(nodes), position[fx.name]
         if fx.op == "placeholder":
-            spec = kinds.get(fx.name)
-            kind = spec.kind.name if spec is not None else "USER_INPUT"
-            if kind == "USER_INPUT":
-                user_inputs += 1
-                if user_inputs > 1:
-                    raise UnsupportedModelError(
-                        "the model's forward takes more than one tensor; SRD explains single-input classifiers"
-                    )
-                node = Node(i, "x", "input", shape=shape, dtype=dtype)
-                node.params = {"dynamic_batch": isinstance(meta, Tensor) and isinstance(meta.shape[0], torch.SymInt)}
-            elif kind in ("PARAMETER", "BUFFER"):
-                node = Node(
-                    i, fx.name, "param", binder=_param_binder(spec.target), shape=shape, dtype=dtype, module=spec.target
-                )
-            elif kind in ("CONSTANT_TENSOR",):
-                node = Node(
-                    i, fx.name, "param", binder=_const_binder(ep.constants[spec.target]), shape=shape, dtype=dtype
-                )
-            else:
+            node = _placeholder_node(i, fx, specs.get(fx.name), ep)
+            if node.kind == "input" and any(n.kind == "input" for n in nodes):
                 raise UnsupportedModelError(
-                    f"the model's forward reads a {kind.lower()} ('{fx.name}'), which srd_ext cannot bind"
+                    "the model's forward takes more than one tensor; SRD explains single-input classifiers"
                 )
         elif fx.op == "output":
-            outs = [a for a in torch.fx.node.map_arg(fx.args, lambda n: n) if a is not None]
-            flat = []
+            flat: List[torch.fx.Node] = []
             torch.fx.node.map_arg(fx.args, lambda n: flat.append(n) or n)
             if len(flat) != 1:
                 raise UnsupportedModelError(
                     f"the model returns {len(flat)} tensors; SRD explains classifiers whose forward "
                     "returns one logits tensor (B, classes)"
                 )
-            node = Node(i, "output", "output", inputs=[ref_of(flat[0], position[fx.name]).index])
-            del outs
+            node = Node(i, "output", "output", inputs=[ref_of(flat[0], at).index])
         elif fx.op == "call_function":
-            target = fx.target
-            if _mutated_arg(target) is not None:
-                target = _functional_target(target)
-            at = position[fx.name]
-            args = torch.fx.node.map_arg(fx.args, lambda n: ref_of(n, at))
-            kwargs = dict(torch.fx.node.map_arg(fx.kwargs, lambda n: ref_of(n, at)))
-            ins: List[int] = []
-            _collect_refs((args, kwargs), ins)
-            node = Node(
-                i,
-                fx.name,
-                "call",
-                target=target,
-                args=_plain(args),
-                kwargs=_plain(kwargs),
-                inputs=ins,
-                scopes=scopes,
-                module=module,
-                module_type=mtype,
-                shape=shape,
-                dtype=dtype,
-            )
-            node.meta_val = meta
+            node = _call_node(i, fx, lambda n, at=at: ref_of(n, at))
         else:
             raise UnsupportedModelError(f"unexpected graph node {fx.op} '{fx.name}'")
         index[fx.name] = i
@@ -679,26 +612,3 @@ def _op_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket._qualified_op_name.replace("::", ".")
     return getattr(target, "__name__", str(target))
-
-
-def _collect_refs(template, out: List[int]) -> None:
-    if isinstance(template, Ref):
-        if template.index not in out:
-            out.append(template.index)
-    elif isinstance(template, (list, tuple)):
-        for t in template:
-            _collect_refs(t, out)
-    elif isinstance(template, dict):
-        for t in template.values():
-            _collect_refs(t, out)
-
-
-def _plain(template):
-    """fx's immutable containers as plain tuples, lists and dicts."""
-    if isinstance(template, tuple) and not isinstance(template, Ref):
-        return tuple(_plain(t) for t in template)
-    if isinstance(template, list):
-        return [_plain(t) for t in template]
-    if isinstance(template, dict):
-        return {k: _plain(v) for k, v in template.items()}
-    return template

@@ -223,8 +223,8 @@ def check(
 ) -> ZooResult:
     """Capture and explain ``model`` once: SRD-input with a constant initial relevance, the
     relevance budget and the captured forward against the model's."""
-    from .capture import UnsupportedModelError
     from .explain import Explainer
+    from .nodes import UnsupportedModelError
 
     if x is None:
         s = input_size(name)

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import srd_ext
-from srd_ext.capture import Ref
+from srd_ext.nodes import Ref
+from srd_ext.rules import affine as A
+from srd_ext.rules import structure as S
 
 Decomp = Dict[int, torch.Tensor]  # source node -> (P_source, *shape of the node's value)
 
@@ -127,9 +129,9 @@ class ReferenceSRD:
             U[s] = torch.zeros_like(v)
         for i in seg:
             n = g.nodes[i]
-            kind = type(n.rule).__name__
+            kind = type(n.rule)
             if kind not in LINEAR:
-                raise NotImplementedError(f"no reference case for {kind} ({n.op_name})")
+                raise NotImplementedError(f"no reference case for {kind.__name__} ({n.op_name})")
             D[i], U[i] = LINEAR[kind](self, n, D, U)
             if self.mode != "none" and kind in BIASES:
                 u, field, unassigned = BIASES[kind](self, n)
@@ -475,30 +477,30 @@ def _tuple_combine(f):
 
 
 LINEAR = {
-    "Conv2d": _unary(_conv_linear),
-    "BatchNorm": _unary(_bn_linear),
-    "LayerNorm": _unary(_ln_linear),
-    "GroupNorm": _unary(_gn_linear),
-    "Linear": _unary(_linear_linear),
-    "AddSub": _addsub,
-    "MulDiv": _muldiv,
-    "Addcmul": _addcmul,
-    "Identity": _unary(_identity),
-    "Reshape": _unary(_reshape),
-    "Expand": _unary(_expand),
-    "Permute": _unary(_permute),
-    "Slice": _unary(_slice),
-    "Cat": _cat,
-    "Stack": _stack,
-    "Split": _tuple_combine(_split),
-    "GetItem": _tuple_combine(_getitem),
-    "MaxPool": _tuple_combine(_maxpool),
-    "AdaptiveMaxPool": _tuple_combine(_maxpool),
-    "AvgPool": _unary(_same_op),
-    "AdaptiveAvgPool": _unary(_same_op),
-    "Mean": _unary(_same_op),
-    "Upsample": _unary(_same_op),
-    "Pad": _unary(_same_op),
+    A.Conv2d: _unary(_conv_linear),
+    A.BatchNorm: _unary(_bn_linear),
+    A.LayerNorm: _unary(_ln_linear),
+    A.GroupNorm: _unary(_gn_linear),
+    A.Linear: _unary(_linear_linear),
+    A.AddSub: _addsub,
+    A.MulDiv: _muldiv,
+    A.Addcmul: _addcmul,
+    S.Identity: _unary(_identity),
+    S.Reshape: _unary(_reshape),
+    S.Expand: _unary(_expand),
+    S.Permute: _unary(_permute),
+    S.Slice: _unary(_slice),
+    S.Cat: _cat,
+    S.Stack: _stack,
+    S.Split: _tuple_combine(_split),
+    S.GetItem: _tuple_combine(_getitem),
+    S.MaxPool: _tuple_combine(_maxpool),
+    S.AdaptiveMaxPool: _tuple_combine(_maxpool),
+    S.AvgPool: _unary(_same_op),
+    S.AdaptiveAvgPool: _unary(_same_op),
+    S.Mean: _unary(_same_op),
+    S.Upsample: _unary(_same_op),
+    S.Pad: _unary(_same_op),
 }
 
 
@@ -643,11 +645,11 @@ def _addcmul_bias(ref, n):
 
 
 BIASES = {
-    "Conv2d": _conv_bias,
-    "BatchNorm": _bn_bias,
-    "LayerNorm": _ln_bias,
-    "GroupNorm": _gn_bias,
-    "Linear": _linear_bias,
-    "AddSub": _addsub_bias,
-    "Addcmul": _addcmul_bias,
+    A.Conv2d: _conv_bias,
+    A.BatchNorm: _bn_bias,
+    A.LayerNorm: _ln_bias,
+    A.GroupNorm: _gn_bias,
+    A.Linear: _linear_bias,
+    A.AddSub: _addsub_bias,
+    A.Addcmul: _addcmul_bias,
 }

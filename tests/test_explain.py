@@ -232,12 +232,13 @@ def test_gradcam_contrast_matches_autograd(name):
     # the head re-run from the encoder output with autograd
     vals = list(values)
     vals[enc] = A
-    from srd_ext.capture import Instrument, _ForwardContext, _load
+    from srd_ext.capture import Instrument, _ForwardContext
+    from srd_ext.nodes import load
 
     ctx = _ForwardContext(Instrument(), None, g, vals)
     for n in g.nodes[enc + 1 :]:
         if n.kind == "call":
-            vals[n.index] = n.rule.forward(n, _load(n.args, vals), _load(n.kwargs, vals), ctx)
+            vals[n.index] = n.rule.forward(n, load(n.args, vals.__getitem__), load(n.kwargs, vals.__getitem__), ctx)
         elif n.kind == "output":
             vals[n.index] = vals[n.inputs[0]]
     logits = vals[g.output_index]

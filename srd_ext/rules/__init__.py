@@ -7,7 +7,7 @@ The list of supported ops in errors and in the README is generated from the regi
 (:func:`supported_table`). Adding an op is one rule class here and one reference case in the
 tests.
 
-:func:`analyse` runs once per capture: it decides which nodes depend on the input, prepares each
+:func:`analyse` runs once per capture: it decides which nodes depend on the input, parses each
 rule, folds every BatchNorm into the conv before it, follows pixel layouts, and finds the nodes
 every path passes through.
 """
@@ -20,8 +20,19 @@ import torch
 
 from . import activations, affine, structure  # noqa: F401  (register the rules)
 from .activations import Activation
-from .affine import BatchNorm, Conv2d, Linear
-from .base import BIAS_SHARES, REGISTRY, Rule, from_nchw, pixel_sum, relevance_to_field, to_nchw, unsupported
+from .affine import BatchNorm, Conv2d
+from .base import (
+    BIAS_SHARES,
+    REGISTRY,
+    Rule,
+    from_nchw,
+    pixel_sum,
+    relevance_to_field,
+    supported_summary,
+    supported_table,
+    to_nchw,
+    unsupported,
+)
 
 __all__ = [
     "REGISTRY",
@@ -89,11 +100,11 @@ def analyse(graph) -> None:
             n.data = True
             n.layout = (0, 2, 3) if n.shape is not None and len(n.shape) == 4 else None
         elif n.kind == "call":
-            mv = getattr(n, "meta_val", None)
+            mv = n.example
             n.data = any(nodes[i].data for i in n.inputs) and _is_tensorish(mv)
             n.is_tuple = isinstance(mv, (tuple, list))
             if n.data:
-                n.rule.prepare(n, graph)
+                n.rule.parse(n, graph)
         elif n.kind == "output":
             n.data = True
             n.field_inputs = list(n.inputs)
@@ -113,8 +124,6 @@ def analyse(graph) -> None:
             if src.layout is None and src.shape is not None and len(src.shape) == 4 and not src.pooled:
                 src.layout = (0, 2, 3)
     graph.cuts = _cuts(graph)
-    graph.head_sites = None
-    graph._main = {}
 
 
 def _fold_batchnorms(graph) -> None:
@@ -167,41 +176,3 @@ def _cuts(graph) -> Set[int]:
         out.add(i)
         i = idom[i]
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# The supported-op list
-# --------------------------------------------------------------------------------------------
-_GROUPS = (
-    ("activations", "Activations (decomposition sites)"),
-    ("affine", "Affine ops (with their bias shares)"),
-    ("structure", "Routing, pooling and resizing"),
-)
-
-
-def _unique_rules() -> List[Rule]:
-    seen, out = set(), []
-    for r in REGISTRY.values():
-        if id(r) not in seen and r.decomposable:
-            seen.add(id(r))
-            out.append(r)
-    return out
-
-
-def supported_table() -> str:
-    """Markdown list of the ops SRD decomposes, one line per rule, from the registry."""
-    lines = []
-    for key, title in _GROUPS:
-        rules = [r for r in _unique_rules() if r.group == key]
-        lines.append(
-            f"- **{title}**: "
-            + "; ".join(
-                f"{r.describe()} (`{'`, `'.join(sorted({o.split('.', 1)[-1] for o in r.ops}))}`)" for r in rules
-            )
-        )
-    return "\n".join(lines)
-
-
-def supported_summary() -> str:
-    """One line: the rules' titles without their notes."""
-    return ", ".join(r.describe().split(" (")[0] for r in _unique_rules())

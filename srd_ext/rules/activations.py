@@ -12,13 +12,14 @@ forward keeps one tensor per site.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Rule, register, same_layout
+from ..nodes import Ref
+from .base import Rule, register, same_layout, unsupported
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -34,15 +35,13 @@ class Activation(Rule):
     group = "activations"
     piecewise_linear = False
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         z = node.args[0]
         node.field_inputs = [z.index] if graph.nodes[z.index].data else []
         node.z_input = z.index
 
     def check_main(self, node, graph):
         if node.layout is None:
-            from .base import unsupported
-
             raise unsupported(
                 node, f"an activation on a tensor of shape {node.shape} with no pixel layout (batch, height, width)"
             )
@@ -161,9 +160,6 @@ class PReLU(Activation):
         shape[1 if z.dim() > 1 else 0] = -1
         return w.reshape(shape)
 
-    def prepare(self, node, graph):
-        super().prepare(node, graph)
-
     def forward(self, node, args, kwargs, ctx):
         w = args[1]
         return ctx.instrument.activation(node, args[0], lambda z: node.target(z, w), args)
@@ -214,18 +210,14 @@ class Clamp(Activation):
         hi = self.arg(node, 2, "max", None)
         return (None if lo is None else float(lo)), (None if hi is None else float(hi))
 
-    def prepare(self, node, graph):
-        super().prepare(node, graph)
-        from ..capture import Ref
-
+    def parse(self, node, graph):
+        super().parse(node, graph)
         for a in node.args[1:]:
             if isinstance(a, Ref):
                 node.params["tensor_bounds"] = True
 
     def check_main(self, node, graph):
         if node.params.get("tensor_bounds"):
-            from .base import unsupported
-
             raise unsupported(node, "clamp with tensor bounds")
         super().check_main(node, graph)
 
@@ -363,22 +355,3 @@ class Softplus(Activation):
         beta = float(self.arg(node, 1, "beta", 1.0))
         threshold = float(self.arg(node, 2, "threshold", 20.0))
         return torch.where(z * beta > threshold, _ones(z), torch.sigmoid(z * beta))
-
-
-def activation_titles() -> List[str]:
-    from .base import REGISTRY
-
-    seen, out = set(), []
-    for r in REGISTRY.values():
-        if isinstance(r, Activation) and id(r) not in seen:
-            seen.add(id(r))
-            out.append(r.describe())
-    return out
-
-
-def elementwise_unary(node) -> Optional[Tuple[int, bool]]:
-    """(input index, is sigmoid-like) when ``node`` is an elementwise function of one tensor."""
-    r = node.rule
-    if isinstance(r, Activation):
-        return node.args[0].index, isinstance(r, (Sigmoid, Hardsigmoid, Tanh))
-    return None

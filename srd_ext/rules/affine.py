@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..capture import Ref
+from ..nodes import Ref
 from .base import Rule, nchw_layout, pixel_norm, pixel_sum, register, same_layout, sum_to, unsupported
 
 
@@ -208,7 +208,7 @@ class Conv2d(Rule):
     decomposable = True
     reads_nchw = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         node.params = conv_geometry(node, graph)
         x = node.params["x"]
         node.field_inputs = [x] if graph.nodes[x].data else []
@@ -225,7 +225,7 @@ class Conv2d(Rule):
     def layout(self, node, graph):
         return nchw_layout(node, graph)
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         return [node.params["x"]]
 
     def weights(self, node, run):
@@ -292,7 +292,7 @@ class BatchNorm(Rule):
     group = "affine"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         x, w, b, mean, var, eps = _bn_args(node)
         node.params = {
             "x": x.index,
@@ -320,7 +320,7 @@ class BatchNorm(Rule):
             shift = shift + run.value(p["b"])
         return scale, shift
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         if node.fused is not None:
             return [graph.nodes[node.fused].params["x"]]
         return [node.params["x"]]
@@ -433,7 +433,7 @@ class LayerNorm(Rule):
     group = "affine"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         _norm_args(node, graph, "shape", lambda v: [int(d) for d in v])
 
     def check_main(self, node, graph):
@@ -445,7 +445,7 @@ class LayerNorm(Rule):
         if dims & set(x.layout[:1]):
             raise unsupported(node, "a layer norm over the batch dim")
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         return [node.params["x"], node.index]
 
     def forward(self, node, args, kwargs, ctx):
@@ -494,14 +494,14 @@ class GroupNorm(Rule):
     group = "affine"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         _norm_args(node, graph, "groups", int)
 
     def check_main(self, node, graph):
         if graph.nodes[node.params["x"]].layout != (0, 2, 3):
             raise unsupported(node, "a group norm on a tensor that is not (B, C, H, W)")
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         return [node.params["x"], node.index]
 
     def _wb(self, node, args, kwargs):
@@ -563,7 +563,7 @@ class Linear(Rule):
     group = "affine"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         a = list(node.args)
         x, w = a[0], a[1]
         b = a[2] if len(a) > 2 else node.kwargs.get("bias")
@@ -585,7 +585,7 @@ class Linear(Rule):
                 "a linear layer on the relevance path whose input is not a channels-last image tensor (B, H, W, C)",
             )
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         return [node.params["x"]]
 
     def forward(self, node, args, kwargs, ctx):
@@ -629,7 +629,7 @@ class AddSub(Rule):
     group = "affine"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         a, b, alpha = _operands(node)
         name = node.op_name
         if name == "aten.rsub":  # other - alpha * self
@@ -651,7 +651,7 @@ class AddSub(Rule):
             if x.layout is None:
                 raise unsupported(node, "an added constant on a tensor without pixel layout")
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         p = node.params
         return [p[p["data"][0]].index] if len(p["data"]) == 1 else []
 
@@ -750,7 +750,7 @@ class MulDiv(Rule):
     group = "affine"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         a, b, _ = _operands(node)
         is_div = node.op_name == "aten.div"
         da, db = _is_data(graph, a), _is_data(graph, b)
@@ -808,7 +808,7 @@ class MulDiv(Rule):
         if node.params["mode"] == "activation" and node.layout is None:
             raise unsupported(node, "an activation on a tensor without pixel layout")
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         p = node.params
         return [p["s"]] if p["mode"] == "gate" else []
 
@@ -853,7 +853,7 @@ class Addcmul(Rule):
     group = "affine"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         a = list(node.args)
         s, t1, t2 = a[0], a[1], a[2]
         value = float(node.kwargs.get("value", a[3] if len(a) > 3 else 1.0))
@@ -879,7 +879,7 @@ class Addcmul(Rule):
             if tuple(x.shape) != tuple(node.shape) or x.layout is None:
                 raise unsupported(node, "addcmul whose input-dependent factor is broadcast")
 
-    def needs(self, node, graph, bias_share):
+    def needs(self, node, graph):
         p = node.params
         return [p["x"]] if p["mode"] == "linear" else []
 

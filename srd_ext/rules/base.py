@@ -11,7 +11,7 @@ A rule says what one kind of captured op does, in four parts:
 - ``grad``: the op's true gradient, used in the head (after the encoder output) for the
   Grad-CAM weights of the initial relevance.
 
-``prepare`` parses the op's arguments at capture time and decides which inputs the relevance
+``parse`` reads the op's arguments at capture time and decides which inputs the relevance
 field reaches (a gate's side branch receives none); ``check_main`` refuses, with the node named,
 what SRD cannot decompose on the field's path. Rules are registered by ATen op name; the list of
 supported ops in errors and in the README comes from the registry.
@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ..nodes import UnsupportedModelError
 
 __all__ = [
     "Rule",
@@ -53,9 +55,6 @@ def register(rule_cls):
 
 
 def unsupported(node, what: str):
-    from ..capture import UnsupportedModelError
-    from . import supported_summary
-
     return UnsupportedModelError(
         f"srd_ext cannot decompose {node.where()}: {what}. Supported on the relevance path: {supported_summary()}."
     )
@@ -71,10 +70,11 @@ class Rule:
     is_activation = False  # an elementwise activation (a decomposition site on the path)
     decomposable = False  # has a field VJP (may lie on the relevance path)
     identity_like = False  # passes its input through unchanged (dropout, clone, ...)
+    view_like = False  # moves or regroups values without computing (view, permute, cat, ...)
     reads_nchw = False  # its first input is a (B, C, H, W) image tensor (conv, pooling)
 
     # -- capture ----------------------------------------------------------------------------
-    def prepare(self, node, graph) -> None:
+    def parse(self, node, graph) -> None:
         """Parse arguments into ``node.params`` and set ``node.field_inputs`` (default: every
         data input)."""
         node.field_inputs = [i for i in node.inputs if graph.nodes[i].data]
@@ -91,7 +91,7 @@ class Rule:
     def global_pool(self, node) -> bool:
         return False
 
-    def needs(self, node, graph, bias_share: str) -> List[int]:
+    def needs(self, node, graph) -> List[int]:
         """Nodes whose forward values ``vjp``/``bias`` read."""
         return []
 
@@ -211,3 +211,41 @@ def sum_to(g: Tensor, shape) -> Tensor:
     if tuple(g.shape) == tuple(shape):
         return g
     return g.sum_to_size(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The supported-op list
+# --------------------------------------------------------------------------------------------
+_GROUPS = (
+    ("activations", "Activations (decomposition sites)"),
+    ("affine", "Affine ops (with their bias shares)"),
+    ("structure", "Routing, pooling and resizing"),
+)
+
+
+def _unique_rules() -> List[Rule]:
+    seen, out = set(), []
+    for r in REGISTRY.values():
+        if id(r) not in seen and r.decomposable:
+            seen.add(id(r))
+            out.append(r)
+    return out
+
+
+def supported_table() -> str:
+    """Markdown list of the ops SRD decomposes, one line per rule, from the registry."""
+    lines = []
+    for key, title in _GROUPS:
+        rules = [r for r in _unique_rules() if r.group == key]
+        lines.append(
+            f"- **{title}**: "
+            + "; ".join(
+                f"{r.describe()} (`{'`, `'.join(sorted({o.split('.', 1)[-1] for o in r.ops}))}`)" for r in rules
+            )
+        )
+    return "\n".join(lines)
+
+
+def supported_summary() -> str:
+    """One line: the rules' titles without their notes."""
+    return ", ".join(r.describe().split(" (")[0] for r in _unique_rules())

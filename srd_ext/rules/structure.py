@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..capture import Ref
+from ..nodes import Ref
 from .base import Rule, nchw_layout, register, sum_to, unsupported
 
 
@@ -33,7 +33,7 @@ class Routing(Rule):
     group = "structure"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         node.field_inputs = _data_first(node, graph)
 
     def grad(self, node, g, run):
@@ -244,7 +244,7 @@ class _Join(Rule):
     group = "structure"
     decomposable = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         node.params = {"items": [_ref_index(t) for t in tensors], "dim": dim}
@@ -321,7 +321,7 @@ class GetItem(Rule):
     decomposable = True
     view_like = True
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         node.field_inputs = _data_first(node, graph)
 
     def forward(self, node, args, kwargs, ctx):
@@ -356,8 +356,8 @@ class MaxPool(Routing):
     title = "MaxPool2d (the field goes to the recorded winners)"
     reads_nchw = True
 
-    def prepare(self, node, graph):
-        super().prepare(node, graph)
+    def parse(self, node, graph):
+        super().parse(node, graph)
         x, k, s, p, d, ceil = _pool_args(
             node, ["x", "kernel_size", "stride", "padding", "dilation", "ceil_mode"], [None, None, [], 0, 1, False]
         )
@@ -401,7 +401,7 @@ class AdaptiveMaxPool(MaxPool):
     ops = ("aten.adaptive_max_pool2d",)
     title = "AdaptiveMaxPool2d"
 
-    def prepare(self, node, graph):
+    def parse(self, node, graph):
         node.field_inputs = _data_first(node, graph)
         node.params = {
             "out": list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else [node.args[1]] * 2,
@@ -423,8 +423,8 @@ class AvgPool(Routing):
     title = "AvgPool2d"
     reads_nchw = True
 
-    def prepare(self, node, graph):
-        super().prepare(node, graph)
+    def parse(self, node, graph):
+        super().parse(node, graph)
         x, k, s, p, ceil, cip, div = _pool_args(
             node,
             ["x", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
@@ -466,8 +466,8 @@ class Mean(Routing):
     ops = ("aten.mean", "aten.sum")
     title = "mean / sum over dims (global average pooling)"
 
-    def prepare(self, node, graph):
-        super().prepare(node, graph)
+    def parse(self, node, graph):
+        super().parse(node, graph)
         src = graph.nodes[node.field_inputs[0]] if node.field_inputs else None
         ndim = len(src.shape) if src is not None and src.shape is not None else 0
         a = list(node.args)
@@ -548,8 +548,8 @@ class Pad(_LinearByAutograd):
     ops = ("aten.pad", "aten.constant_pad_nd", "aten.reflection_pad2d", "aten.replication_pad2d")
     title = "pad (zero, reflect, replicate, circular; -inf before a max-pool)"
 
-    def prepare(self, node, graph):
-        super().prepare(node, graph)
+    def parse(self, node, graph):
+        super().parse(node, graph)
         a = list(node.args)
         name = node.op_name
         value = 0.0
