@@ -4,33 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..checks import Target, check_images, class_targets
 from ..explain import Explainer
 from . import captum as _captum
 from . import gradcam as _gradcam
 
 __all__ = ["Method", "METHODS", "get", "names"]
 
-Target = Union[None, int, Sequence[int], Tensor]
-
 
 def _targets(model: nn.Module, x: Tensor, target: Target) -> Tensor:
-    b = x.shape[0]
-    if target is None:
+    t = class_targets(target, x.shape[0], x.device)
+    if t is None:
         with torch.no_grad():
             return model(x).argmax(1)
-    t = torch.as_tensor(target, device=x.device)
-    if t.dim() == 0:
-        t = t.expand(b)
-    if t.dim() != 1 or t.shape[0] != b or t.is_floating_point():
-        raise ValueError(f"target: expected an int or {b} integer class indices, got {tuple(t.shape)} {t.dtype}")
-    return t.long()
+    return t
 
 
 def _out(maps, x: Tensor) -> Tensor:
@@ -61,8 +55,7 @@ class Method:
     options: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     def __call__(self, model: nn.Module, x: Tensor, target: Target = None) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError(f"x: expected a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+        check_images(x)
         t = _targets(model, x, target)
         if x.shape[0] == 0:
             return x.new_zeros((0,) + tuple(x.shape[-2:]), dtype=torch.float32)

@@ -1,0 +1,171 @@
+"""Layers: which nodes of a captured graph users can name, and what each name means.
+
+"input", "low" (the encoder output), "high" (the last layer every path passes through at 1/8 of
+the input resolution), a module path ("layer2", "features.22": its output), ``path@k`` for the
+k-th call of a reused module (also ``path_k``), or an ATen node name (``relu_3``). A layer has
+pixels (:func:`has_pixels`): a tensor whose batch, height and width dims are known.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .capture import Graph
+from .nodes import Node
+from .rules.structure import Cat, GetItem
+from .walk import Plan, reach
+
+__all__ = [
+    "has_pixels",
+    "hw",
+    "default_encoder",
+    "encoder_node",
+    "layer_names",
+    "layer_indices",
+    "resolve",
+    "high",
+]
+
+
+def has_pixels(node: Node) -> bool:
+    """Whether ``node`` is an input-dependent image-like value: one tensor with batch, height and
+    width dims, before any global pooling."""
+    return node.data and node.layout is not None and not node.pooled and not node.is_tuple
+
+
+def hw(node: Node) -> tuple:
+    """(H, W) of a node with pixels."""
+    _, h, w = node.layout
+    return (node.shape[h], node.shape[w])
+
+
+def _spatial_call(node: Node) -> bool:
+    return node.kind == "call" and has_pixels(node)
+
+
+def _post_activation(graph: Graph, i: int, memo: Dict[int, bool]) -> bool:
+    """A site, or a concatenation / routing of post-activation values only."""
+    if i in memo:
+        return memo[i]
+    n = graph.nodes[i]
+    memo[i] = False
+    if n.site:
+        memo[i] = True
+    elif n.kind == "call" and (isinstance(n.rule, (Cat, GetItem)) or n.rule.identity_like) and n.field_inputs:
+        memo[i] = all(_post_activation(graph, j, memo) for j in n.field_inputs)
+    return memo[i]
+
+
+def default_encoder(graph: Graph) -> int:
+    """The encoder output: the last activation (or concatenation of activations) with pixels that
+    every path to the logits passes through, when no decomposition site lies after it; otherwise
+    (e.g. ConvNeXt, whose residual stream has no activation) the last node with pixels every path
+    passes through, decomposed as an identity activation."""
+    if graph.default_encoder is not None:
+        return graph.default_encoder
+    nodes = graph.nodes
+    reached = reach(graph, [graph.output_index])
+    spatial = [i for i in sorted(graph.cuts) if i in reached and _spatial_call(nodes[i])]
+    memo: Dict[int, bool] = {}
+    post = [i for i in spatial if _post_activation(graph, i, memo)]
+    choice = None
+    if post:
+        p = post[-1]
+        later_sites = [
+            j for j in reached if j > p and nodes[j].site and nodes[j].layout is not None and not nodes[j].pooled
+        ]
+        if not later_sites:
+            choice = p
+    if choice is None and spatial:
+        choice = spatial[-1]
+    if choice is None:
+        raise ValueError(
+            "no node with pixels (batch, channels, height, width) separates the encoder "
+            "from the head; pass encoder=<module path>"
+        )
+    graph.default_encoder = choice
+    return choice
+
+
+def encoder_node(g: Graph, name: str) -> int:
+    """The node a user's ``encoder=name`` names; it must have pixels."""
+    try:
+        i = g.resolve(name)
+    except KeyError:
+        names = [g.display_name(i) for i in sorted(g.cuts) if _spatial_call(g.nodes[i])]
+        raise ValueError(f"unknown encoder layer {name!r}; layers every path passes through: {names}") from None
+    n = g.nodes[i]
+    if not has_pixels(n):
+        raise ValueError(
+            f"encoder {name!r} ('{n.name}') has no pixels (batch, channels, height, "
+            "width): choose a layer before the global pooling"
+        )
+    return i
+
+
+def layer_indices(g: Graph, plan: Plan) -> List[int]:
+    """Every site and every node all paths pass through, up to the encoder output (not the
+    input)."""
+    return [i for i in sorted(plan.main) if _spatial_call(g.nodes[i]) and (g.nodes[i].site or i in g.cuts)]
+
+
+def layer_names(g: Graph, plan: Plan) -> List[str]:
+    """The names ``layer`` accepts: "input", "low", "high", then :func:`layer_indices`."""
+    return ["input", "low", "high"] + [g.display_name(i) for i in layer_indices(g, plan)]
+
+
+def resolve(g: Graph, plan: Plan, layer) -> int:
+    """The node a layer name stands for; it must lie on the relevance path, at or before the
+    encoder output, and have pixels."""
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a str, got {type(layer).__name__}")
+    if layer == "input":
+        return g.input_index
+    if layer == "low":
+        return plan.encoder
+    if layer == "high":
+        return high(g, plan)
+    try:
+        i = g.resolve(layer)
+    except KeyError:
+        raise ValueError(f"unknown layer {layer!r}; choose one of {layer_names(g, plan)}") from None
+    n = g.nodes[i]
+    if i > plan.encoder:
+        raise ValueError(
+            f"layer {layer!r} lies in the head (after the encoder output "
+            f"'{g.display_name(plan.encoder)}'); SRD does not decompose the head"
+        )
+    if i not in plan.main:
+        why = (
+            "its conv is folded with the BatchNorm after it; name that layer or the activation"
+            if any(m.fused == i for m in g.nodes if m.kind == "call")
+            else "no relevance passes through it (a gate branch or a constant)"
+        )
+        raise ValueError(f"layer {layer!r} ('{n.name}', {n.op_name}): {why}. Layers: {layer_names(g, plan)}")
+    if not has_pixels(n):
+        raise ValueError(f"layer {layer!r} ('{n.name}') has no pixel layout (batch, height, width)")
+    return i
+
+
+def high(g: Graph, plan: Plan) -> int:
+    """The last layer every path passes through at 1/8 of the input resolution (a site or a
+    routing of sites where one exists)."""
+    h, w = g.nodes[g.input_index].shape[2:]
+    want = (-(-h // 8), -(-w // 8))
+    if want in plan.high:
+        return plan.high[want]
+    memo: Dict[int, bool] = {}
+    cands = [
+        i
+        for i in sorted(g.cuts)
+        if i in plan.main and i <= plan.encoder and _spatial_call(g.nodes[i]) and hw(g.nodes[i]) == want
+    ]
+    if not cands:
+        raise ValueError(
+            f"no layer every path passes through has 1/8 of the input resolution {want} "
+            "for layer='high'; name a layer instead"
+        )
+    post = [i for i in cands if _post_activation(g, i, memo)]
+    best = post[-1] if post else cands[-1]
+    plan.high[want] = best
+    return best

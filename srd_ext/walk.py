@@ -1,0 +1,293 @@
+"""One explanation's passes: the forward that keeps what the walk reads, and the walk.
+
+:class:`Plan` is what one (graph, encoder) pair needs, computed once and kept on the graph: the
+nodes the relevance field reaches, and the forward values the walk reads. :func:`forward` runs
+the captured model and returns a :class:`Run` (the values, the records the rules left, the
+settings). :func:`walk` carries relevance down from seeds at any nodes, through the rules' VJPs
+and bias shares, turning the field into one relevance per pixel at every decomposition site
+(docs/math.md). :func:`head_grad` is the true gradient through the head, for the initial
+relevance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Set
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops
+from .capture import Graph, Recorder
+from .nodes import load
+from .rules import from_nchw, pixel_sum, relevance_to_field, to_nchw
+from .rules.activations import Activation
+
+__all__ = ["Plan", "Run", "reach", "forward", "walk", "head_grad"]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-graph analysis: the relevance path and what the forward keeps
+# --------------------------------------------------------------------------------------------
+class Plan:
+    """What one (graph, encoder) pair needs: the encoder node, the nodes the relevance reaches,
+    and the values the forward keeps for the walk."""
+
+    def __init__(self, graph: Graph, encoder: int):
+        self.graph = graph
+        self.encoder = encoder
+        nodes = graph.nodes
+        self.main = reach(graph, [encoder])
+        for i in sorted(self.main):
+            n = nodes[i]
+            if n.kind == "call":
+                n.rule.check_main(n, graph)
+        # Nodes whose forward records a contribution norm for their bias share (1x1 convs,
+        # BatchNorms folding one, linear layers over channels).
+        self.record_norms = sorted(
+            i
+            for i in self.main
+            if nodes[i].kind == "call"
+            and (
+                nodes[i].params.get("pointwise")
+                or nodes[i].op_name == "aten.linear"
+                or (nodes[i].fused is not None and nodes[nodes[i].fused].params.get("pointwise"))
+            )
+        )
+        keep: Set[int] = {graph.input_index, encoder, graph.output_index}
+        enc = nodes[encoder]
+        if enc.site:
+            keep.add(enc.z_input)
+        for n in nodes:
+            if n.kind == "param" or (n.kind == "call" and not n.data):
+                keep.add(n.index)
+            elif n.data and n.index > encoder:
+                keep.add(n.index)  # the head: its gradient reads every value
+        dropped_sites = set()
+        for i in self.main:
+            n = nodes[i]
+            if n.kind != "call":
+                continue
+            keep.update(n.rule.needs(n, graph))
+            if n.site:
+                keep.add(n.z_input)
+                if isinstance(n.rule, Activation) and i != encoder:
+                    dropped_sites.add(i)
+                else:
+                    keep.add(i)
+        self.recompute = dropped_sites
+        self.keep = keep - (dropped_sites - {encoder})
+        # Pre-activations read only by their site: freed once the site has used them.
+        own = set()
+        for i in self.main:
+            n = nodes[i]
+            if n.kind == "call":
+                own.update(j for j in n.rule.needs(n, graph) if j == i)
+        self.free_z = {
+            nodes[i].z_input
+            for i in self.main
+            if nodes[i].site and nodes[i].z_input not in own and graph.users[nodes[i].z_input] == [i]
+        }
+        self.high: Dict[tuple, int] = {}
+
+    def keep_for(self, wanted: Iterable[int]) -> Set[int]:
+        return self.keep | set(wanted)
+
+
+def reach(graph: Graph, starts: Iterable[int]) -> Set[int]:
+    """Nodes the relevance field reaches walking back from ``starts``."""
+    seen, stack = set(), list(starts)
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        n = graph.nodes[i]
+        if n.kind == "input":
+            continue
+        stack.extend(j for j in n.field_inputs if graph.nodes[j].data)
+    return seen
+
+
+# --------------------------------------------------------------------------------------------
+# One explanation's state
+# --------------------------------------------------------------------------------------------
+class Run:
+    """Forward values, records and settings of one explanation, as the rules read them."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        values: List[Any],
+        records: Dict[int, Any],
+        indices: Dict[int, Tensor],
+        shapes: List[Any],
+        bias_share: str,
+        create_graph: bool,
+    ):
+        self.graph = graph
+        self.values = values
+        self.records = records
+        self.indices = indices
+        self.shapes = shapes
+        self.bias_share = bias_share
+        self.create_graph = create_graph
+        self._check_zero = not torch.compiler.is_compiling() and not create_graph
+        self.lost: Optional[Tensor] = None  # per sample: relevance no pixel could carry
+        self.free_z: Set[int] = set()  # pre-activations to free once their site has used them
+
+    def note_lost(self, t: Tensor) -> None:
+        self.lost = self.lost + t.detach()
+
+    def value(self, i: int):
+        v = self.values[i]
+        if v is None:
+            n = self.graph.nodes[i]
+            if n.kind == "call" and n.site and isinstance(n.rule, Activation):
+                v = n.target(*self.load(n.args), **self.load(n.kwargs))
+                self.values[i] = v
+            else:
+                raise RuntimeError(f"srd_ext: the value of {n.where()} was not kept for the walk")
+        return v
+
+    def shape(self, i: int):
+        return self.shapes[i]
+
+    def dtype(self, i: int):
+        v = self.values[i]
+        return v.dtype if isinstance(v, Tensor) else self.graph.nodes[i].dtype
+
+    def load(self, template, override: Optional[Dict[int, Any]] = None):
+        """``template`` filled in with forward values (``override`` first, where it has one)."""
+        if not override:
+            return load(template, self.value)
+        return load(template, lambda i: override[i] if i in override else self.value(i))
+
+    def skip_zero_bias(self, b) -> bool:
+        """A zero bias shares nothing: skip its work (checked outside compiled code only)."""
+        if not self._check_zero or not isinstance(b, Tensor) or b.device.type != "cpu":
+            return False
+        return not bool(b.any())
+
+
+def _add(store: Dict[int, Any], i: int, t) -> None:
+    if isinstance(t, dict):
+        cur = store.get(i)
+        if cur is None:
+            store[i] = dict(t)
+        else:
+            for k, v in t.items():
+                cur[k] = v if k not in cur else cur[k] + v
+        return
+    store[i] = t if i not in store else store[i] + t
+
+
+# --------------------------------------------------------------------------------------------
+# The passes
+# --------------------------------------------------------------------------------------------
+def forward(
+    g: Graph,
+    plan: Plan,
+    x: Tensor,
+    wanted: Iterable[int],
+    *,
+    model: nn.Module,
+    bias_share: str,
+    create_graph: bool,
+) -> Run:
+    """Run the model on ``x`` keeping what the walk down to the ``wanted`` nodes reads."""
+    wanted = list(wanted)
+    rec = Recorder()
+    records: Dict[int, Any] = {}
+    shapes: List[Any] = []
+    lowest = min(wanted)
+    record = set() if bias_share != "contribution" else {i for i in plan.record_norms if i >= lowest}
+    values = g.forward(x, rec, keep=plan.keep_for(wanted), records=records, shapes=shapes, model=model, record=record)
+    run = Run(g, values, records, rec.indices, shapes, bias_share, create_graph)
+    run.free_z = plan.free_z
+    for i in plan.recompute:
+        if i not in wanted:
+            values[i] = None
+    return run
+
+
+def walk(run: Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool = False) -> Dict[int, Tensor]:
+    """Relevance walk from ``seeds`` (relevance (B, H, W) at nodes) down to the lowest wanted
+    node; returns the relevance (B, H, W) at every wanted node."""
+    g = run.graph
+    nodes = g.nodes
+    wanted = set(wanted)
+    lowest = min(wanted)
+    field: Dict[int, Any] = {}
+    extra: Dict[int, Tensor] = dict(seeds)
+    out: Dict[int, Tensor] = {}
+    with_bias = run.bias_share != "none"
+    for i in range(max(seeds), lowest - 1, -1):
+        g_i = field.pop(i, None)
+        e = extra.pop(i, None)
+        if g_i is None and e is None:
+            continue
+        n = nodes[i]
+        if n.kind == "input":
+            x = run.value(i)
+            r = pixel_sum(x * g_i, n.layout) if g_i is not None else torch.zeros_like(e)
+            out[i] = r + e if e is not None else r
+            break
+        if n.site:
+            a = run.value(i)
+            z = run.value(n.z_input)
+            lay = n.layout
+            a4, z4 = to_nchw(a, lay), to_nchw(z, lay)
+            G4 = to_nchw(g_i, lay) if g_i is not None else torch.zeros_like(a4)
+            relevance, gz = ops.activation_share(a4, G4, z4, e)
+            if i in wanted:
+                out[i] = relevance
+            if run.lost is not None:
+                run.note_lost(torch.where((z4 * z4).sum(1) > 0, 0, relevance).sum((1, 2)))
+            del a4, z4, G4, g_i
+            if free:
+                run.values[i] = None
+                if n.z_input in run.free_z and n.z_input not in wanted:
+                    run.values[n.z_input] = None
+            _add(field, n.z_input, from_nchw(gz, lay, z.shape))
+            del z, a, gz
+        else:
+            if e is not None:
+                v = run.value(i)
+                f = relevance_to_field(e, v, n.layout)
+                g_i = f if g_i is None else g_i + f
+                if run.lost is not None:
+                    v4 = to_nchw(v, n.layout)
+                    run.note_lost(torch.where((v4 * v4).sum(1) > 0, 0, e).sum((1, 2)))
+            if i in wanted:
+                out[i] = pixel_sum(run.value(i) * g_i, n.layout)
+            for j, f in n.rule.vjp(n, g_i, run):
+                _add(field, j, f)
+            if with_bias:
+                for j, r in n.rule.bias(n, g_i, run):
+                    _add(extra, j, r)
+        if free:
+            run.values[i] = None
+        if i == lowest:
+            break
+    return out
+
+
+def head_grad(run: Run, weights: Tensor, stop: int) -> Tensor:
+    """Gradient of ``sum(weights * logits)`` at node ``stop`` (the encoder output)."""
+    g = run.graph
+    field: Dict[int, Any] = {g.output_index: weights}
+    for i in range(g.output_index, stop - 1, -1):
+        gi = field.pop(i, None)
+        if gi is None:
+            continue
+        if i == stop:
+            return gi
+        n = g.nodes[i]
+        if n.kind == "output":
+            _add(field, n.inputs[0], gi)
+            continue
+        for j, gr in n.rule.grad(n, gi, run):
+            if g.nodes[j].data and j >= stop:
+                _add(field, j, gr)
+    return torch.zeros_like(run.value(stop))
