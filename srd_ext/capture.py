@@ -562,11 +562,79 @@ def _call_node(i: int, fx, ref_of: Callable[[torch.fx.Node], Ref]) -> Node:
     )
 
 
+# Regions export wraps in a submodule to run them under another autocast or grad mode (e.g. an
+# attention kept in float32 by ``torch.autocast(enabled=False)``). An explanation runs in the
+# model's own dtype with autocast off (explain.py) and without grad mode for the model's ops, so
+# a wrapped region computes what it computes inline.
+_INLINED_WRAPPERS = ("wrap_with_autocast", "wrap_with_set_grad_enabled", "wrap")
+
+
+def _wrapped_region(fx) -> Optional[Tuple[torch.fx.Node, tuple]]:
+    """(the get_attr node of the submodule, its operands) when ``fx`` calls a wrapped region."""
+    if fx.op != "call_function" or not isinstance(fx.target, torch._ops.HigherOrderOperator):
+        return None
+    if fx.target.name() not in _INLINED_WRAPPERS:
+        return None
+    for k, a in enumerate(fx.args):
+        if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+            return a, tuple(fx.args[k + 1 :])
+    return None
+
+
+def _inline_wrapped_regions(graph_module: torch.fx.GraphModule) -> None:
+    """Replace every call of a wrapped region by the region's own nodes (in place, repeatedly,
+    so that nested regions are inlined too). Any other higher-order op is left for the rules,
+    which refuse it with the node named."""
+    graph = graph_module.graph
+    changed = True
+    while changed:
+        changed = False
+        for fx in list(graph.nodes):
+            region = _wrapped_region(fx)
+            if region is None:
+                continue
+            attr, operands = region
+            sub = getattr(graph_module, attr.target)
+            env: Dict[torch.fx.Node, Any] = {}
+            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            env.update(zip(placeholders, operands))
+            outputs = None
+            with graph.inserting_before(fx):
+                for sn in sub.graph.nodes:
+                    if sn.op == "placeholder":
+                        continue
+                    if sn.op == "output":
+                        outputs = torch.fx.node.map_arg(sn.args[0], lambda n: env[n])
+                        break
+                    if sn.op == "get_attr":  # a nested region's submodule
+                        name = f"{attr.target}_{sn.target}"
+                        setattr(graph_module, name, getattr(sub, sn.target))
+                        env[sn] = graph.get_attr(name)
+                        continue
+                    env[sn] = graph.node_copy(sn, lambda n: env[n])
+            outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+            for user in list(fx.users):
+                if user.op == "call_function" and user.target is operator.getitem:
+                    user.replace_all_uses_with(outputs[user.args[1]])
+                    graph.erase_node(user)
+            if fx.users:
+                raise UnsupportedModelError(
+                    f"node '{fx.name}' ({fx.target.name()}) is read other than by index; srd_ext cannot "
+                    "inline it. Rewrite the region without the autocast or grad-mode context if you can."
+                )
+            graph.erase_node(fx)
+            if not attr.users:
+                graph.erase_node(attr)
+            changed = True
+    graph.lint()
+
+
 def _build(model: nn.Module, ep) -> List[Node]:
     """The nodes of an exported program, in order, each with the rule of its op."""
     specs = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
     nodes: List[Node] = []
     index: Dict[str, int] = {}
+    _inline_wrapped_regions(ep.graph_module)
     fx_nodes = list(ep.graph.nodes)
     position = {n.name: i for i, n in enumerate(fx_nodes)}
     redirect = _inplace_redirects(fx_nodes)
@@ -598,7 +666,12 @@ def _build(model: nn.Module, ep) -> List[Node]:
         elif fx.op == "call_function":
             node = _call_node(i, fx, lambda n, at=at: ref_of(n, at))
         else:
-            raise UnsupportedModelError(f"unexpected graph node {fx.op} '{fx.name}'")
+            raise UnsupportedModelError(
+                f"srd_ext cannot capture {type(model).__name__}: its exported graph holds a "
+                f"'{fx.op}' node ('{fx.name}', {fx.target}) that srd_ext does not know how to run. "
+                "Please report the model; meanwhile, explain a part of the model that avoids it "
+                "(encoder=<an earlier layer>) or rewrite that part without control-flow operators."
+            )
         index[fx.name] = i
         nodes.append(node)
     for n in nodes:

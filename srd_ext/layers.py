@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from .capture import Graph
-from .nodes import Node
+from .nodes import Node, UnsupportedModelError
 from .rules.structure import Cat, GetItem
 from .walk import Plan, reach
 
@@ -83,8 +83,45 @@ def default_encoder(graph: Graph) -> int:
             "no node with pixels (batch, channels, height, width) separates the encoder "
             "from the head; pass encoder=<module path>"
         )
+    mixing = _token_mixing_after(graph, choice, reached)
+    if mixing is not None:
+        m = nodes[mixing]
+        raise UnsupportedModelError(
+            f"srd_ext cannot explain this model through its blocks: it mixes tokens ({m.where()}) after "
+            f"the last layer with pixels it can decompose ('{graph.display_name(choice)}'), so a map would "
+            "decompose only the layers before that one and credit the rest to the gradient. Pass "
+            f"encoder='{graph.display_name(choice)}' to explain up to that layer knowingly."
+        )
     graph.default_encoder = choice
     return choice
+
+
+# Ops that mix the tokens (or pixels) of one image with weights computed from the input itself:
+# attention. After the encoder they mean the head holds the model's real work.
+_ATTENTION_OPS = (
+    "aten.scaled_dot_product_attention",
+    "aten._scaled_dot_product_flash_attention",
+    "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention",
+    "aten.softmax",
+    "aten._softmax",
+)
+_PRODUCT_OPS = ("aten.matmul", "aten.bmm", "aten.baddbmm", "aten.einsum")
+
+
+def _token_mixing_after(graph: Graph, encoder: int, reached) -> "int | None":
+    """The first attention-like node after ``encoder`` on the way to the logits (a softmax or
+    attention before any global pooling, or a product of two input-dependent tensors), if any."""
+    for j in sorted(reached):
+        n = graph.nodes[j]
+        if j <= encoder or n.kind != "call" or not n.data or n.pooled:
+            continue
+        if n.op_name in _ATTENTION_OPS:
+            return j
+        if n.op_name in _PRODUCT_OPS and sum(graph.nodes[i].data for i in n.inputs) >= 2:
+            return j
+    return None
 
 
 def encoder_node(g: Graph, name: str) -> int:

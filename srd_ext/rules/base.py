@@ -56,7 +56,9 @@ def register(rule_cls):
 
 def unsupported(node, what: str):
     return UnsupportedModelError(
-        f"srd_ext cannot decompose {node.where()}: {what}. Supported on the relevance path: {supported_summary()}."
+        f"srd_ext cannot decompose {node.where()}: {what}. Supported on the relevance path: {supported_summary()}. "
+        "To explain the rest of the model, pass an encoder after this node (encoder=<layer>); maps then "
+        "start there."
     )
 
 
