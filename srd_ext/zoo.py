@@ -113,10 +113,7 @@ TIMM_SAMPLE = [
 ]
 
 # Sampled timm models SRD refuses, and why (checked by the zoo test: they must be refused).
-TIMM_REFUSED = {
-    "starnet_s050": "its 'star' blocks multiply two input-dependent branches; neither is a gate",
-    "mambaout_femto": "its gated conv blocks multiply two input-dependent branches; neither is a gate",
-}
+TIMM_REFUSED: Dict[str, str] = {}
 
 _SIZES = {"inception_v3": 75, "inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 64, "ghostnetv2_100": 64}
 

@@ -257,9 +257,33 @@ class Misc(nn.Module):
         return self.head(F.relu(z))
 
 
+class Products(nn.Module):
+    """Products of two input-dependent maps: StarNet's ``act(f1 x) * f2 x``, a gated MLP over
+    channels-last tokens (MambaOut-style: ``(fc1 x) * act(fc2 x)``), and a square ``x * x``."""
+
+    def __init__(self, w=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, w, 3, padding=1)
+        self.f1 = nn.Conv2d(w, 2 * w, 1)
+        self.f2 = nn.Conv2d(w, 2 * w, 1)
+        self.g = nn.Conv2d(2 * w, w, 3, padding=1)
+        self.fc1 = nn.Linear(w, w)
+        self.fc2 = nn.Linear(w, w)
+        self.head = _Head(w)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = x + self.g(F.relu6(self.f1(x)) * self.f2(x))  # a star block
+        t = x.permute(0, 2, 3, 1)
+        t = t + self.fc1(t) * F.gelu(self.fc2(t))  # a gated MLP
+        x = t.permute(0, 3, 1, 2)
+        return self.head(F.relu(x * x) + x)
+
+
 def op_models():
     """name -> (model builder, input size) for the per-op reference tests."""
     return {
+        "products": (lambda: randomize(Products(), 17), 10),
         "conv-variants": (lambda: randomize(ConvVariants(), 11), 16),
         "concat-split": (lambda: randomize(ConcatSplit(), 12), 12),
         "gates": (lambda: randomize(Gates(), 13), 12),

@@ -317,6 +317,11 @@ def _addsub(ref, n, D, U):
 
 def _muldiv(ref, n, D, U):
     a = list(n.args)
+    if len(n.field_inputs) == 2:
+        # a * b with both factors input-dependent: each is credited with half of the product,
+        # the other factor held at its forward value
+        va, vb = (_val(ref.values, t).double() for t in a[:2])
+        return _combine(ref, n, D, U, lambda ts: 0.5 * (ts[0] * vb + va * ts[1]))
     x = n.field_inputs[0]
     other = a[1] if a[0] == Ref(x) else a[0]
     c = _val(ref.values, other)

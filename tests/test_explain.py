@@ -334,7 +334,7 @@ def test_bad_inputs():
 
 
 def test_unsupported_op_is_named():
-    class Product(nn.Module):
+    class Quotient(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(3, 4, 3)
@@ -342,11 +342,11 @@ def test_unsupported_op_is_named():
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x):
-            y = torch.relu(self.a(x)) * torch.relu(self.b(x))  # neither factor is a gate
+            y = torch.relu(self.a(x)) / (torch.relu(self.b(x)) + 1)  # the divisor is no gate
             return self.fc(torch.relu(y).mean((2, 3)))
 
-    with pytest.raises(srd_ext.UnsupportedModelError, match=r"'mul'.*neither is a gate"):
-        srd_ext.explain(Product().eval(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(srd_ext.UnsupportedModelError, match=r"'div'.*divisor is not a gate"):
+        srd_ext.explain(Quotient().eval(), torch.randn(1, 3, 8, 8))
 
     class Softmaxed(nn.Module):
         def __init__(self):

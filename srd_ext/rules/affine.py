@@ -743,10 +743,16 @@ class MulDiv(Rule):
     gate (an operand that is spatially constant next to the other, or comes from a sigmoid-like
     function; squeeze-excitation, attention): the gate is a constant of the recorded forward
     pass, the field goes to the gated tensor only. ``x * f(x)`` (a Swish written out) is an
-    activation. Any other product of two input-dependent tensors is refused."""
+    activation. Any other product of two input-dependent maps of the same size (StarNet's
+    ``act(f1 x) * f2 x``, MambaOut's and gated MLPs' gates) is split evenly: each factor is
+    credited with half of the product, ``a * b / 2``, so the field goes ``g * b / 2`` to ``a``
+    and ``g * a / 2`` to ``b`` (docs/math.md). A quotient of two such maps is refused."""
 
     ops = ("aten.mul", "aten.div")
-    title = "mul / div by a constant (layer scale) or by a gate (squeeze-excitation: the gate is held fixed)"
+    title = (
+        "mul / div by a constant (layer scale) or by a gate (squeeze-excitation: the gate is held fixed); "
+        "a product of two input-dependent maps split evenly between its factors"
+    )
     group = "affine"
     decomposable = True
 
@@ -799,10 +805,10 @@ class MulDiv(Rule):
             node.z_input = p["x"]
 
     def check_main(self, node, graph):
-        if node.params["mode"] == "product":
+        if node.params["mode"] == "product" and node.params["div"]:
             raise unsupported(
                 node,
-                "a product of two input-dependent tensors where neither is a gate "
+                "a quotient of two input-dependent tensors where the divisor is not a gate "
                 "(spatially constant, or from a sigmoid-like function)",
             )
         if node.params["mode"] == "activation" and node.layout is None:
@@ -810,6 +816,8 @@ class MulDiv(Rule):
 
     def needs(self, node, graph):
         p = node.params
+        if p["mode"] == "product":
+            return [p["a"].index, p["b"].index]
         return [p["s"]] if p["mode"] == "gate" else []
 
     def _factor(self, node, run):
@@ -825,6 +833,10 @@ class MulDiv(Rule):
         p = node.params
         if p["mode"] == "activation":
             raise AssertionError("an activation site has no vjp")
+        if p["mode"] == "product":  # the even split: each factor is credited with a * b / 2
+            a, b = p["a"].index, p["b"].index
+            half = 0.5 * g
+            return [(a, sum_to(half * run.value(b), run.shape(a))), (b, sum_to(half * run.value(a), run.shape(b)))]
         x = p["x"]
         return [(x, sum_to(g * self._factor(node, run), run.shape(x)))]
 
