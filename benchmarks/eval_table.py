@@ -34,7 +34,7 @@ an hour on 2 CPU cores; see the timing table each run writes):
 - fidelity: ``--fidelity-runs`` 100 random pixel subsets (Quantus' default; the perturbed images
   do not depend on the method, so their logits are computed once per batch and shared);
   ``--fidelity-subset`` defaults to Quantus' 224 pixels at 224 x 224 scaled by the image area
-  (56 at 112 x 112), baseline 0 (the dataset mean after normalization).
+  (56 at 112 x 112), baseline 0 (the dataset mean after standardization).
 - stability: ``--stability-samples`` 3 noisy copies (sigma 0.1) per image, on the first
   ``--stability-n`` 200 images (20 per shapes class: labels cycle through the classes). Each
   copy costs one more explanation by every method, which dominates the run time. Quantus'

@@ -36,12 +36,12 @@ from tqdm import tqdm
 
 import srd_ext
 from srd_ext import metrics
-from srd_ext.data import SHAPES_CLASSES, confounded, normalize
+from srd_ext.data import SHAPES_CLASSES, confounded, standardize
 from srd_ext.models import shapes_vgg
 
 
 def to_input(images: torch.Tensor, device) -> torch.Tensor:
-    return normalize(images.to(device).float().div_(255))
+    return standardize(images.to(device).float().div_(255))
 
 
 def dihedral(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from srd_ext.data import DEFAULT_SIZES, generate, normalize
+from srd_ext.data import DEFAULT_SIZES, generate, standardize
 from srd_ext.models import WEIGHTS_DIR, shapes_resnet, shapes_vgg
 
 BUILDERS = {"shapes-vgg": shapes_vgg, "shapes-resnet": shapes_resnet}
@@ -46,7 +46,7 @@ def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
-    return normalize(x_uint8.float().div_(255))
+    return standardize(x_uint8.float().div_(255))
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ from srd_ext.data import (
     ShapesDataset,
     generate,
     image_folder,
-    normalize,
     render,
+    standardize,
 )
 
 
@@ -45,8 +45,8 @@ def test_render_deterministic():
 
 
 def test_items_reproducible_alone():
-    x, m, y = generate("val", 6, start=10, normalize=False)
-    ds = ShapesDataset("val", normalize=False)
+    x, m, y = generate("val", 6, start=10, standardize=False)
+    ds = ShapesDataset("val", standardize=False)
     for j in (0, 5):
         img, mask, label = ds[10 + j]
         assert torch.equal(img, x[j]) and torch.equal(mask, m[j]) and label == y[j]
@@ -59,14 +59,14 @@ def test_generate_test_split():
     assert y.dtype == torch.int64 and torch.equal(y, torch.arange(752) % 10)
     raw, _, _ = generate("test", 8, uint8=True)
     assert raw.dtype == torch.uint8
-    assert torch.allclose(x[:8], normalize(raw.float() / 255), atol=1e-6)
+    assert torch.allclose(x[:8], standardize(raw.float() / 255), atol=1e-6)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(x[:8] * std + mean, raw.float() / 255, atol=1e-5)
 
 
 def test_image_size_argument():
-    x, m, y = generate("test", 3, image_size=64, normalize=False)
+    x, m, y = generate("test", 3, image_size=64, standardize=False)
     assert x.shape == (3, 3, 64, 64) and m.shape == (3, 64, 64)
     assert 0 <= x.min() and x.max() <= 1
     assert all(mi.any() for mi in m)
@@ -117,7 +117,7 @@ def test_occluded_masks_exclude_occluder():
 
 def test_clutter_uncorrelated_with_label():
     # Mean colour and object position should not give away the class.
-    x, m, y = generate("val", 200, normalize=False)
+    x, m, y = generate("val", 200, standardize=False)
     mean_rgb = x.mean((2, 3))
     for c in range(3):
         per_class = torch.stack([mean_rgb[y == k, c].mean() for k in range(10)])
@@ -161,7 +161,7 @@ def test_imagenet_s_folder(tmp_path):
     assert 55 <= ys.min() <= 57 and 166 <= ys.max() <= 168
     assert 111 <= xs.min() <= 113 and xs.max() == 223
     assert not mask[:20].any()  # ignore band excluded
-    raw = ImageNetSFolder(str(root), normalize=False)[0][0]
+    raw = ImageNetSFolder(str(root), standardize=False)[0][0]
     assert torch.allclose(raw[:, 100, 100], torch.tensor([200, 50, 50]) / 255, atol=0.02)
     img, mask, label = ds[1]
     assert label == 1 and mask.shape == (224, 224)

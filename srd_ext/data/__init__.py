@@ -1,7 +1,7 @@
 """Datasets: a synthetic "shapes" benchmark with exact object masks (:mod:`srd_ext.data.shapes`;
 with a shortcut cue: :mod:`srd_ext.data.confounded`), and loaders of real images, ImageNet-S and
 ImageNet-style folders (:mod:`srd_ext.data.real`).
-ImageNet normalization is in :mod:`srd_ext.data.imagenet`; every name is also here, as
+ImageNet standardization (mean/std) is in :mod:`srd_ext.data.imagenet`; every name is also here, as
 ``srd_ext.data.<name>``.
 
 Shapes benchmark
@@ -12,7 +12,7 @@ a split is rendered from ``(seed, split, i)``; masks are exact. See :mod:`srd_ex
 """
 
 from .confounded import CUE_COLORS, confounded
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, standardize
 from .real import ImageNetSFolder, image_folder
 from .shapes import DEFAULT_SIZES, SHAPES_CLASSES, SPLITS, ShapesDataset, generate, render
 
@@ -25,7 +25,7 @@ __all__ = [
     "ShapesDataset",
     "generate",
     "render",
-    "normalize",
+    "standardize",
     "ImageNetSFolder",
     "image_folder",
     "CUE_COLORS",
