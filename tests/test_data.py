@@ -11,10 +11,12 @@ from srd_ext.data import (
     SHAPES_CLASSES,
     ImageNetSFolder,
     ShapesDataset,
+    dihedral,
     generate,
     image_folder,
     render,
     standardize,
+    to_input,
 )
 
 
@@ -124,6 +126,23 @@ def test_clutter_uncorrelated_with_label():
         assert per_class.std() < 0.05
     cy = torch.stack([torch.nonzero(mi).float().mean(0) for mi in m])
     assert torch.stack([cy[y == k].mean(0) for k in range(10)]).std(0).max() < 8
+
+
+def test_to_input_is_standardized_float():
+    raw, _, _ = generate("test", 2, image_size=32, uint8=True)
+    x = to_input(raw)
+    assert x.dtype == torch.float32 and torch.equal(x, standardize(raw.float() / 255))
+
+
+def test_dihedral_moves_masks_with_their_images():
+    x, m, _ = generate("test", 16, image_size=32, uint8=True)
+    xo, mo = dihedral(x, torch.Generator().manual_seed(0), m)
+    assert torch.equal(xo, dihedral(x, torch.Generator().manual_seed(0)))  # the same draws
+    assert not torch.equal(xo, x)
+    for i in range(16):
+        turns = [(torch.rot90(x[i], k, (1, 2)), torch.rot90(m[i], k, (0, 1))) for k in range(4)]
+        turns += [(a.flip(2), b.flip(1)) for a, b in turns]
+        assert any(torch.equal(xo[i], a) and torch.equal(mo[i], b) for a, b in turns)
 
 
 # --------------------------------------------------------------------------- folders

@@ -12,9 +12,9 @@ a split is rendered from ``(seed, split, i)``; masks are exact. See :mod:`srd_ex
 """
 
 from .confounded import CUE_COLORS, confounded
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, standardize
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, standardize, to_input
 from .real import ImageNetSFolder, image_folder
-from .shapes import DEFAULT_SIZES, SHAPES_CLASSES, SPLITS, ShapesDataset, generate, render
+from .shapes import DEFAULT_SIZES, SHAPES_CLASSES, SPLITS, ShapesDataset, dihedral, generate, render
 
 __all__ = [
     "SHAPES_CLASSES",
@@ -25,7 +25,9 @@ __all__ = [
     "ShapesDataset",
     "generate",
     "render",
+    "dihedral",
     "standardize",
+    "to_input",
     "ImageNetSFolder",
     "image_folder",
     "CUE_COLORS",

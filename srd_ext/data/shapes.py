@@ -33,6 +33,7 @@ __all__ = [
     "SPLITS",
     "DEFAULT_SIZES",
     "ShapesDataset",
+    "dihedral",
     "generate",
     "render",
 ]
@@ -343,3 +344,22 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(i)
         img, mask, label = render(self.seed, self.split, i % self.size, self.image_size)
         return to_tensor(img, self.standardize), torch.from_numpy(mask), label
+
+
+def dihedral(x: torch.Tensor, g: torch.Generator, mask: Optional[torch.Tensor] = None):
+    """A random flip / 90-degree rotation of each image of ``x`` (N, C, H, W), drawn from ``g``:
+    the augmentation of the training scripts (every class is closed under these, and so is the cue
+    of :mod:`srd_ext.data.confounded`). With ``mask`` (N, H, W), each mask gets the transform of
+    its image, and the result is ``(x, mask)``."""
+    k = torch.randint(0, 8, (x.shape[0],), generator=g)
+    xo = torch.empty_like(x)
+    mo = None if mask is None else torch.empty_like(mask)
+    for t in range(8):
+        idx = (k == t).nonzero().flatten()
+        if idx.numel():
+            a = torch.rot90(x[idx], t % 4, (2, 3))
+            xo[idx] = a.flip(3) if t >= 4 else a
+            if mask is not None:
+                b = torch.rot90(mask[idx], t % 4, (1, 2))
+                mo[idx] = b.flip(2) if t >= 4 else b
+    return xo if mask is None else (xo, mo)
