@@ -10,6 +10,7 @@ from srd_ext.data import (
     IMAGENET_STD,
     SHAPES_CLASSES,
     ImageNetSFolder,
+    Images,
     ShapesDataset,
     dihedral,
     generate,
@@ -203,3 +204,31 @@ def test_image_folder(tmp_path):
     assert x.shape == (3, 224, 224) and y == 1
     expected = (torch.tensor([10.0, 10, 10]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(x[:, 112, 112], expected, atol=0.02)
+
+
+# --------------------------------------------------------------------------- images of a run
+
+
+def test_images_of_the_shapes_split():
+    images = Images.shapes(32, first=3, limit=2)
+    assert images.count == 2 and images.name(4) == "shapes/test/4"
+    loaded = images.load(range(3, 5))
+    x, m, y = generate("test", 2, image_size=32, start=3)
+    assert torch.equal(loaded.images, x) and torch.equal(loaded.masks, m) and torch.equal(loaded.labels, y)
+    assert loaded.indices == [3, 4] and loaded.failed == []
+    assert Images.shapes(32, first=700).count == 52
+
+
+def test_images_of_a_folder_report_unreadable_files(tmp_path):
+    _save_rgb(tmp_path / "cat" / "x.png", 240, 240)
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "y.jpg").write_bytes(b"not an image")
+    images = Images.folder(image_folder(str(tmp_path)), str(tmp_path), limit=5)
+    assert images.count == 2 and images.name(1) == "dog/y.jpg"
+    loaded = images.load([0, 1])
+    assert loaded.images.shape == (1, 3, 224, 224) and loaded.masks is None
+    assert loaded.labels.tolist() == [0] and loaded.indices == [0]
+    assert [(f["index"], f["image"]) for f in loaded.failed] == [(1, "dog/y.jpg")]
+    assert images.load([1]).images is None
+    assert torch.equal(images.first_readable(), loaded.images)
+    assert Images.folder(image_folder(str(tmp_path)), str(tmp_path), first=1).first_readable() is None
