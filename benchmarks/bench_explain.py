@@ -30,6 +30,7 @@ import time
 import torch
 import torchvision
 
+from common import cuda_peak_bytes, sync
 from peak_memory import CHILD_ENV, peak_growth
 
 METHODS = ("grad", "srd-input", "srd-high", "srd-low", "lrp")
@@ -82,11 +83,6 @@ def make_runner(model, method: str, x: torch.Tensor):
     return lambda: srd_ext.explain(model, x, layer=layer)
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_methods(name, device, batch, repeats, methods):
     import srd_ext
 
@@ -117,12 +113,7 @@ def peak_memory_child(name, method, device, batch):
     run = make_runner(model, method, x)
     make_runner(model, method, torch.randn(1, 3, 224, 224, device=device))()  # capture, caches
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return cuda_peak_bytes(run, device) / 2**20
     peak, _ = peak_growth(run)
     return peak / 2**20
 

@@ -26,10 +26,8 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 
 from srd_ext import ops
 
-from common import machine_info
+from common import cuda_peak_bytes, machine_info, time_interleaved
 from peak_memory import CHILD_ENV, peak_growth
 
 # ------------------------------------------------------------------------------------------------
@@ -161,38 +159,6 @@ def bias_share_scatter_unfold_fold(n, d, k, s, p):
 # ------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict, device, repeats: int, warmup: int = 2, min_seconds: float = 1.0) -> dict:
-    """Median milliseconds of each callable. Rounds call every callable once, rotating the order so
-    that drifts in clock or load hit all of them alike; at least `repeats` rounds, and more (up to
-    10x) while the case has run for less than `min_seconds`, so fast cases get more samples."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    _sync(device)
-    samples = {name: [] for name in names}
-    start = time.perf_counter()
-    r = 0
-    while r < repeats or (time.perf_counter() - start < min_seconds and r < 10 * repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            _sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-        r += 1
-    med = {name: statistics.median(v) for name, v in samples.items()}
-    med["min"] = {name: min(v) for name, v in samples.items()}  # kept in the JSON, for noisy hosts
-    med["samples"] = r
-    return med
-
-
 def max_rel_diff(a, b):
     a, b = (t if isinstance(t, tuple) else (t,) for t in (a, b))
     worst = 0.0
@@ -251,17 +217,6 @@ def peak_cpu(fn_name, layer, batch) -> int:
         env=CHILD_ENV,
     )
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
-
-
-def peak_cuda(fn, device) -> int:
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    return peak
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,7 +308,7 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
                 for n in ("tap_norms", "materialized", "conv2d"):
                     if n in fns:
                         row[f"peak_{n}_bytes"] = (
-                            peak_cuda(fns[n], device) if device.type == "cuda" else peak_cpu(n, layer, batch)
+                            cuda_peak_bytes(fns[n], device) if device.type == "cuda" else peak_cpu(n, layer, batch)
                         )
             rows.append(row)
             log(row)

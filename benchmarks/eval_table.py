@@ -34,7 +34,7 @@ an hour on 2 CPU cores; see the timing table each run writes):
 - fidelity: ``--fidelity-runs`` 100 random pixel subsets (Quantus' default; the perturbed images
   do not depend on the method, so their logits are computed once per batch and shared);
   ``--fidelity-subset`` defaults to Quantus' 224 pixels at 224 x 224 scaled by the image area
-  (56 at 112 x 112), baseline 0 (the dataset mean after normalization).
+  (56 at 112 x 112), baseline 0 (the dataset mean after standardization).
 - stability: ``--stability-samples`` 3 noisy copies (sigma 0.1) per image, on the first
   ``--stability-n`` 200 images (20 per shapes class: labels cycle through the classes). Each
   copy costs one more explanation by every method, which dominates the run time. Quantus'
@@ -64,7 +64,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -184,62 +184,15 @@ def _class_index(path: Optional[str]) -> Optional[Dict[str, int]]:
     return {k: int(v) for k, v in obj.items()}
 
 
-class Loaded(NamedTuple):
-    """A block of images as :meth:`Images.load` returns it."""
-
-    images: Optional[torch.Tensor]  # (B, 3, H, W), None if no image could be read
-    masks: Optional[torch.Tensor]  # (B, H, W) bool
-    labels: Optional[torch.Tensor]  # (B,)
-    indices: List[int]  # dataset indices of the images read
-    failed: List[Dict]  # unreadable images: {"index", "image", "reason"}
-
-
-class Images:
+def make_images(args) -> data.Images:
     """The images of the run, loaded by dataset index: the shapes test split (rendered) or an
     ImageNet-S folder (read; an unreadable file is reported, not fatal)."""
-
-    def __init__(self, args):
-        self.first = args.first_image
-        if args.data == "shapes":
-            self.ds = None
-            self.size = models.model_input_size(args.model) if args.model in models.SHAPES_MODELS else 112
-            total = data.DEFAULT_SIZES["test"]
-            self.count = total - self.first if args.num_images == -1 else args.num_images
-        else:
-            self.ds = data.ImageNetSFolder(args.data, split=args.split, class_to_idx=_class_index(args.class_index))
-            self.root = args.data
-            self.count = max(0, len(self.ds) - self.first)
-            if args.num_images != -1:
-                self.count = min(self.count, args.num_images)
-
-    def name(self, i: int) -> str:
-        if self.ds is None:
-            return f"shapes/test/{i}"
-        return os.path.relpath(self.ds.samples[i][0], self.root)
-
-    def load(self, indices) -> "Loaded":
-        """The images of dataset indices ``indices`` (:class:`Loaded`; images None if none could be
-        read)."""
-        indices = list(indices)
-        if self.ds is None:
-            x, masks, labels = data.generate("test", len(indices), image_size=self.size, start=indices[0])
-            return Loaded(x, masks, labels, indices, [])
-        items, ok, bad = [], [], []
-        for i in indices:
-            try:
-                items.append(self.ds[i])
-                ok.append(i)
-            except Exception as e:  # one bad file must not end the run
-                bad.append({"index": i, "image": self.name(i), "reason": f"{type(e).__name__}: {str(e)[:200]}"})
-        if not items:
-            return Loaded(None, None, None, [], bad)
-        return Loaded(
-            torch.stack([it[0] for it in items]),
-            torch.stack([it[1] for it in items]),
-            torch.tensor([it[2] for it in items]),
-            ok,
-            bad,
-        )
+    limit = None if args.num_images == -1 else args.num_images
+    if args.data == "shapes":
+        size = models.model_input_size(args.model) if args.model in models.SHAPES_MODELS else 112
+        return data.Images.shapes(size, first=args.first_image, limit=limit)
+    ds = data.ImageNetSFolder(args.data, split=args.split, class_to_idx=_class_index(args.class_index))
+    return data.Images.folder(ds, args.data, first=args.first_image, limit=limit)
 
 
 class SharedForward:
@@ -641,7 +594,7 @@ def run(args, session) -> Optional[Dict]:
             file=sys.stderr,
         )
     model = build_model(args.model, args.weights, args.device, args.random_init, args.seed)
-    images = Images(args)
+    images = make_images(args)
     baselines.NOTES.clear()
     data_name = "shapes" if args.data == "shapes" else os.path.basename(os.path.normpath(args.data))
     tag = args.tag or "_".join(

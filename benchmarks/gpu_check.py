@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import cuda_peak_bytes, machine_info, sync, time_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 START = time.monotonic()
@@ -240,46 +240,6 @@ def make_model(name: str, seed: int = 0):
     return model.eval(), source
 
 
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_side_by_side(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
-    """Median ms of each callable, with the order rotated every round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    samples = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            sync(device)
-            t0 = time.perf_counter()
-            fns[n]()
-            sync(device)
-            samples[n].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(v) for n, v in samples.items()}
-
-
-def peak_bytes(fn, device) -> int | None:
-    """Peak memory above what was allocated before the call (CUDA only)."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    sync(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    return peak
-
-
 def op_split(fn, device, top: int = 12) -> list:
     """Per op: device time (ms) over one call, srd_ext ops inclusive of their nested calls, every
     other op by its own (self) time; the largest first."""
@@ -346,12 +306,12 @@ def measure(model_name, batch, dtype_name, device, size, repeats) -> dict:
         row["map_finite"] = bool(torch.isfinite(maps.float()).all())
         del maps
         srd = lambda: explainer.explain(x, layer="input")  # noqa: E731
-        t = time_side_by_side({"baseline": forward_input_grad, "srd": srd}, device, repeats)
+        t = time_interleaved({"baseline": forward_input_grad, "srd": srd}, device, repeats, min_seconds=0)
         row["baseline_ms"], row["srd_ms"] = round(t["baseline"], 3), round(t["srd"], 3)
         row["time_ratio"] = round(t["srd"] / t["baseline"], 3)
         row["srd_ms_per_image"] = round(t["srd"] / batch, 3)
         row["baseline_ms_per_image"] = round(t["baseline"] / batch, 3)
-        pb, ps = peak_bytes(forward_input_grad, device), peak_bytes(srd, device)
+        pb, ps = cuda_peak_bytes(forward_input_grad, device), cuda_peak_bytes(srd, device)
         if pb is not None:
             row["baseline_peak_mb"], row["srd_peak_mb"] = round(pb / 2**20, 1), round(ps / 2**20, 1)
             row["mem_ratio"] = round(ps / max(pb, 1), 3)
@@ -369,38 +329,6 @@ def measure(model_name, batch, dtype_name, device, size, repeats) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
-
-
-def machine_info(device) -> dict:
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=p.name,
-            capability=f"{p.major}.{p.minor}",
-            gpu_memory_gib=round(p.total_memory / 2**30, 1),
-            gpu_count=torch.cuda.device_count(),
-            cudnn=torch.backends.cudnn.version(),
-            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-        )
-    try:
-        import srd_ext
-
-        info["srd_ext"] = srd_ext.__file__
-        info["cuda_kernels_built"] = srd_ext.ops.cuda_kernels_built()
-    except Exception as e:  # noqa: BLE001
-        info["srd_ext_import_error"] = f"{type(e).__name__}: {e}"
-    return info
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,11 +25,11 @@ Conventions (Dombrowski et al.'s code):
   (only positive gradients through each Softplus) is built the same way,
   ``srd_ext.baselines.GuidedBackprop``, so that its second derivative follows the network's
   real forward pass.
-- Adam (lr 1e-3) on x_adv in [0, 1] pixel space (the model's normalization is applied inside);
+- Adam (lr 1e-3) on x_adv in [0, 1] pixel space (the ImageNet standardization is applied inside);
   after each step every RGB change is clamped to 8/255 and the image to [0, 1]. The attack stops
   once MSE(x_org, x_adv) >= 1e-3 or after ``--steps``. Note: in [0, 1] pixel space the 8/255
   bound caps that MSE at (8/255)^2 = 9.8e-4 < 1e-3, so the MSE stop only fires with
-  ``--mse-space model`` (the MSE of the normalized inputs).
+  ``--mse-space model`` (the MSE of the standardized inputs).
 - The explanation is always evaluated on the original network: ``srd_ext.baselines`` (captum)
   for the baselines, ``srd_ext.Explainer`` for SRD. Explanations are for the original image's
   predicted class (x_target: its own predicted class).
@@ -131,10 +131,10 @@ def load_pairs(args) -> Tuple[torch.Tensor, torch.Tensor]:
     if args.data == "shapes":
         pool = args.pool or data.DEFAULT_SIZES["test"]
         size = args.image_size or (models.model_input_size(args.model) if args.model in models.SHAPES_MODELS else 112)
-        load = lambda i: data.generate("test", 1, image_size=size, start=int(i), normalize=False)[0][0]
+        load = lambda i: data.generate("test", 1, image_size=size, start=int(i), standardize=False)[0][0]
     else:
         size = args.image_size or 224
-        ds = data.image_folder(args.data, resize=size * 256 // 224, crop=size, normalize=False)
+        ds = data.image_folder(args.data, resize=size * 256 // 224, crop=size, standardize=False)
         pool = min(args.pool, len(ds)) if args.pool else len(ds)
         load = lambda i: ds[int(i)][0]
     if pool < 2:
@@ -145,7 +145,7 @@ def load_pairs(args) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_model(x01: torch.Tensor) -> torch.Tensor:
-    return data.normalize(x01)
+    return data.standardize(x01)
 
 
 def _input_grad(net, x, t):

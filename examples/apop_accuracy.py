@@ -39,46 +39,20 @@ def make_input(kind: str, like: torch.Tensor, seed: int, indices) -> torch.Tenso
     return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in gens]).to(like.device)
 
 
-class Images:
+def make_images(args) -> data.Images:
     """Shapes test images (rendered) or an ImageNet-style class folder (read; a file that cannot
     be read is reported and left out)."""
+    if args.data == "shapes":
+        return data.Images.shapes(models.model_input_size(args.model), limit=args.num_images)
+    return data.Images.folder(data.image_folder(args.data), args.data, limit=args.num_images)
 
-    def __init__(self, args):
-        if args.data == "shapes":
-            self.ds, self.size = None, models.model_input_size(args.model)
-            self.count = args.num_images or data.DEFAULT_SIZES["test"]
-        else:
-            self.ds = data.image_folder(args.data)
-            self.count = min(args.num_images or len(self.ds), len(self.ds))
-        self.root = args.data
 
-    def name(self, i: int) -> str:
-        return f"shapes/test/{i}" if self.ds is None else os.path.relpath(self.ds.samples[i][0], self.root)
-
-    def probe(self) -> torch.Tensor:
-        """One image, (1, C, H, W): the first that can be read."""
-        for b in distributed.blocks(self.count, 1):
-            x, _, _, _ = self.load(b)
-            if x is not None:
-                return x
-        raise SystemExit(f"apop_accuracy: none of the {self.count} images in {self.root} can be read")
-
-    def load(self, block):
-        """(images, labels, indices loaded, failures)."""
-        if self.ds is None:
-            x, _, y = data.generate("test", len(block), start=block.start, image_size=self.size)
-            return x, y, list(block), []
-        xs, ys, ok, bad = [], [], [], []
-        for i in block:
-            try:
-                x, y = self.ds[i]
-            except Exception as e:  # one bad file must not end the run
-                bad.append({"index": i, "image": self.name(i), "reason": f"{type(e).__name__}: {str(e)[:200]}"})
-                continue
-            xs.append(x), ys.append(y), ok.append(i)
-        if not xs:
-            return None, None, ok, bad
-        return torch.stack(xs), torch.tensor(ys), ok, bad
+def probe(images: data.Images) -> torch.Tensor:
+    """One image, (1, C, H, W): the first that can be read."""
+    x = images.first_readable()
+    if x is None:
+        raise SystemExit(f"apop_accuracy: none of the {images.count} images in {images.root} can be read")
+    return x
 
 
 def topk_hits(logits, y, k):
@@ -92,7 +66,7 @@ def row_names(inputs):
 
 def count_block(args, model, images, block, n_layers, say):
     """Top-1 / top-5 hits of every row and of every binarized layer on one block of images."""
-    x, y, indices, bad = images.load(block)
+    x, _, y, indices, bad = images.load(block)
     for b in bad:
         say(f"apop_accuracy: {b['image']} (image {b['index']}) could not be read, left out: {b['reason']}")
     rec = {"rows": {}, "binarized": [0] * n_layers, "total": 0, "classes": None, "failed_images": bad}
@@ -155,8 +129,8 @@ def main(argv=None):
 def run(args, session):
     args.device = str(session.device)
     model = models.load_model(args.model, args.weights, device=args.device)
-    images = Images(args)
-    layers = apop.activation_layers(model, images.probe().to(args.device)) if args.binarize_each_layer else []
+    images = make_images(args)
+    layers = apop.activation_layers(model, probe(images).to(args.device)) if args.binarize_each_layer else []
     stem = os.path.join(args.out, f"apop_{args.model}")
     settings = {
         k: getattr(args, k)

@@ -80,7 +80,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     x, masks, labels = data.generate("test", args.n, start=args.start)
-    raw, _, _ = data.generate("test", args.n, start=args.start, normalize=False)
+    raw, _, _ = data.generate("test", args.n, start=args.start, standardize=False)
     names = data.SHAPES_CLASSES
     columns = [("image", None), ("mask", None)]
     maps = {}

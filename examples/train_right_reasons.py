@@ -36,26 +36,8 @@ from tqdm import tqdm
 
 import srd_ext
 from srd_ext import metrics
-from srd_ext.data import SHAPES_CLASSES, confounded, normalize
+from srd_ext.data import SHAPES_CLASSES, confounded, dihedral, to_input
 from srd_ext.models import shapes_vgg
-
-
-def to_input(images: torch.Tensor, device) -> torch.Tensor:
-    return normalize(images.to(device).float().div_(255))
-
-
-def dihedral(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The same random flip / 90-degree rotation of each image and its mask (shapes and cue
-    are both invariant under these)."""
-    k = torch.randint(0, 8, (x.shape[0],), generator=g)
-    xo, mo = torch.empty_like(x), torch.empty_like(m)
-    for t in range(8):
-        idx = (k == t).nonzero().flatten()
-        if idx.numel():
-            a, b = torch.rot90(x[idx], t % 4, (2, 3)), torch.rot90(m[idx], t % 4, (1, 2))
-            xo[idx], mo[idx] = (a.flip(3), b.flip(2)) if t >= 4 else (a, b)
-    return xo, mo
-
 
 # --------------------------------------------------------------------------- training step
 
@@ -189,7 +171,7 @@ def train(name, model, step, train_data, test_data, args, device):
         bar = tqdm(range(steps_per_epoch), desc=f"{name} {epoch + 1}/{args.epochs}", leave=False)
         for s in bar:
             idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
-            x, m = dihedral(train_data["images"][idx], train_data["masks"][idx], g)
+            x, m = dihedral(train_data["images"][idx], g, train_data["masks"][idx])
             x, m = to_input(x, device), m.to(device).float()
             y = train_data["labels"][idx].to(device)
             t = time.perf_counter()

@@ -25,28 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from srd_ext.data import DEFAULT_SIZES, generate, normalize
+from srd_ext.data import DEFAULT_SIZES, dihedral, generate, to_input
 from srd_ext.models import WEIGHTS_DIR, shapes_resnet, shapes_vgg
 
 BUILDERS = {"shapes-vgg": shapes_vgg, "shapes-resnet": shapes_resnet}
 # Per-model defaults: (epochs, peak learning rate).
 DEFAULTS = {"shapes-vgg": (24, 2e-3), "shapes-resnet": (30, 4e-3)}
-
-
-def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random flip / 90-degree rotation per image: every class is closed under these."""
-    k = torch.randint(0, 8, (x.shape[0],), generator=g)
-    out = torch.empty_like(x)
-    for t in range(8):
-        idx = (k == t).nonzero().flatten()
-        if idx.numel():
-            y = torch.rot90(x[idx], t % 4, dims=(2, 3))
-            out[idx] = y.flip(3) if t >= 4 else y
-    return out
-
-
-def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
-    return normalize(x_uint8.float().div_(255))
 
 
 @torch.no_grad()

@@ -10,11 +10,14 @@ from srd_ext.data import (
     IMAGENET_STD,
     SHAPES_CLASSES,
     ImageNetSFolder,
+    Images,
     ShapesDataset,
+    dihedral,
     generate,
     image_folder,
-    normalize,
     render,
+    standardize,
+    to_input,
 )
 
 
@@ -45,8 +48,8 @@ def test_render_deterministic():
 
 
 def test_items_reproducible_alone():
-    x, m, y = generate("val", 6, start=10, normalize=False)
-    ds = ShapesDataset("val", normalize=False)
+    x, m, y = generate("val", 6, start=10, standardize=False)
+    ds = ShapesDataset("val", standardize=False)
     for j in (0, 5):
         img, mask, label = ds[10 + j]
         assert torch.equal(img, x[j]) and torch.equal(mask, m[j]) and label == y[j]
@@ -59,14 +62,14 @@ def test_generate_test_split():
     assert y.dtype == torch.int64 and torch.equal(y, torch.arange(752) % 10)
     raw, _, _ = generate("test", 8, uint8=True)
     assert raw.dtype == torch.uint8
-    assert torch.allclose(x[:8], normalize(raw.float() / 255), atol=1e-6)
+    assert torch.allclose(x[:8], standardize(raw.float() / 255), atol=1e-6)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(x[:8] * std + mean, raw.float() / 255, atol=1e-5)
 
 
 def test_image_size_argument():
-    x, m, y = generate("test", 3, image_size=64, normalize=False)
+    x, m, y = generate("test", 3, image_size=64, standardize=False)
     assert x.shape == (3, 3, 64, 64) and m.shape == (3, 64, 64)
     assert 0 <= x.min() and x.max() <= 1
     assert all(mi.any() for mi in m)
@@ -117,13 +120,30 @@ def test_occluded_masks_exclude_occluder():
 
 def test_clutter_uncorrelated_with_label():
     # Mean colour and object position should not give away the class.
-    x, m, y = generate("val", 200, normalize=False)
+    x, m, y = generate("val", 200, standardize=False)
     mean_rgb = x.mean((2, 3))
     for c in range(3):
         per_class = torch.stack([mean_rgb[y == k, c].mean() for k in range(10)])
         assert per_class.std() < 0.05
     cy = torch.stack([torch.nonzero(mi).float().mean(0) for mi in m])
     assert torch.stack([cy[y == k].mean(0) for k in range(10)]).std(0).max() < 8
+
+
+def test_to_input_is_standardized_float():
+    raw, _, _ = generate("test", 2, image_size=32, uint8=True)
+    x = to_input(raw)
+    assert x.dtype == torch.float32 and torch.equal(x, standardize(raw.float() / 255))
+
+
+def test_dihedral_moves_masks_with_their_images():
+    x, m, _ = generate("test", 16, image_size=32, uint8=True)
+    xo, mo = dihedral(x, torch.Generator().manual_seed(0), m)
+    assert torch.equal(xo, dihedral(x, torch.Generator().manual_seed(0)))  # the same draws
+    assert not torch.equal(xo, x)
+    for i in range(16):
+        turns = [(torch.rot90(x[i], k, (1, 2)), torch.rot90(m[i], k, (0, 1))) for k in range(4)]
+        turns += [(a.flip(2), b.flip(1)) for a, b in turns]
+        assert any(torch.equal(xo[i], a) and torch.equal(mo[i], b) for a, b in turns)
 
 
 # --------------------------------------------------------------------------- folders
@@ -161,7 +181,7 @@ def test_imagenet_s_folder(tmp_path):
     assert 55 <= ys.min() <= 57 and 166 <= ys.max() <= 168
     assert 111 <= xs.min() <= 113 and xs.max() == 223
     assert not mask[:20].any()  # ignore band excluded
-    raw = ImageNetSFolder(str(root), normalize=False)[0][0]
+    raw = ImageNetSFolder(str(root), standardize=False)[0][0]
     assert torch.allclose(raw[:, 100, 100], torch.tensor([200, 50, 50]) / 255, atol=0.02)
     img, mask, label = ds[1]
     assert label == 1 and mask.shape == (224, 224)
@@ -184,3 +204,31 @@ def test_image_folder(tmp_path):
     assert x.shape == (3, 224, 224) and y == 1
     expected = (torch.tensor([10.0, 10, 10]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(x[:, 112, 112], expected, atol=0.02)
+
+
+# --------------------------------------------------------------------------- images of a run
+
+
+def test_images_of_the_shapes_split():
+    images = Images.shapes(32, first=3, limit=2)
+    assert images.count == 2 and images.name(4) == "shapes/test/4"
+    loaded = images.load(range(3, 5))
+    x, m, y = generate("test", 2, image_size=32, start=3)
+    assert torch.equal(loaded.images, x) and torch.equal(loaded.masks, m) and torch.equal(loaded.labels, y)
+    assert loaded.indices == [3, 4] and loaded.failed == []
+    assert Images.shapes(32, first=700).count == 52
+
+
+def test_images_of_a_folder_report_unreadable_files(tmp_path):
+    _save_rgb(tmp_path / "cat" / "x.png", 240, 240)
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "y.jpg").write_bytes(b"not an image")
+    images = Images.folder(image_folder(str(tmp_path)), str(tmp_path), limit=5)
+    assert images.count == 2 and images.name(1) == "dog/y.jpg"
+    loaded = images.load([0, 1])
+    assert loaded.images.shape == (1, 3, 224, 224) and loaded.masks is None
+    assert loaded.labels.tolist() == [0] and loaded.indices == [0]
+    assert [(f["index"], f["image"]) for f in loaded.failed] == [(1, "dog/y.jpg")]
+    assert images.load([1]).images is None
+    assert torch.equal(images.first_readable(), loaded.images)
+    assert Images.folder(image_folder(str(tmp_path)), str(tmp_path), first=1).first_readable() is None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchvision.models.vgg import VGG, make_layers
 
 import srd_ext
-from srd_ext.data import CUE_COLORS, confounded, normalize, render
+from srd_ext.data import CUE_COLORS, confounded, render, standardize
 from srd_ext.metrics import outside_share
 
 
@@ -76,7 +76,7 @@ def test_compiled_step_matches_eager():
     model = small_vgg().eval()
     twin = copy.deepcopy(model)
     d = confounded("train", 4, 32)
-    x, y, mask = normalize(d["images"].float() / 255), d["labels"], d["masks"].float()
+    x, y, mask = standardize(d["images"].float() / 255), d["labels"], d["masks"].float()
 
     eager = penalty_step(model, 1.0, "input")[0](x, y, mask)
     step, explainer = penalty_step(twin, 1.0, "input")

@@ -52,8 +52,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -62,6 +60,7 @@
 #endif
 
 #include "../common.h"
+#include "../env.h"
 #include "fused_tap_sums.h"
 
 namespace srd_ext {
@@ -88,7 +87,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 // ---------------------------------------------------------------------------------------------
 // Choice of the form.
 
-enum class Form { kProduct, kGram, kDirect };
+using Form = TapNormsForm;
 
 // Estimated cost of each form for one call, per group, in units of a float32 GEMM multiply-add
 // at full speed: `pairs` (pixel, tap) pairs times the form's work per pair, plus, for the Gram
@@ -130,14 +129,7 @@ fused::Tile fused_tile(const at::Tensor& x, int64_t groups) {
 // `fused`: the forward will run on the fused kernel (see fused_tile).
 Form choose_form(const char* op, const at::Tensor& x, const at::Tensor& weight,
                  const ConvGeometry& geo, int64_t groups, bool fused = false) {
-  const char* env = std::getenv("SRD_EXT_TAP_NORMS_PATH");
-  const std::string forced = env == nullptr ? "" : env;
-  if (forced == "product") return Form::kProduct;
-  if (forced == "gram") return Form::kGram;
-  if (forced == "direct") return Form::kDirect;
-  TORCH_CHECK(forced.empty() || forced == "auto", "srd_ext::", op,
-              ": SRD_EXT_TAP_NORMS_PATH must be auto, product, gram or direct on the CPU, got \"",
-              forced, "\"");
+  if (const auto forced = forced_tap_norms_form(op, " on the CPU")) return *forced;
   const double Cg = static_cast<double>(weight.size(1));
   const double Cog = static_cast<double>(weight.size(0) / groups);
   const double T = static_cast<double>(geo.taps());

@@ -21,14 +21,13 @@
 // batch that bound every temporary (a tap's coefficients dn/n included) to kBackwardChunkElems.
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "cuda/cuda_common.cuh"
+#include "env.h"
 
 namespace srd_ext {
 namespace cuda {
@@ -37,7 +36,7 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Choice of the form.
 
-enum class Form { kProduct, kGram, kDirect };
+using Form = TapNormsForm;
 
 // Largest Cg of the direct kernel (its x values live in registers).
 constexpr int64_t kDirectMaxCg = 16;
@@ -47,18 +46,12 @@ constexpr int64_t kDirectMaxCg = 16;
 constexpr double kGramSetupShare = 0.25;
 
 Form choose_form(const char* op, int64_t Cg, int64_t Cog, int64_t T, int64_t pairs) {
-  const char* env = std::getenv("SRD_EXT_TAP_NORMS_PATH");
-  const std::string forced = env == nullptr ? "" : env;
-  if (forced == "product") return Form::kProduct;
-  if (forced == "gram") return Form::kGram;
-  if (forced == "direct") {
-    TORCH_CHECK(Cg <= kDirectMaxCg, "srd_ext::", op, ": the direct path takes at most ",
-                kDirectMaxCg, " input channels per group on CUDA, got ", Cg);
-    return Form::kDirect;
+  if (const auto forced = forced_tap_norms_form(op, "")) {
+    TORCH_CHECK(*forced != Form::kDirect || Cg <= kDirectMaxCg, "srd_ext::", op,
+                ": the direct path takes at most ", kDirectMaxCg,
+                " input channels per group on CUDA, got ", Cg);
+    return *forced;
   }
-  TORCH_CHECK(forced.empty() || forced == "auto", "srd_ext::", op,
-              ": SRD_EXT_TAP_NORMS_PATH must be auto, product, gram or direct, got \"", forced,
-              "\"");
   // The direct kernel costs Cg(Cg+1)/2 multiply-adds per (pixel, tap, group) on the CUDA cores
   // and reads only x; the GEMM forms run on tensor cores but write and read back C_out/groups
   // (product) or Cg (Gram) values per (pixel, tap, group). For a few channels the direct kernel

@@ -35,7 +35,7 @@ class ImageNetSFolder(torch.utils.data.Dataset):
         split: str = "validation",
         resize: int = 224,
         crop: int = 224,
-        normalize: bool = True,
+        standardize: bool = True,
         class_to_idx: Optional[dict] = None,
     ):
         self.image_dir = os.path.join(root, split)
@@ -47,7 +47,7 @@ class ImageNetSFolder(torch.utils.data.Dataset):
         self.class_to_idx = (
             dict(class_to_idx) if class_to_idx is not None else {c: i for i, c in enumerate(self.classes)}
         )
-        self.resize, self.crop, self.normalize = resize, crop, normalize
+        self.resize, self.crop, self.standardize = resize, crop, standardize
         self.samples: List[Tuple[str, str, int]] = []
         for c in self.classes:
             if c not in self.class_to_idx:
@@ -81,19 +81,19 @@ class ImageNetSFolder(torch.utils.data.Dataset):
                 ids = np.asarray(m.convert("I"), dtype=np.int32)
         ids = np.asarray(self._geometry(Image.fromarray(ids), Image.Resampling.NEAREST))
         mask = torch.from_numpy((ids != 0) & (ids != 1000))
-        return to_tensor(np.asarray(img), self.normalize), mask, label
+        return to_tensor(np.asarray(img), self.standardize), mask, label
 
 
 def image_folder(
-    root: str, resize: int = 256, crop: int = 224, normalize: bool = True, transform: Optional[Callable] = None
+    root: str, resize: int = 256, crop: int = 224, standardize: bool = True, transform: Optional[Callable] = None
 ):
     """torchvision ``ImageFolder`` with the standard ImageNet evaluation preprocessing
-    (resize 256, center crop 224, ImageNet normalization unless ``normalize=False``)."""
+    (resize 256, center crop 224, ImageNet standardization unless ``standardize=False``)."""
     from torchvision import datasets, transforms
 
     if transform is None:
         steps = [transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor()]
-        if normalize:
+        if standardize:
             steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
         transform = transforms.Compose(steps)
     return datasets.ImageFolder(root, transform=transform)

@@ -12,7 +12,7 @@ is reproducible on its own and the splits never share a seed. Labels cycle throu
 classes (``label = i % 10``), so every prefix of a split is balanced.
 
 Images are rendered as uint8 RGB; the tensors returned are float32 in ``[0, 1]`` or,
-with ``normalize=True`` (default), normalized with the ImageNet mean/std, which is what
+with ``standardize=True`` (default), standardized with the ImageNet mean/std, which is what
 every model of :mod:`srd_ext.models` expects. Masks mark the pixels at least half covered
 by the visible object (the object is drawn antialiased).
 """
@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from .imagenet import _normalize, to_tensor
+from .imagenet import _standardize, to_tensor
 
 __all__ = [
     "SHAPES_CLASSES",
     "SPLITS",
     "DEFAULT_SIZES",
     "ShapesDataset",
+    "dihedral",
     "generate",
     "render",
 ]
@@ -293,12 +294,12 @@ def generate(
     image_size: int = 112,
     seed: int = 0,
     start: int = 0,
-    normalize: bool = True,
+    standardize: bool = True,
     uint8: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Items ``start .. start+n-1`` of a split as (images (N, 3, H, W), masks (N, H, W), labels (N,)).
 
-    Images are float32 (normalized unless ``normalize=False``), or raw uint8 with ``uint8=True``.
+    Images are float32 (ImageNet-standardized unless ``standardize=False``), or raw uint8 with ``uint8=True``.
     """
     n = DEFAULT_SIZES[split] if n is None else int(n)
     imgs = np.empty((n, image_size, image_size, 3), np.uint8)
@@ -309,8 +310,8 @@ def generate(
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     if not uint8:
         x = x.float().div_(255)
-        if normalize:
-            x = _normalize(x)
+        if standardize:
+            x = _standardize(x)
     return x, torch.from_numpy(masks), torch.from_numpy(labels)
 
 
@@ -328,11 +329,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         size: Optional[int] = None,
         image_size: int = 112,
         seed: int = 0,
-        normalize: bool = True,
+        standardize: bool = True,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-        self.split, self.image_size, self.seed, self.normalize = split, image_size, seed, normalize
+        self.split, self.image_size, self.seed, self.standardize = split, image_size, seed, standardize
         self.size = DEFAULT_SIZES[split] if size is None else int(size)
 
     def __len__(self) -> int:
@@ -342,4 +343,23 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not -self.size <= i < self.size:
             raise IndexError(i)
         img, mask, label = render(self.seed, self.split, i % self.size, self.image_size)
-        return to_tensor(img, self.normalize), torch.from_numpy(mask), label
+        return to_tensor(img, self.standardize), torch.from_numpy(mask), label
+
+
+def dihedral(x: torch.Tensor, g: torch.Generator, mask: Optional[torch.Tensor] = None):
+    """A random flip / 90-degree rotation of each image of ``x`` (N, C, H, W), drawn from ``g``:
+    the augmentation of the training scripts (every class is closed under these, and so is the cue
+    of :mod:`srd_ext.data.confounded`). With ``mask`` (N, H, W), each mask gets the transform of
+    its image, and the result is ``(x, mask)``."""
+    k = torch.randint(0, 8, (x.shape[0],), generator=g)
+    xo = torch.empty_like(x)
+    mo = None if mask is None else torch.empty_like(mask)
+    for t in range(8):
+        idx = (k == t).nonzero().flatten()
+        if idx.numel():
+            a = torch.rot90(x[idx], t % 4, (2, 3))
+            xo[idx] = a.flip(3) if t >= 4 else a
+            if mask is not None:
+                b = torch.rot90(mask[idx], t % 4, (1, 2))
+                mo[idx] = b.flip(2) if t >= 4 else b
+    return xo if mask is None else (xo, mo)
