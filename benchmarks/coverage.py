@@ -48,22 +48,26 @@ def rows_for(library, names, progress):
     return out
 
 
+HEADER = (
+    "| model | library | explained | encoder output | conservation error | unassigned | "
+    "forward error | capture s | explain s |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def row(r):
+    """One model's line of the table."""
+    if r.explained:
+        return (
+            f"| {r.name} | {r.library} | yes | `{r.encoder}` | {r.budget_error:.0e} | "
+            f"{r.unassigned:.2%} | {r.forward_error:.0e} | {r.capture_seconds:.1f} | "
+            f"{r.explain_seconds:.2f} |"
+        )
+    return f"| {r.name} | {r.library} | **no**: {r.reason} | | | | | | |"
+
+
 def table(results):
-    lines = [
-        "| model | library | explained | encoder output | conservation error | unassigned | "
-        "forward error | capture s | explain s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if r.explained:
-            lines.append(
-                f"| {r.name} | {r.library} | yes | `{r.encoder}` | {r.budget_error:.0e} | "
-                f"{r.unassigned:.2%} | {r.forward_error:.0e} | {r.capture_seconds:.1f} | "
-                f"{r.explain_seconds:.2f} |"
-            )
-        else:
-            lines.append(f"| {r.name} | {r.library} | **no**: {r.reason} | | | | | | |")
-    return "\n".join(lines)
+    return "\n".join([HEADER] + [row(r) for r in results])
 
 
 def summary(results):
@@ -74,6 +78,14 @@ def summary(results):
             ok = sum(r.explained for r in rs)
             out.append(f"{lib}: {ok} of {len(rs)} explained ({ok / len(rs):.0%})")
     return "; ".join(out)
+
+
+def render(results):
+    """The README's coverage block: the summary, the excluded families, the table."""
+    return (
+        f"{summary(results)}. Excluded from torchvision's list: the transformer families "
+        f"({', '.join(sorted(zoo.TORCHVISION_EXCLUDED))}).\n\n" + table(results)
+    )
 
 
 def splice(text, marker, body):
@@ -121,10 +133,7 @@ def main():
         if args.models:
             names = [n for n in names if n in args.models]
         results += rows_for(lib, names, True)
-    md = (
-        f"{summary(results)}. Excluded from torchvision's list: the transformer families "
-        f"({', '.join(sorted(zoo.TORCHVISION_EXCLUDED))}).\n\n" + table(results)
-    )
+    md = render(results)
     report = {
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -1,9 +1,11 @@
 """The package's shape: no module of srd_ext imports in a circle, every registered rule has its
-literal reference case, and the README's list of supported ops is the registry's."""
+literal reference case, the README's list of supported ops is the registry's, and the README's
+coverage table is the zoo's, as benchmarks/coverage.py renders it."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 from typing import Dict, List, Set
@@ -142,3 +144,81 @@ def test_readme_op_list_is_the_registry():
         "README's list of supported ops differs from the registry: run "
         "`python benchmarks/coverage.py --update-readme --ops-only`"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The README's coverage table is what benchmarks/coverage.py renders for the zoo
+# --------------------------------------------------------------------------------------------
+def _coverage_script():
+    """benchmarks/coverage.py as a module (loaded by path: the name ``coverage`` is also that of
+    the coverage.py package)."""
+    spec = importlib.util.spec_from_file_location(
+        "srd_coverage_script", os.path.join(ROOT, "benchmarks", "coverage.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cells(line: str) -> List[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _readme_coverage():
+    """(the paragraph before the table, the table's header lines, {(model, library): cells})."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    m = re.search(r"<!-- coverage:start -->\n(.*?)\n<!-- coverage:end -->", text, re.S)
+    assert m, "README.md has no <!-- coverage:start --> ... <!-- coverage:end --> block"
+    intro, _, tab = m.group(1).partition("\n\n")
+    lines = tab.strip().splitlines()
+    rows: Dict[tuple, List[str]] = {}
+    for line in lines[2:]:
+        cells = _cells(line)
+        assert (cells[0], cells[1]) not in rows, f"{cells[0]} ({cells[1]}) twice in the README's coverage table"
+        rows[(cells[0], cells[1])] = cells
+    return intro, "\n".join(lines[:2]), rows
+
+
+def test_readme_coverage_table_lists_the_zoo():
+    """Every model of the zoo (torchvision's CNNs, the timm sample) has its row and no other
+    model does; the excluded families, the refused models and the summary are the zoo's."""
+    from srd_ext import zoo
+
+    cov = _coverage_script()
+    intro, header, rows = _readme_coverage()
+    assert header == cov.HEADER
+    tv, tv_excluded = zoo.torchvision_cnns()
+    expected = {(n, "torchvision") for n in tv} | {(n, "timm") for n in zoo.TIMM_SAMPLE}
+    missing, extra = sorted(expected - set(rows)), sorted(set(rows) - expected)
+    assert not missing and not extra, (
+        f"README's coverage table differs from srd_ext.zoo: missing {missing}, not in the zoo {extra}; "
+        "run `python benchmarks/coverage.py --update-readme`"
+    )
+    assert not {n for n, _ in rows} & set(tv_excluded)
+    refused = {n for (n, lib), cells in rows.items() if cells[2] != "yes"}
+    assert refused == set(zoo.TIMM_REFUSED), "README's refused models are not srd_ext.zoo.TIMM_REFUSED"
+    results = [zoo.ZooResult(n, lib, cells[2] == "yes") for (n, lib), cells in rows.items()]
+    assert intro == cov.render(results).split("\n\n")[0]  # the summary and the excluded families
+
+
+COVERAGE_SAMPLE = [("torchvision", "resnet18"), ("torchvision", "squeezenet1_1"), ("timm", "starnet_s050")]
+
+
+@pytest.mark.parametrize("library, name", COVERAGE_SAMPLE)
+def test_readme_coverage_rows_are_reproduced(library, name):
+    """coverage.py's own row for a few small models has the README's outcome: explained or
+    refused (with the reason), the encoder output, the unassigned share and the forward error to
+    the printed precision. The conservation error's last digit depends on the machine (only its
+    bound is checked), the timings are not compared."""
+    if library == "timm":
+        pytest.importorskip("timm")
+    cov = _coverage_script()
+    _, _, rows = _readme_coverage()
+    (res,) = cov.rows_for(library, [name], False)
+    got, want = _cells(cov.row(res)), rows[(name, library)]
+    assert len(got) == len(want) == 9
+    # model, library, explained (or the reason refused), encoder output
+    assert got[:4] == want[:4]
+    if res.explained:
+        assert got[5:7] == want[5:7]  # unassigned, forward error
+        assert res.budget_error < 1e-4 and float(want[4]) < 1e-4  # conservation error
