@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from srd_ext import apop, data, distributed, models
+from srd_ext import apop, data, distributed, fileio, models
 
 INPUTS = ("zeros", "ones", "normal")
 
@@ -224,7 +224,7 @@ def run(args, session):
         for name, (t1, t5) in rows.items()
     ]
     lines += [f"| {r['prediction_from']} | {r['top1']:.3f} | {r['top5']:.3f} |" for r in table]
-    distributed.write_csv(stem + ".csv", table, ["prediction_from", "top1", "top5", "images"])
+    fileio.write_csv(stem + ".csv", table, ["prediction_from", "top1", "top5", "images"])
     chance = 1.0 / classes
     lines.append(f"\nchance level (top-1): {chance:.3f}")
     if layers:
@@ -236,7 +236,7 @@ def run(args, session):
             "|---|---|",
         ]
         lines += [f"| {n} | {b / total:.3f} |" for n, b in zip(layers, binarized)]
-        distributed.write_csv(
+        fileio.write_csv(
             stem + "_binarize.csv",
             [{"layer_index": i, "layer": n, "top1": b / total} for i, (n, b) in enumerate(zip(layers, binarized))],
             ["layer_index", "layer", "top1"],
@@ -263,8 +263,8 @@ def run(args, session):
         ]
     text = "\n".join(lines)
     print(text)
-    distributed.atomic_write(stem + ".md", text + "\n")
-    distributed.atomic_write(
+    fileio.atomic_write(stem + ".md", text + "\n")
+    fileio.atomic_write(
         stem + ".json",
         json.dumps(
             {

@@ -44,13 +44,14 @@ import io
 import os
 import re
 import sys
-import tempfile
 import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .fileio import Staged, atomic_write, csv_text, npy_bytes, remove_stale_temporaries
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FORMATS = ("png", "npy", "both")
@@ -240,66 +241,6 @@ def plan_outputs(
 
 
 # ------------------------------------------------------------------------------- writing
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-class Staged:
-    """Files written in full to temporary names next to their destinations, and renamed into
-    place only once all of them are written: an interrupted run leaves whole files, never part
-    of one. Without ``overwrite`` a file is put in place with a hard link, which fails if the
-    destination appeared since the run was planned."""
-
-    def __init__(self, overwrite: bool):
-        self.overwrite = overwrite
-        self.pending: List[Tuple[str, str]] = []
-        self.mode = 0o666 & ~_umask()
-
-    def add(self, path: str, data: bytes) -> None:
-        d = os.path.dirname(path) or "."
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        self.pending.append((tmp, path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, self.mode)
-
-    def commit(self) -> None:
-        for tmp, path in self.pending:
-            if self.overwrite:
-                os.replace(tmp, path)
-                continue
-            try:
-                os.link(tmp, path)  # atomic, and fails if path appeared meanwhile
-            except FileExistsError:
-                raise FileExistsError(f"{path} appeared during the run; not replaced") from None
-            except OSError:  # no hard links on this file system
-                if os.path.lexists(path):
-                    raise FileExistsError(f"{path} appeared during the run; not replaced") from None
-                os.replace(tmp, path)
-            else:
-                os.unlink(tmp)
-        self.pending = []
-
-    def discard(self) -> None:
-        for tmp, _ in self.pending:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        self.pending = []
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 def read_photo(path: str) -> Image.Image:
     """The photo as people see it (EXIF orientation applied), RGB; 16-bit greyscale scaled."""
     with Image.open(path) as im:
@@ -394,12 +335,7 @@ def write_report(
             parts.append(f"<tr><td>{e(it.status)}</td><td>{e(it.path)}</td><td>{e(it.reason)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
-    staged = Staged(overwrite)
-    try:
-        staged.add(path, "\n".join(parts).encode("utf-8"))
-        staged.commit()
-    finally:
-        staged.discard()
+    atomic_write(path, "\n".join(parts), overwrite)
 
 
 # ------------------------------------------------------------------------------- main
@@ -588,14 +524,7 @@ def write_manifest(
                 kind, layer = kind_layer.split(":", 1)
                 row[f"{kind}_{layer}"] = os.path.relpath(p, out)
         rows.append(row)
-    from .distributed import csv_text
-
-    staged = Staged(overwrite)
-    try:
-        staged.add(path, csv_text(rows, manifest_fields(layers, kinds)).encode("utf-8"))
-        staged.commit()
-    finally:
-        staged.discard()
+    atomic_write(path, csv_text(rows, manifest_fields(layers, kinds)), overwrite)
 
 
 def _run(args, env) -> int:
@@ -697,7 +626,7 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
             for p in it.outputs.values():
                 targets.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
         for folder, names in targets.items():
-            distributed.remove_stale_temporaries(folder, names)
+            remove_stale_temporaries(folder, names)
         return items, notes + notes2
 
     items, notes = session.share(plan)
@@ -754,7 +683,7 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
                     staged.add(it.outputs[f"png:{layer}"], viz.png_bytes(over))
                     report["links"][layer] = os.path.relpath(it.outputs[f"png:{layer}"], args.out)
                 if f"npy:{layer}" in it.outputs:
-                    staged.add(it.outputs[f"npy:{layer}"], _npy_bytes(on_photo))
+                    staged.add(it.outputs[f"npy:{layer}"], npy_bytes(on_photo))
                 if f"panel:{layer}" in it.outputs:
                     fig = viz.panel(
                         photo, on_photo, f"{os.path.basename(it.path)}, SRD-{layer}: {title}", scale=scale, box=box

@@ -26,8 +26,8 @@ The machinery shared by ``srd-explain``, ``benchmarks/eval_table.py`` and
   fsynced when it is done). A rerun with the same settings loads them and does only the rest,
   whatever its number of processes; a rerun with other settings is refused with the
   differences named.
-- :func:`atomic_write`, :func:`write_csv`, :func:`save_npy`: whole files or none
-  (temporary file in the same folder, fsync, rename).
+- The files are written whole or not at all by :mod:`srd_ext.fileio` (``atomic_write``,
+  ``write_csv``, ``save_npy``: temporary file in the same folder, fsync, rename).
 
 Dataset-scale outputs are per-image ``.npy`` files (numpy's own format: ``np.load``,
 memory-mappable, one array of any shape each, written by the rank that computed it) indexed
@@ -38,21 +38,20 @@ method, file paths relative to the table's folder). Neither needs srd_ext to rea
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import io
 import json
 import os
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write
 
 DEFAULT_TIMEOUT = 1800.0  # seconds; torch's default for collectives
 POLL = 0.2  # seconds between looks at the other ranks while waiting
@@ -211,90 +210,6 @@ def image_seed(seed: int, index: int) -> int:
     every rank and for every world size and batch size."""
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(index) & 0xFFFFFFFFFFFFFFFF])
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# ------------------------------------------------------------------------------------ files
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-def atomic_write(path: str, data) -> None:
-    """Write ``data`` (bytes or str) to ``path`` as a whole: a temporary file in the same folder,
-    fsynced, then renamed over ``path``. An interrupted write leaves the old file or none."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def temporary_target(name: str) -> Optional[str]:
-    """The file a temporary file of :func:`atomic_write` (``.NAME.XXXXXXXX.tmp``) was for, or None."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    parts = name[1:].rsplit(".", 2)
-    return parts[0] if len(parts) == 3 and parts[0] else None
-
-
-def remove_stale_temporaries(folder: str, targets: Optional[Iterable[str]] = None) -> List[str]:
-    """Delete the temporary files a killed process left in ``folder`` while writing the files
-    named in ``targets`` (all of them if None). Call it before this run writes there."""
-    wanted = None if targets is None else set(targets)
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        target = temporary_target(name)
-        if target is not None and (wanted is None or target in wanted):
-            try:
-                os.unlink(os.path.join(folder, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
-
-
-def npy_bytes(array) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    return buf.getvalue()
-
-
-def save_npy(path: str, array) -> None:
-    """``array`` as a ``.npy`` file (``np.load`` reads it), written atomically."""
-    atomic_write(path, npy_bytes(array))
-
-
-def csv_text(rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="raise")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in fields})
-    return buf.getvalue()
-
-
-def write_csv(path: str, rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> None:
-    """A CSV table with a header row (``pandas.read_csv``, ``csv.DictReader``), written atomically;
-    missing values are empty cells."""
-    atomic_write(path, csv_text(rows, fields))
 
 
 # ------------------------------------------------------------------------------------ session

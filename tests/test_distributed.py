@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd_ext import cli, data, distributed
+from srd_ext import cli, data, distributed, fileio
 
 from programs import ROOT, run_script
 
@@ -96,17 +96,17 @@ def test_image_seed_depends_on_seed_and_image_only():
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     path = tmp_path / "table.csv"
-    distributed.atomic_write(str(path), "old\n")
+    fileio.atomic_write(str(path), "old\n")
 
     def broken(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(distributed.os, "replace", broken)
+    monkeypatch.setattr(fileio.os, "replace", broken)
     with pytest.raises(OSError, match="No space left"):
-        distributed.atomic_write(str(path), "new\n")
+        fileio.atomic_write(str(path), "new\n")
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["table.csv"]  # no temporary file left
     monkeypatch.undo()
-    distributed.atomic_write(str(path), "new\n")
+    fileio.atomic_write(str(path), "new\n")
     assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["table.csv"]
 
 
@@ -115,12 +115,12 @@ def test_a_killed_write_leaves_a_temporary_file_the_next_run_removes(tmp_path):
     (tmp_path / ".other.npy.abcdefgh.tmp").write_bytes(b"half")
     (tmp_path / "a.png.srd-input.npy").write_bytes(b"whole")
     (tmp_path / ".hidden.tmp").write_bytes(b"someone's")
-    assert distributed.temporary_target(".a.png.srd-input.npy.k3j_x9aa.tmp") == "a.png.srd-input.npy"
-    assert distributed.remove_stale_temporaries(str(tmp_path), ["a.png.srd-input.npy"]) == [
+    assert fileio.temporary_target(".a.png.srd-input.npy.k3j_x9aa.tmp") == "a.png.srd-input.npy"
+    assert fileio.remove_stale_temporaries(str(tmp_path), ["a.png.srd-input.npy"]) == [
         ".a.png.srd-input.npy.k3j_x9aa.tmp"
     ]
     assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", ".other.npy.abcdefgh.tmp", "a.png.srd-input.npy"]
-    assert distributed.remove_stale_temporaries(str(tmp_path)) == [".other.npy.abcdefgh.tmp"]
+    assert fileio.remove_stale_temporaries(str(tmp_path)) == [".other.npy.abcdefgh.tmp"]
     assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", "a.png.srd-input.npy"]
 
 
@@ -128,10 +128,10 @@ def test_tables_and_maps_read_without_srd_ext(tmp_path):
     maps = np.random.default_rng(0).standard_normal((3, 7, 5)).astype(np.float32)
     rows = []
     for i, m in enumerate(maps):
-        distributed.save_npy(str(tmp_path / "maps" / f"{i:06d}.npy"), m)
+        fileio.save_npy(str(tmp_path / "maps" / f"{i:06d}.npy"), m)
         rows.append({"index": i, "image": f'a, "b" {i}.png', "score": float(m.mean()), "map_file": f"maps/{i:06d}.npy"})
     rows.append({"index": 3, "image": "missing", "score": None, "map_file": None})
-    distributed.write_csv(str(tmp_path / "t.csv"), rows, ["index", "image", "score", "map_file"])
+    fileio.write_csv(str(tmp_path / "t.csv"), rows, ["index", "image", "score", "map_file"])
     code = """
 import csv, json, os, sys
 import numpy as np
