@@ -652,8 +652,8 @@ def run(args, session) -> Optional[Dict]:
     # The work: blocks of images, the same for any number of processes; each takes its share of
     # those not finished by an earlier run.
     units = distributed.blocks(images.count, args.batch_size, images.first)
-    manifest = distributed.Manifest(stem + ".parts", fingerprint(args, methods), session, "evaluation")
-    records = manifest.open()
+    resume_log = distributed.ResumeLog(stem + ".parts", fingerprint(args, methods), session, "evaluation")
+    records = resume_log.open()
     if session.is_main and args.save_maps:  # what a killed process was writing, before anyone writes again
         for m in methods:
             fileio.remove_stale_temporaries(os.path.join(stem + ".maps", m.name))
@@ -663,7 +663,7 @@ def run(args, session) -> Optional[Dict]:
     if session.is_main and earlier:
         print(
             f"eval_table: resuming: {earlier} of {images.count} images were finished by an earlier run "
-            f"({manifest.folder})",
+            f"({resume_log.folder})",
             file=sys.stderr,
         )
     progress = distributed.Progress(
@@ -677,9 +677,9 @@ def run(args, session) -> Optional[Dict]:
         rec["notes"] = dict(baselines.NOTES)
         return rec
 
-    new, error = distributed.run_share(session, todo, work, manifest, progress, "eval_table")
+    new, error = distributed.run_share(session, todo, work, resume_log, progress, "eval_table")
     if not distributed.finish_run(
-        session, error, progress, "eval_table", f"The finished images are kept in {manifest.folder}"
+        session, error, progress, "eval_table", f"The finished images are kept in {resume_log.folder}"
     ):
         raise SystemExit(1)
     gathered = session.gather(new)
@@ -812,7 +812,7 @@ def run(args, session) -> Optional[Dict]:
             f"- {b['image']} (image {b['index']}): {b['reason']}" for b in failed_images
         ]
     fileio.atomic_write(stem + ".md", "\n".join(md) + "\n")
-    manifest.remove()  # everything is in the outputs now
+    resume_log.remove()  # everything is in the outputs now
 
     print(markdown_table(rows))
     print(

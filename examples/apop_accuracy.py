@@ -164,13 +164,13 @@ def run(args, session):
     }
     settings["device"] = session.device.type
     units = distributed.blocks(images.count, args.batch_size)
-    manifest = distributed.Manifest(stem + ".parts", settings, session, "APOP run")
-    records = manifest.open()
+    resume_log = distributed.ResumeLog(stem + ".parts", settings, session, "APOP run")
+    records = resume_log.open()
     earlier = sum(len(b) for b in units if b.key in records)
     if session.is_main and earlier:
         print(
             f"apop_accuracy: resuming: {earlier} of {images.count} images were finished by an earlier run "
-            f"({manifest.folder})",
+            f"({resume_log.folder})",
             file=sys.stderr,
         )
     todo = [b for b in units if b.key not in records]
@@ -181,12 +181,12 @@ def run(args, session):
         session,
         todo,
         lambda block: count_block(args, model, images, block, len(layers), progress.write),
-        manifest,
+        resume_log,
         progress,
         "apop_accuracy",
     )
     if not distributed.finish_run(
-        session, error, progress, "apop_accuracy", f"The finished images are kept in {manifest.folder}"
+        session, error, progress, "apop_accuracy", f"The finished images are kept in {resume_log.folder}"
     ):
         raise SystemExit(1)
     gathered = session.gather(new)
@@ -278,7 +278,7 @@ def run(args, session):
             indent=1,
         ),
     )
-    manifest.remove()
+    resume_log.remove()
     return {"rows": rows, "binarized": binarized, "total": total, "failed_images": failed_images}
 
 

@@ -612,7 +612,7 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
             )
         }
         settings.update(layers=list(layers), device=session.device.type, out=os.path.abspath(args.out))
-        state = distributed.Manifest(os.path.join(args.out, STATE_DIR), settings, session, "srd-explain run")
+        state = distributed.ResumeLog(os.path.join(args.out, STATE_DIR), settings, session, "srd-explain run")
         try:
             resumed = state.open()
         except distributed.SettingsMismatch as e:

@@ -21,7 +21,7 @@ The machinery shared by ``srd-explain``, ``benchmarks/eval_table.py`` and
   blocks ``r, r + W, r + 2W, ...`` of those still to do: disjoint, no padding duplicates.
   A block is computed the same way whichever rank takes it, so the results do not depend on
   the world size; random draws are seeded by the image (:func:`image_seed`), never the rank.
-- :class:`Manifest`: the finished blocks of a run, on disk (``run.json``: the settings that
+- :class:`ResumeLog`: the finished blocks of a run, on disk (``run.json``: the settings that
   decide the results; ``rank-R.jsonl``: one JSON line per finished block, appended and
   fsynced when it is done). A rerun with the same settings loads them and does only the rest,
   whatever its number of processes; a rerun with other settings is refused with the
@@ -521,14 +521,14 @@ def run_share(
     session: "Session",
     todo: Sequence["Block"],
     work: Callable[["Block"], Any],
-    manifest: "Manifest",
+    log: "ResumeLog",
     progress: "Progress",
     prog: str,
 ):
     """This rank's share of the blocks ``todo``: ``work(block)`` returns the block's record, which
-    goes into ``manifest`` as soon as the block is done. A failure ends the share; its message and
+    goes into ``log`` as soon as the block is done. A failure ends the share; its message and
     traceback are printed (``prog``: the program's name) and returned. Returns (records by block
-    key, error or None); the manifest is closed either way."""
+    key, error or None); the log is closed either way."""
     import traceback
 
     new: Dict[str, Any] = {}
@@ -537,13 +537,13 @@ def run_share(
         for block in shard(todo, session.rank, session.world_size):
             progress.working_on(str(block))
             rec = work(block)
-            manifest.add(block.key, rec)
+            log.add(block.key, rec)
             new[block.key] = rec
             progress.update(len(block))
     except Exception as e:
         error = f"failed on {block} ({type(e).__name__}: {e})"
         progress.write(f"{prog}: rank {session.rank}: {error}\n{traceback.format_exc()}")
-    manifest.close()
+    log.close()
     return new, error
 
 
@@ -614,12 +614,12 @@ class Progress:
             self.bar.close()
 
 
-# ------------------------------------------------------------------------------------ manifest
+# ------------------------------------------------------------------------------------ resume log
 def _normalized(settings: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-class Manifest:
+class ResumeLog:
     """The finished units of one run, kept on disk in ``folder`` so that a stopped run resumes.
 
     ``folder/run.json`` holds ``settings`` (what decides the results); ``folder/rank-R.jsonl``

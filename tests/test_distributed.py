@@ -1,4 +1,4 @@
-"""srd_ext.distributed: the pieces (environment, blocks and shards, seeds, files, manifest, the
+"""srd_ext.distributed: the pieces (environment, blocks and shards, seeds, files, resume log, the
 end of a run with two ranks, one of them failing or gone) and the three scripts under torchrun.
 
 The whole-run tests start real processes: ``torchrun --standalone --nproc_per_node=2`` with gloo
@@ -163,24 +163,24 @@ class OneProcess(distributed.Session):
         super().__init__("cpu", env=distributed.Env())
 
 
-def test_manifest_resumes_skips_torn_lines_and_refuses_other_settings(tmp_path):
+def test_resume_log_resumes_skips_torn_lines_and_refuses_other_settings(tmp_path):
     folder = str(tmp_path / "run.parts")
-    m = distributed.Manifest(folder, {"model": "a", "n": 16}, OneProcess())
+    m = distributed.ResumeLog(folder, {"model": "a", "n": 16}, OneProcess())
     assert m.open() == {}
     m.add("0-4", {"x": [1.5, float("nan")]})
     m.add("4-8", {"x": [2.0]})
     m.close()
     with open(os.path.join(folder, "rank-0.jsonl"), "ab") as f:
         f.write(b'{"key": "8-12", "rec')  # a process killed while writing
-    m = distributed.Manifest(folder, {"model": "a", "n": 16}, OneProcess())
+    m = distributed.ResumeLog(folder, {"model": "a", "n": 16}, OneProcess())
     got = m.open()
     assert sorted(got) == ["0-4", "4-8"] and got["4-8"] == {"x": [2.0]} and np.isnan(got["0-4"]["x"][1])
     m.add("8-12", {"x": [3.0]})  # appended after the torn line, on a line of its own
     m.close()
-    m = distributed.Manifest(folder, {"model": "a", "n": 16}, OneProcess())
+    m = distributed.ResumeLog(folder, {"model": "a", "n": 16}, OneProcess())
     assert sorted(m.open()) == ["0-4", "4-8", "8-12"]
     m.close()
-    other = distributed.Manifest(folder, {"model": "b", "n": 16}, OneProcess())
+    other = distributed.ResumeLog(folder, {"model": "b", "n": 16}, OneProcess())
     with pytest.raises(distributed.SettingsMismatch, match=r"model: 'a' then, 'b' now.*delete"):
         other.open()
     (tmp_path / "run.parts" / "notes.txt").write_text("someone else's")
