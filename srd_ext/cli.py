@@ -155,6 +155,91 @@ def input_signature(path: str) -> Optional[List[int]]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _output_kinds(layers: Sequence[str], fmt: str, panel: bool) -> List[Tuple[str, str]]:
+    """(kind ``png:L`` / ``npy:L`` / ``panel:L``, file name suffix) of every output of an input."""
+    kinds = []
+    for layer in layers:
+        tag = _layer_tag(layer)
+        if fmt in ("png", "both"):
+            kinds.append((f"png:{layer}", f".srd-{tag}.png"))
+        if fmt in ("npy", "both"):
+            kinds.append((f"npy:{layer}", f".srd-{tag}.npy"))
+        if panel:
+            kinds.append((f"panel:{layer}", f".srd-{tag}.panel.png"))
+    return kinds
+
+
+def _skip_repeats(items: List[Item]) -> None:
+    """The same file given twice (or found twice, or through a link) is explained once."""
+    first: Dict[Tuple[int, int], Item] = {}
+    for it in items:
+        if it.status != "todo":
+            continue
+        i = _identity(it.path)
+        if i in first:
+            it.status, it.reason = "skipped", f"same file as {first[i].path}, which is explained once"
+        elif i is not None:
+            first[i] = it
+
+
+def _name_outputs(it: Item, out: str, kinds: List[Tuple[str, str]], taken: set) -> Optional[str]:
+    """Set ``it``'s output paths, with a ``~N`` suffix where an earlier input took the names
+    (``taken``, which gains them); a note when it needed one."""
+    stem, n = it.stem, 1
+    while True:
+        outs = {k: os.path.join(out, stem + suffix) for k, suffix in kinds}
+        if not any(_key(p) in taken for p in outs.values()):
+            break
+        n += 1
+        stem = f"{it.stem}~{n}"
+    note = f"{it.path}: outputs named {stem}.srd-* ({it.stem}.srd-* are another input's)" if n > 1 else None
+    it.stem, it.outputs = stem, outs
+    taken.update(_key(p) for p in outs.values())
+    return note
+
+
+def _resumed_record(it: Item, resumed: Optional[Dict[str, dict]]) -> Optional[dict]:
+    """The stopped run's record of ``it`` if it is this input's, as planned now: unchanged, with
+    the same outputs, and written or begun (not a write that was refused)."""
+    rec = (resumed or {}).get(_key(it.path))
+    if rec is not None and not (
+        rec.get("state") in ("done", "intent")
+        and rec.get("stem") == it.stem
+        and rec.get("outputs") == it.outputs
+        and rec.get("input") == input_signature(it.path)
+    ):
+        return None
+    return rec
+
+
+def _decide(it: Item, inputs: Dict[Tuple[int, int], str], rec: Optional[dict], overwrite: bool) -> None:
+    """Whether ``it``, its outputs named, is written: never over an input, not again if a stopped
+    run (``rec``) wrote it, not over existing outputs without ``overwrite``."""
+    # An output that exists and is (a link to) an input file is never written, even with
+    # --overwrite. One that does not exist cannot be an input: inputs exist.
+    outs = it.outputs
+    hit = next(((p, inputs[_identity(p)]) for p in outs.values() if _identity(p) in inputs), None)
+    if hit is not None:
+        it.status, it.reason = (
+            "skipped",
+            (
+                f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
+                f"even with --overwrite); choose another --out"
+            ),
+        )
+    elif rec is not None:
+        if rec["state"] == "done" and all(os.path.isfile(p) for p in outs.values()):
+            it.status, it.earlier = "written", True
+        else:
+            it.own = True
+    elif not overwrite:
+        existing = [p for p in outs.values() if os.path.lexists(p)]
+        if existing:
+            more = f" and {len(existing) - 1} more of its outputs" if len(existing) > 1 else ""
+            it.status, it.reason = "skipped", f"{existing[0]}{more} exist(s) (--overwrite replaces them)"
+            it.exists = True
+
+
 def plan_outputs(
     items: List[Item],
     out: str,
@@ -170,73 +255,17 @@ def plan_outputs(
     input it finished, unchanged and with all its outputs in place, is marked written (earlier),
     and outputs it had begun are its own to replace. Returns notes about outputs given a ``~N``
     suffix."""
-    kinds = []
-    for layer in layers:
-        tag = _layer_tag(layer)
-        if fmt in ("png", "both"):
-            kinds.append((f"png:{layer}", f".srd-{tag}.png"))
-        if fmt in ("npy", "both"):
-            kinds.append((f"npy:{layer}", f".srd-{tag}.npy"))
-        if panel:
-            kinds.append((f"panel:{layer}", f".srd-{tag}.panel.png"))
+    kinds = _output_kinds(layers, fmt, panel)
     inputs = input_identities(items)
-
-    first: Dict[Tuple[int, int], Item] = {}
-    for it in items:
-        if it.status != "todo":
-            continue
-        i = _identity(it.path)
-        if i in first:
-            it.status, it.reason = "skipped", f"same file as {first[i].path}, which is explained once"
-        elif i is not None:
-            first[i] = it
-
+    _skip_repeats(items)
     notes, taken = [], set()
     for it in items:
         if it.status != "todo":
             continue
-        stem, n = it.stem, 1
-        while True:
-            outs = {k: os.path.join(out, stem + suffix) for k, suffix in kinds}
-            if not any(_key(p) in taken for p in outs.values()):
-                break
-            n += 1
-            stem = f"{it.stem}~{n}"
-        if n > 1:
-            notes.append(f"{it.path}: outputs named {stem}.srd-* ({it.stem}.srd-* are another input's)")
-        it.stem, it.outputs = stem, outs
-        taken.update(_key(p) for p in outs.values())
-
-        # An output that exists and is (a link to) an input file is never written, even with
-        # --overwrite. One that does not exist cannot be an input: inputs exist.
-        hit = next(((p, inputs[_identity(p)]) for p in outs.values() if _identity(p) in inputs), None)
-        rec = (resumed or {}).get(_key(it.path))
-        if rec is not None and not (
-            rec.get("state") in ("done", "intent")
-            and rec.get("stem") == stem
-            and rec.get("outputs") == outs
-            and rec.get("input") == input_signature(it.path)
-        ):
-            rec = None  # another input's, a changed input, or a write that was refused
-        if hit is not None:
-            it.status, it.reason = (
-                "skipped",
-                (
-                    f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
-                    f"even with --overwrite); choose another --out"
-                ),
-            )
-        elif rec is not None:
-            if rec["state"] == "done" and all(os.path.isfile(p) for p in outs.values()):
-                it.status, it.earlier = "written", True
-            else:
-                it.own = True
-        elif not overwrite:
-            existing = [p for p in outs.values() if os.path.lexists(p)]
-            if existing:
-                more = f" and {len(existing) - 1} more of its outputs" if len(existing) > 1 else ""
-                it.status, it.reason = "skipped", f"{existing[0]}{more} exist(s) (--overwrite replaces them)"
-                it.exists = True
+        note = _name_outputs(it, out, kinds, taken)
+        if note is not None:
+            notes.append(note)
+        _decide(it, inputs, _resumed_record(it, resumed), overwrite)
     return notes
 
 
