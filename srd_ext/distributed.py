@@ -655,29 +655,37 @@ def run_share(
     session: "Session",
     todo: Sequence["Block"],
     work: Callable[["Block"], Any],
-    log: "ResumeLog",
+    log: Optional["ResumeLog"],
     progress: "Progress",
     prog: str,
+    describe: Callable[["Block"], str] = str,
+    count: Optional[Callable[["Block"], int]] = len,
 ):
     """This rank's share of the blocks ``todo``: ``work(block)`` returns the block's record, which
-    goes into ``log`` as soon as the block is done. A failure ends the share; its message and
-    traceback are printed (``prog``: the program's name) and returned. Returns (records by block
-    key, error or None); the log is closed either way."""
+    goes into ``log`` as soon as the block is done (``log`` None: ``work`` records what it needs
+    itself). After each block the progress advances by ``count(block)`` images (None: ``work``
+    advances it itself). A failure ends the share; its message, naming the block by
+    ``describe(block)``, and traceback are printed (``prog``: the program's name) and returned.
+    Returns (records by block key, error or None); the log is closed either way."""
     import traceback
 
     new: Dict[str, Any] = {}
     error, block = None, None
     try:
         for block in shard(todo, session.rank, session.world_size):
-            progress.working_on(str(block))
+            progress.working_on(describe(block))
             rec = work(block)
-            log.add(block.key, rec)
+            if log is not None:
+                log.add(block.key, rec)
             new[block.key] = rec
-            progress.update(len(block))
+            if count is not None:
+                progress.update(count(block))
     except Exception as e:
-        error = f"failed on {block} ({type(e).__name__}: {e})"
+        where = describe(block) if block is not None else "its start"
+        error = f"failed on {where} ({type(e).__name__}: {e})"
         progress.write(f"{prog}: rank {session.rank}: {error}\n{traceback.format_exc()}")
-    log.close()
+    if log is not None:
+        log.close()
     return new, error
 
 
