@@ -215,19 +215,10 @@ def image_seed(seed: int, index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ process group
-class ProcessGroup:
-    """The process group of a torchrun job (gloo on CPU; with a CUDA device NCCL for CUDA tensors,
-    Python objects still exchanged through gloo), its key-value store, and the collectives on
-    Python objects, each bounded by ``timeout`` seconds. In a one-process run there is no group and
-    each collective returns this process's own value."""
+class _Ranked:
+    """Who this process is, read from its :class:`Env` (``self.env``)."""
 
-    def __init__(self, env: Env, device: torch.device, timeout: float):
-        self.env = env
-        self.device = device
-        self.timeout = float(timeout)
-        self.store = None  # the job's store, below this run's prefix; None until started
-        self._group = None  # the gloo group objects travel through
-        self._started = False
+    env: "Env"
 
     @property
     def rank(self) -> int:
@@ -244,6 +235,21 @@ class ProcessGroup:
     @property
     def distributed(self) -> bool:
         return self.env.world_size > 1
+
+
+class ProcessGroup(_Ranked):
+    """The process group of a torchrun job (gloo on CPU; with a CUDA device NCCL for CUDA tensors,
+    Python objects still exchanged through gloo), its key-value store, and the collectives on
+    Python objects, each bounded by ``timeout`` seconds. In a one-process run there is no group and
+    each collective returns this process's own value."""
+
+    def __init__(self, env: Env, device: torch.device, timeout: float):
+        self.env = env
+        self.device = device
+        self.timeout = float(timeout)
+        self.store = None  # the job's store, below this run's prefix; None until started
+        self._group = None  # the gloo group objects travel through
+        self._started = False
 
     def start(self) -> bool:
         """Join the other ranks (collective). Returns whether this call set the group up: False
@@ -521,7 +527,7 @@ class RunEnd:
 
 
 # ------------------------------------------------------------------------------------ session
-class Session:
+class Session(_Ranked):
     """This process's part in a run: one process, or one rank of a torchrun job.
 
     ``timeout`` (seconds) bounds the start (all ranks joining), every collective, and how long a
@@ -539,23 +545,6 @@ class Session:
         self.host = socket.gethostname()
         self.group = ProcessGroup(self.env, self.device, self.timeout)
         self.heartbeat = Heartbeat(self.env.rank, self.env.world_size)
-
-    # -- who am I
-    @property
-    def rank(self) -> int:
-        return self.env.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.env.world_size
-
-    @property
-    def is_main(self) -> bool:
-        return self.env.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.env.world_size > 1
 
     @property
     def store(self):

@@ -658,3 +658,28 @@ BIASES = {
     A.AddSub: _addsub_bias,
     A.Addcmul: _addcmul_bias,
 }
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-12))
+
+
+def check_every_site(model, x, bias_share: str, tol: float = 1e-4) -> int:
+    """The fast path (``relevance_at_all_layers``) against :class:`ReferenceSRD` at every site
+    and the input, for the first sample of ``x``; returns how many layers were compared (all of
+    the reference's sites and the input)."""
+    ex = srd_ext.Explainer(model, bias_share=bias_share)
+    fast = ex.relevance_at_all_layers(x)
+    g = ex.graph(x)
+    ref = ReferenceSRD(model, x, bias_share=bias_share)
+    r_ref = ref.run(fast[g.display_name(ref.plan.encoder)][0])
+    if bias_share != "none":  # the explicit decomposition is exact: sum_i v_hat_{i->j} = v_j
+        assert max(ref.residuals.values()) < 1e-10
+    checked = 0
+    for i, r in r_ref.items():
+        name_i = g.display_name(i)
+        assert name_i in fast, name_i
+        assert rel_err(fast[name_i][0], r) < tol, (bias_share, name_i)
+        checked += 1
+    assert checked == len(ref.sites()) + 1
+    return checked
