@@ -41,6 +41,15 @@ def timm_vit(seed=0, fused=True, **kw):
     return _randomise(m, seed)
 
 
+def timm_deit_distilled(seed=0):
+    """A class and a distillation token before the patches; the head averages both."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(seed)
+    m = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    return _randomise(m, seed)
+
+
 def torchvision_vit(seed=0):
     torch.manual_seed(seed)
     m = TorchvisionViT(
@@ -132,6 +141,7 @@ MODELS = {
     "timm-vit-explicit": (lambda: timm_vit(fused=False), 32),
     "timm-vit-avgpool": (lambda: timm_vit(seed=1, global_pool="avg", class_token=False), 32),
     "timm-vit-registers": (lambda: timm_vit(seed=2, reg_tokens=2, no_embed_class=True), 32),
+    "timm-deit-distilled": (lambda: timm_deit_distilled(seed=3), 32),
     "torchvision-vit": (torchvision_vit, 32),
     "attention-sdpa": (lambda: tiny_attention("sdpa"), 16),
     "attention-explicit": (lambda: tiny_attention("explicit"), 16),
