@@ -307,3 +307,20 @@ def test_product_of_queries_and_keys_without_softmax_is_refused():
 
     with pytest.raises(srd_ext.UnsupportedModelError, match="neither is a gate"):
         srd_ext.explain(Bad().eval(), torch.randn(1, 3, 16, 16))
+
+
+def test_torch_compile_and_create_graph():
+    """A ViT's explanation compiles with fullgraph=True and equals eager; with create_graph it
+    can be differentiated with respect to the input (the attention weights depend on it)."""
+    model = timm_vit().float()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ex = srd_ext.Explainer(model)
+    eager = ex.explain(x, torch.tensor([0, 1]), layer=["input", "low"])
+    compiled = torch.compile(lambda inp, t: ex.explain(inp, t, layer=["input", "low"]), fullgraph=True)
+    out = compiled(x, torch.tensor([0, 1]))
+    for k in eager:
+        torch.testing.assert_close(out[k], eager[k], rtol=1e-4, atol=1e-6)
+    xd = _input(32, batch=1).requires_grad_(True)
+    m = srd_ext.Explainer(timm_vit()).explain(xd, 0, create_graph=True)
+    (gx,) = torch.autograd.grad(m.square().sum(), xd)
+    assert torch.isfinite(gx).all() and float(gx.abs().max()) > 0
