@@ -31,14 +31,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "..", "README.md")
 
 
-def rows_for(library, names, progress):
+def rows_for(library, names, progress, sizes=None):
+    """One :class:`zoo.ZooResult` per model; ``sizes``: name -> input size (transformers, built
+    for that size), else the zoo's own."""
     out = []
     for k, name in enumerate(names):
         torch.manual_seed(0)
         model = None
         try:
-            model = zoo.build(name, library)
-            res = zoo.check(model, name, library)
+            size = (sizes or {}).get(name)
+            model = zoo.build(name, library, img_size=size)
+            x = None
+            if size is not None:
+                x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            res = zoo.check(model, name, library, x=x)
         except Exception as e:  # noqa: BLE001 - a crash is a row of the table too
             res = zoo.ZooResult(name, library, False, reason=f"{type(e).__name__}: {e}")
         out.append(res)
@@ -89,6 +95,34 @@ def render(results):
     )
 
 
+def render_transformers(results):
+    """The README's block for the vision transformers and hybrids: the summary and the table."""
+    return f"{summary(results)}.\n\n" + table(results)
+
+
+def merged(block, results, render_fn):
+    """``block`` (a coverage block of the README) with the rows of ``results`` replaced (or
+    added), and its summary recomputed from all its rows: for re-running a few models."""
+    intro, _, tab = block.partition("\n\n")
+    lines = tab.strip().splitlines()[2:]
+    fresh = {(r.name, r.library): row(r) for r in results}
+    keyed = []
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        key = (cells[0], cells[1])
+        keyed.append((key, fresh.pop(key, line)))
+    keyed += list(fresh.items())
+    rows = [line for _, line in keyed]
+    outcomes = [zoo.ZooResult(name, lib, line.split("|")[3].strip() == "yes") for (name, lib), line in keyed]
+    head = render_fn(outcomes).split("\n\n")[0]
+    return head + "\n\n" + "\n".join([HEADER] + rows)
+
+
+def _block(text, marker):
+    m = re.search(re.escape(f"<!-- {marker}:start -->") + "\n(.*?)\n" + re.escape(f"<!-- {marker}:end -->"), text, re.S)
+    return m.group(1) if m else None
+
+
 def splice(text, marker, body):
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
@@ -105,6 +139,9 @@ def main():
     ap.add_argument("--out", default="results/coverage")
     ap.add_argument("--update-readme", action="store_true")
     ap.add_argument("--ops-only", action="store_true", help="only regenerate the README's list of supported ops")
+    ap.add_argument(
+        "--transformers", action="store_true", help="the vision transformers and hybrids (zoo.TRANSFORMERS) instead"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.ops_only:
@@ -115,19 +152,26 @@ def main():
         return
     results = []
     for lib in args.libraries:
-        if lib == "torchvision":
-            names, excluded = zoo.torchvision_cnns()
-        else:
+        if lib == "timm":
             try:
                 import timm  # noqa: F401
             except ImportError:
                 print("timm is not installed: skipping its sample", file=sys.stderr)
                 continue
+        sizes = None
+        if args.transformers:
+            names = [n for lb, n, _ in zoo.TRANSFORMERS if lb == lib]
+            sizes = {n: s for lb, n, s in zoo.TRANSFORMERS if lb == lib}
+        elif lib == "torchvision":
+            names = zoo.torchvision_cnns()[0]
+        else:
             names = list(zoo.TIMM_SAMPLE)
         if args.models:
             names = [n for n in names if n in args.models]
-        results += rows_for(lib, names, True)
-    md = render(results)
+        results += rows_for(lib, names, True, sizes)
+    marker = "coverage-transformers" if args.transformers else "coverage"
+    render_fn = render_transformers if args.transformers else render
+    md = render_fn(results)
     report = {
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -136,15 +180,18 @@ def main():
         "results": [dataclasses.asdict(r) for r in results],
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "coverage.json"), "w") as f:
+    stem = "coverage-transformers" if args.transformers else "coverage"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, "coverage.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(md + "\n")
     print(md)
     if args.update_readme:
         with open(README) as f:
             text = f.read()
-        text = splice(splice(text, "coverage", md), "ops", rules.supported_table())
+        if args.models and _block(text, marker) is not None:  # a few models re-run: the rest stay
+            md = merged(_block(text, marker), results, render_fn)
+        text = splice(splice(text, marker, md), "ops", rules.supported_table())
         atomic_write(README, text)
 
 

@@ -23,6 +23,8 @@ __all__ = [
     "TORCHVISION_EXCLUDED",
     "TIMM_SAMPLE",
     "TIMM_REFUSED",
+    "TRANSFORMERS",
+    "TRANSFORMERS_CI",
     "build",
     "check",
     "ZooResult",
@@ -115,6 +117,79 @@ TIMM_SAMPLE = [
 # Sampled timm models SRD refuses, and why (checked by the zoo test: they must be refused).
 TIMM_REFUSED: Dict[str, str] = {}
 
+# Vision transformers and hybrids: every torchvision one and a broad timm sample, as
+# (library, name, input size). Where the model takes its image size as an argument it is built
+# for that size (small, so that the check stays quick); the rest accept any size.
+TRANSFORMERS: List[Tuple[str, str, int]] = [
+    ("torchvision", "vit_b_16", 32),
+    ("torchvision", "vit_b_32", 64),
+    ("torchvision", "vit_l_16", 32),
+    ("torchvision", "vit_l_32", 64),
+    ("torchvision", "vit_h_14", 28),
+    ("torchvision", "swin_t", 64),
+    ("torchvision", "swin_s", 64),
+    ("torchvision", "swin_b", 64),
+    ("torchvision", "swin_v2_t", 64),
+    ("torchvision", "swin_v2_s", 64),
+    ("torchvision", "swin_v2_b", 64),
+    ("torchvision", "maxvit_t", 224),
+    ("timm", "vit_tiny_patch16_224", 64),
+    ("timm", "vit_small_patch16_224", 64),
+    ("timm", "vit_base_patch16_clip_224", 64),
+    ("timm", "vit_small_patch14_reg4_dinov2", 56),
+    ("timm", "flexivit_small", 64),
+    ("timm", "deit_tiny_patch16_224", 64),
+    ("timm", "deit_tiny_distilled_patch16_224", 64),
+    ("timm", "vit_tiny_r_s16_p8_224", 64),
+    ("timm", "beit_base_patch16_224", 64),
+    ("timm", "eva02_tiny_patch14_224", 64),
+    ("timm", "cait_xxs24_224", 64),
+    ("timm", "xcit_nano_12_p16_224", 64),
+    ("timm", "convit_tiny", 64),
+    ("timm", "pit_ti_224", 64),
+    ("timm", "levit_128s", 64),
+    ("timm", "tnt_s_patch16_224", 64),
+    ("timm", "volo_d1_224", 64),
+    ("timm", "swin_tiny_patch4_window7_224", 64),
+    ("timm", "swinv2_tiny_window8_256", 64),
+    ("timm", "twins_pcpvt_small", 64),
+    ("timm", "pvt_v2_b0", 64),
+    ("timm", "coat_lite_tiny", 64),
+    ("timm", "nest_tiny", 64),
+    ("timm", "gcvit_xxtiny", 64),
+    ("timm", "davit_tiny", 64),
+    ("timm", "focalnet_tiny_srf", 64),
+    ("timm", "mvitv2_tiny", 224),
+    ("timm", "hiera_tiny_224", 224),
+    ("timm", "maxvit_nano_rw_256", 64),
+    ("timm", "coatnet_nano_rw_224", 64),
+    ("timm", "mobilevit_xxs", 64),
+    ("timm", "mobilevitv2_050", 64),
+    ("timm", "efficientformer_l1", 224),
+    ("timm", "efficientformerv2_s0", 64),
+    ("timm", "fastvit_t8", 64),
+    ("timm", "tiny_vit_5m_224", 64),
+    ("timm", "edgenext_xx_small", 64),
+    ("timm", "efficientvit_b0", 64),
+    ("timm", "efficientvit_m0", 64),
+]
+
+# The part of it ``make test`` checks (the rest is tabled by benchmarks/coverage.py): small
+# models explained through their blocks, and families still refused, with the words refused by.
+TRANSFORMERS_CI = {
+    "vit_tiny_patch16_224": None,
+    "deit_tiny_distilled_patch16_224": None,
+    "eva02_tiny_patch14_224": None,
+    "coatnet_nano_rw_224": None,
+    "efficientvit_m0": None,
+    "swin_tiny_patch4_window7_224": "mixes tokens",
+}
+
+
+def transformer_size(name: str) -> int:
+    return next(s for _, n, s in TRANSFORMERS if n == name)
+
+
 _SIZES = {"inception_v3": 75, "inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 64, "ghostnetv2_100": 64}
 
 
@@ -176,12 +251,17 @@ def torchvision_cnns() -> Tuple[List[str], Dict[str, str]]:
     return cnns, excluded
 
 
-def build(name: str, library: str = "torchvision", num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """A zoo model with random weights, randomised by :func:`randomize`."""
+def build(
+    name: str, library: str = "torchvision", num_classes: int = 10, seed: int = 0, img_size: Optional[int] = None
+) -> nn.Module:
+    """A zoo model with random weights, randomised by :func:`randomize`. ``img_size``: the input
+    size to build a transformer for, where the model takes one."""
     if library == "torchvision":
         import torchvision
 
         kw = {"init_weights": False, "aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+        if img_size is not None and name.startswith("vit_"):
+            kw["image_size"] = img_size
         # Built without running its own initialisation, then filled here: the largest variants
         # take many seconds to initialise and are only checked, never trained.
         with _no_init():
@@ -193,7 +273,11 @@ def build(name: str, library: str = "torchvision", num_classes: int = 10, seed: 
     elif library == "timm":
         import timm
 
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        try:
+            kw = {} if img_size is None else {"img_size": img_size}
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        except TypeError:  # a model that accepts any input size
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     else:
         raise ValueError(f"library must be 'torchvision' or 'timm', got {library!r}")
     return randomize(model, seed)
