@@ -158,10 +158,11 @@ class ReferenceSRD:
         rest = torch.where(n2 > 0, ((xm - covered) * xm).sum(1) / n2.clamp_min(1e-300), torch.zeros_like(n2))
         U[n.index] = U[n.index] + unassigned.reshape(U[n.index].shape) + lost + torch.einsum("m,m...->...", rest, field)
 
-    def run(self, r_init: torch.Tensor) -> Dict[int, torch.Tensor]:
-        """Relevance (H, W) at every site and the input, from ``r_init`` at the encoder output."""
+    def run(self, r_init: torch.Tensor, start=None) -> Dict[int, torch.Tensor]:
+        """Relevance (H, W) at every site and the input, from ``r_init`` at the encoder output (or
+        at site ``start``)."""
         g = self.g
-        enc = self.plan.encoder
+        enc = self.plan.encoder if start is None else start
         R = {enc: r_init.double().reshape(r_init.shape[-2:])}
         for k in reversed(self.sites()):
             if k not in R:
