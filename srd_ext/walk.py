@@ -336,13 +336,13 @@ def walk_seeds(
     nodes = g.nodes
     n_seeds = positions.shape[0]
     b = run.shapes[g.input_index][0]
+    x = run.value(g.input_index)
     if sample is not None and not (n_seeds == b and bool((sample == torch.arange(b, device=sample.device)).all())):
         low = min(nodes[k].z_input if nodes[k].site else k for k in wanted)
-        run = run.take(sample.to(run.value(g.input_index).device), low, at)
+        run = run.take(sample.to(x.device), low, at)
     _, h_dim, w_dim = nodes[at].layout
     shape = run.shapes[at]
-    ref = run.value(g.input_index)
-    seeds = ref.new_zeros((n_seeds, shape[h_dim], shape[w_dim]))
+    seeds = x.new_zeros((n_seeds, shape[h_dim], shape[w_dim]))
     if n_seeds:
         seeds[torch.arange(n_seeds, device=seeds.device), positions[:, 0], positions[:, 1]] = relevance.to(seeds)
     run.lost, run.lost_at = seeds.new_zeros(n_seeds), {}

@@ -1,0 +1,171 @@
+"""Explainer.decompose against the literal reference, and the how-tree's invariants."""
+
+import functools
+import json
+
+import pytest
+import torch
+from torchvision.models.resnet import BasicBlock
+
+import srd_ext
+from srd_ext.how import how
+
+from models_for_tests import tiny_resnet, tiny_vgg
+from reference import ReferenceSRD
+
+MODELS = {  # built once per session: the capture is cached per model (the tests never modify them)
+    "vgg": (functools.lru_cache(None)(lambda: tiny_vgg(seed=1).double()), 16),
+    "resnet-basic": (functools.lru_cache(None)(lambda: tiny_resnet(BasicBlock, seed=2).double()), 32),
+}
+# (layer, into) pairs decomposed: the next site down (default), and a site further down
+PAIRS = {"vgg": [("low", None), ("features.7", "features.1")], "resnet-basic": [("layer3", None), ("low", "layer2")]}
+
+
+def _input(size, batch=1, seed=0):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _strongest(m):
+    """(y, x) of the largest |relevance| of a (1, H, W) map."""
+    w = m.shape[-1]
+    k = int(m[0].abs().flatten().argmax())
+    return (k // w, k % w)
+
+
+@pytest.mark.parametrize("bias_share", ["contribution", "input", "none"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decompose_equals_reference(name, bias_share):
+    build, size = MODELS[name]
+    model = build()
+    x = _input(size)
+    ex = srd_ext.Explainer(model, bias_share=bias_share)
+    g = ex.graph(x)
+    plan = ex._plan(g)
+    ref = ReferenceSRD(model, x, bias_share=bias_share)
+    pairs = PAIRS[name] if bias_share == "contribution" else PAIRS[name][:1]  # the reference is slow
+    for layer, into in pairs:
+        m = ex.explain(x, layer=layer)
+        pos = _strongest(m)
+        d = ex.decompose(x, layer, pos, into=into)
+        i = srd_ext.layers.resolve(g, plan, layer)
+        k = srd_ext.layers.resolve(g, plan, into) if into else srd_ext.layers.next_below(g, plan, i)
+        assert g.nodes[k].site and k < i
+        # the PFV's relevance is the explanation's map there
+        torch.testing.assert_close(d.relevance, m[:, pos[0], pos[1]], rtol=1e-12, atol=0)
+        # the literal decomposition, started from a one-hot relevance at the PFV
+        start = torch.zeros(m.shape[1:], dtype=torch.float64)
+        start[pos] = d.relevance[0]
+        r_ref = ref.run(start, start=i)[k]
+        err = _rel_err(d.contributions[0], r_ref)
+        assert err < 1e-9, (layer, into, err)
+        if bias_share != "none":  # conserved: the walk accounts for every bias share it drops
+            total = d.contributions.sum((1, 2)) + d.unassigned
+            torch.testing.assert_close(total, d.relevance, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decompose_into_input_from_a_unit_start_is_the_erf(name):
+    build, size = MODELS[name]
+    model = build()
+    x = _input(size, batch=2, seed=3)
+    ex = srd_ext.Explainer(model)
+    d = ex.decompose(x, "low", (0, 0), into="input", relevance=1.0)
+    torch.testing.assert_close(d.contributions, ex.erf(x, "low", (0, 0)), rtol=0, atol=0)
+    torch.testing.assert_close(d.relevance, torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(d.contributions.sum((1, 2)) + d.unassigned, d.relevance, rtol=1e-10, atol=1e-14)
+    # per-sample targets: each sample's PFV relevance in its own explanation
+    t = torch.tensor([1, 3])
+    m = ex.explain(x, t, layer="low")
+    torch.testing.assert_close(ex.decompose(x, "low", (0, 0), target=t).relevance, m[:, 0, 0])
+
+
+def test_decompose_refuses_a_layer_the_relevance_bypasses():
+    model = MODELS["resnet-basic"][0]()
+    x = _input(32)
+    ex = srd_ext.Explainer(model)
+    with pytest.raises(ValueError, match="not below layer"):
+        ex.decompose(x, "layer2", (0, 0), into="layer2.0.relu@0")  # the shortcut passes by it
+    with pytest.raises(ValueError, match="outside layer"):
+        ex.decompose(x, "layer2", (99, 0))
+    with pytest.raises(ValueError, match="no lower layer"):
+        ex.decompose(x, "input", (0, 0))
+
+
+def _check_node(node, h, w):
+    if node.box is not None:
+        y0, x0, y1, x1 = node.box
+        assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
+    if node.rest is None:
+        assert not node.children
+        return 0
+    total = sum(c.relevance for c in node.children) + node.rest + node.unassigned
+    scale = max(abs(node.relevance), max((abs(c.relevance) for c in node.children), default=0), 1e-300)
+    assert abs(total - node.relevance) <= 1e-8 * scale, (node.layer, node.position, total, node.relevance)
+    for c in node.children:
+        assert c.share == pytest.approx(c.relevance / node.relevance, rel=1e-12)
+    return 1 + sum(_check_node(c, h, w) for c in node.children)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tree_invariants(name):
+    build, size = MODELS[name]
+    model = build()
+    x = _input(size, batch=2, seed=4)
+    ex = srd_ext.Explainer(model)
+    trees = how(ex, x, depth=3, top=2)
+    low = ex.explain(x, layer="low").sum((1, 2))
+    pred = ex.explain(x, return_logits=True)[1].argmax(-1)
+    assert len(trees) == 2
+    for n, tree in enumerate(trees):
+        assert tree.image == n and tree.target == int(pred[n]) and len(tree.layers) == 3
+        assert tree.root.relevance == pytest.approx(float(low[n]), rel=1e-12)
+        assert _check_node(tree.root, size, size) >= 3  # root and at least one decomposed per level
+        assert max(len(t.children) for t in tree.nodes()) == 2
+        depths = {len(tree.layers)}
+        assert depths == {3}
+        again = json.loads(json.dumps(tree.to_dict()))
+        assert again["root"]["relevance"] == tree.root.relevance and again["layers"] == tree.layers
+        text = str(tree)
+        assert (
+            tree.layers[0] in text
+            and "rest" in text
+            and text.count("\n") + 1 == len(tree.nodes()) + sum(t.rest is not None for t in tree.nodes())
+        )
+
+
+def _same_tree(a, b):
+    assert a.layer == b.layer and a.position == b.position and a.box == b.box
+    assert a.relevance == pytest.approx(b.relevance, rel=1e-9, abs=1e-14)
+    assert len(a.children) == len(b.children)
+    for p, q in zip(a.children, b.children):
+        _same_tree(p, q)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tree_of_a_batch_is_each_image_alone(name):
+    build, size = MODELS[name]
+    model = build()
+    x = _input(size, batch=3, seed=6)
+    target = torch.tensor([0, 2, 4])
+    trees = how(model, x, target, depth=2, top=3)
+    for n in range(3):
+        one = how(model, x[n : n + 1], int(target[n]), depth=2, top=3)[0]
+        assert one.target == trees[n].target
+        _same_tree(trees[n].root, one.root)
+
+
+def test_tree_layers_argument_and_errors():
+    model = MODELS["vgg"][0]()
+    x = _input(16)
+    tree = how(model, x, layers=["features.7", "features.4"], top=2, boxes=False)[0]
+    assert tree.layers == ["features.7", "features.4"]
+    assert all(n.box is None for n in tree.nodes())
+    assert _check_node(tree.root, 16, 16) == 3
+    with pytest.raises(ValueError, match="top down"):
+        how(model, x, layers=["features.4", "features.7"])
+    with pytest.raises(ValueError, match=">= 1"):
+        how(model, x, top=0)
