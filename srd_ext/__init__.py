@@ -8,7 +8,7 @@ Quick start::
 
 The core (``explain``, ``Explainer``, ``erf``, ``how``, ``ops``, ``capture``) is imported with the
 package.
-The other submodules (``apop``, ``baselines``, ``cli``, ``data``, ``distributed``, ``interop``,
+The other submodules (``apop``, ``baselines``, ``cli``, ``concepts``, ``data``, ``distributed``, ``interop``,
 ``metrics``, ``models``, ``viz``, ``zoo``) are imported on first use, so ``import srd_ext`` stays
 fast and their optional dependencies (torchvision, captum, pytorch-grad-cam, matplotlib, timm)
 are needed only by what uses them. ``srd_ext.explain_func`` (Quantus) and ``srd_ext.SRD``
@@ -29,6 +29,7 @@ _LAZY_MODULES = (
     "apop",
     "baselines",
     "cli",
+    "concepts",
     "data",
     "distributed",
     "interop",

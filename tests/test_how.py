@@ -8,7 +8,7 @@ import torch
 from torchvision.models.resnet import BasicBlock
 
 import srd_ext
-from srd_ext.how import how
+from srd_ext.how import erf_box, how
 
 from models_for_tests import tiny_resnet, tiny_vgg
 from reference import ReferenceSRD
@@ -18,7 +18,7 @@ MODELS = {  # built once per session: the capture is cached per model (the tests
     "resnet-basic": (functools.lru_cache(None)(lambda: tiny_resnet(BasicBlock, seed=2).double()), 32),
 }
 # (layer, into) pairs decomposed: the next site down (default), and a site further down
-PAIRS = {"vgg": [("low", None), ("features.7", "features.1")], "resnet-basic": [("layer3", None), ("low", "layer2")]}
+PAIRS = {"vgg": [("low", None), ("features.7", "features.1")], "resnet-basic": [("layer3", None), ("low", "layer3")]}
 
 
 def _input(size, batch=1, seed=0):
@@ -169,3 +169,75 @@ def test_tree_layers_argument_and_errors():
         how(model, x, layers=["features.4", "features.7"])
     with pytest.raises(ValueError, match=">= 1"):
         how(model, x, top=0)
+
+
+# --------------------------------------------------------------------------------------------
+# ConceptIndex
+# --------------------------------------------------------------------------------------------
+def _concept_index(**kw):
+    from srd_ext.concepts import ConceptIndex
+
+    model = MODELS["vgg"][0]()
+    images = _input(16, batch=5, seed=8)
+    dataset = [(images[n], 10 + n) for n in range(5)]  # a sequence of (image, label) pairs
+    return model, images, ConceptIndex.build(model, dataset, "features.7", batch_size=2, progress=False, **kw)
+
+
+def test_concept_index_rows_vectors_and_boxes():
+    model, images, index = _concept_index()
+    feats = model.features[:8](images)  # features.7: the ReLU after the third conv
+    n, c, h, w = feats.shape
+    assert len(index) == n * h * w and index.layer == "features.7"
+    torch.testing.assert_close(index.vectors, feats.permute(0, 2, 3, 1).reshape(-1, c).float())
+    assert index.column("image").tolist() == [k // (h * w) for k in range(n * h * w)]
+    assert index.column("label").tolist() == [10 + k // (h * w) for k in range(n * h * w)]
+    assert index.column("prediction").tolist() == model(images).argmax(-1).repeat_interleave(h * w).tolist()
+    r = 2 * h * w + 3 * w + 1  # image 2, position (3, 1)
+    assert index.rows[r, 1:3].tolist() == [3, 1]
+    erf = srd_ext.Explainer(model).erf(images[2:3], "features.7", (3, 1))
+    assert tuple(index.rows[r, 3:7].tolist()) == erf_box(erf)[0]
+    box = index.rows[:, 3:7]
+    some = box[:, 0] >= 0
+    assert bool(some.any())
+    assert bool(((box[some, 0] < box[some, 2]) & (box[some, 2] <= 16) & (box[some, 1] < box[some, 3])).all())
+
+
+def test_concept_index_nearest_is_brute_force():
+    from srd_ext.concepts import ConceptIndex
+
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(300, 8, generator=g)
+    vectors[7] = 0  # a zero vector: similarity 0
+    index = ConceptIndex(vectors, torch.zeros(300, 9, dtype=torch.long), "layer")
+    q = torch.randn(6, 8, generator=g)
+    sims, rows = index.nearest(q, k=4, chunk=37)
+    cos = (q / q.norm(dim=1, keepdim=True)) @ (vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)).T
+    want_s, want_i = cos.topk(4, dim=1)
+    assert torch.equal(rows, want_i)
+    torch.testing.assert_close(sims, want_s, rtol=1e-5, atol=1e-6)
+    s1, r1 = index.nearest(q[0], k=2)
+    assert r1.tolist() == want_i[0, :2].tolist() and s1.shape == (2,)
+    with pytest.raises(ValueError, match="channels"):
+        index.nearest(torch.randn(3, 5))
+
+
+def test_concept_index_save_load_round_trip(tmp_path):
+    import csv
+
+    import numpy as np
+
+    from srd_ext.concepts import COLUMNS, ConceptIndex
+
+    _, _, index = _concept_index(boxes=False, dtype=torch.float16)
+    assert index.vectors.dtype == torch.float16 and bool((index.rows[:, 3:7] == -1).all())
+    index.save(str(tmp_path))
+    back = ConceptIndex.load(str(tmp_path))
+    assert torch.equal(back.vectors, index.vectors) and torch.equal(back.rows, index.rows)
+    assert back.layer == index.layer and back.info == index.info
+    # readable without srd_ext
+    assert np.load(tmp_path / "vectors.npy").shape == tuple(index.vectors.shape)
+    with open(tmp_path / "rows.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    assert tuple(lines[0]) == COLUMNS and len(lines) == len(index) + 1
+    q = index.vectors[:3].float()
+    assert torch.equal(back.nearest(q, 2)[1], index.nearest(q, 2)[1])
