@@ -325,7 +325,9 @@ class Explainer:
         return Decomposition(m, unassigned, r)
 
     def _into(self, g: Graph, plan: Plan, i: int, layer: str, into: Optional[str]) -> int:
-        if i == g.input_index:
+        if i == g.input_index:  # an image pixel decomposes only into itself
+            if into is None or layers.resolve(g, plan, into) == i:
+                return i
             raise ValueError("layer='input' has no lower layer to decompose into")
         if into is None:
             return layers.next_below(g, plan, i)

@@ -92,7 +92,9 @@ def test_decompose_refuses_a_layer_the_relevance_bypasses():
     with pytest.raises(ValueError, match="outside layer"):
         ex.decompose(x, "layer2", (99, 0))
     with pytest.raises(ValueError, match="no lower layer"):
-        ex.decompose(x, "input", (0, 0))
+        ex.decompose(x, "input", (0, 0), into="layer1")
+    one = ex.erf(x, "input", (2, 3))  # an image pixel's ERF is itself, as before
+    assert float(one.sum()) == 1.0 and float(one[0, 2, 3]) == 1.0
 
 
 def _check_node(node, h, w):
