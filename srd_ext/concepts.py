@@ -71,7 +71,7 @@ class ConceptIndex:
         labels: Optional[Sequence[int]] = None,
         boxes: bool = True,
         threshold: float = 0.01,
-        seeds_per_walk: int = 1024,
+        seeds_per_walk: int = 64,
         dtype: torch.dtype = torch.float32,
         **explainer_options,
     ) -> "ConceptIndex":
@@ -218,7 +218,7 @@ def _index_batch(ex: Explainer, x: Tensor, y, start: int, layer: str, boxes, thr
 
 def _boxes(run, g, i: int, img: Tensor, pos: Tensor, threshold: float, per_walk: int, device) -> Tensor:
     out = []
-    for a in range(0, img.shape[0], per_walk):
+    for a in range(0, img.shape[0], per_walk):  # boxes as each chunk is walked: its maps are freed
         p = pos[a : a + per_walk].to(device)
         s = img[a : a + per_walk].to(device)
         maps, _ = walk_seeds(run, i, p, torch.ones(p.shape[0], device=device), [g.input_index], sample=s)

@@ -186,6 +186,7 @@ def how(
     layers: Optional[Sequence[str]] = None,
     boxes: bool = True,
     threshold: float = 0.01,
+    seeds_per_walk: int = 256,
     **explainer_options,
 ) -> List[HowTree]:
     """How-trees of ``x`` (B, C, H, W) for ``target`` (int, per-sample, or None: the predicted
@@ -196,7 +197,8 @@ def how(
     the tree goes down; ``top``: children per node (its largest contributors, by signed
     relevance; contributors of zero relevance are not shown). ``boxes``: give every node the box
     of its ERF's support above ``threshold`` times its peak (:func:`erf_box`); without boxes the
-    walks stop at the deepest tree layer. ``model`` may be an :class:`Explainer`; otherwise
+    walks stop at the deepest tree layer. ``seeds_per_walk``: at most this many nodes walk
+    together (the walk's memory grows with it). ``model`` may be an :class:`Explainer`; otherwise
     ``explainer_options`` (``init``, ``bias_share``, ``encoder``) make one."""
     ex = model if isinstance(model, Explainer) else Explainer(model, **explainer_options)
     if isinstance(model, Explainer) and explainer_options:
@@ -220,7 +222,8 @@ def how(
         roots = [HowNode("class", None, float(total[n]), 1.0, root_box[n]) for n in range(b)]
         contrib = _map(maps, idx[0], g, b, x)
         unassigned = _unassigned(ex.bias_share, lost, idx[0], total, contrib)
-        _grow(run, g, idx, roots, torch.arange(b, device=x.device), contrib, unassigned, top, boxes, threshold)
+        state = (torch.arange(b, device=x.device), contrib, unassigned)
+        _grow(run, g, idx, roots, state, top, boxes, threshold, seeds_per_walk)
     names = [g.display_name(i) for i in idx]
     return [HowTree(n, int(t[n]), names, roots[n]) for n in range(b)]
 
@@ -238,10 +241,12 @@ def _unassigned(bias_share: str, lost: Dict[int, Tensor], i: int, relevance: Ten
     return lost.get(i, relevance * 0)
 
 
-def _grow(run, g, idx, parents, sample, contrib, unassigned, top, boxes, threshold) -> None:
+def _grow(run, g, idx, parents, state, top, boxes, threshold, per_walk) -> None:
     """Give every parent (N, one per row of ``contrib``, its contributions at tree layer
     ``idx[0]``) its children there, then do the same for the children one layer down: all the
-    children of a level walk as one batch of unit seeds."""
+    children of a level walk as one batch of unit seeds. ``state``: the parents' samples,
+    contributions and unassigned shares."""
+    sample, contrib, unassigned = state
     for level, i in enumerate(idx):
         name = g.display_name(i)
         n_par, h, w = contrib.shape
@@ -265,7 +270,7 @@ def _grow(run, g, idx, parents, sample, contrib, unassigned, top, boxes, thresho
         if not wanted or not children:
             return
         ones = torch.ones_like(rel)
-        maps, lost = walk_seeds(run, i, pos, ones, wanted, sample=child_sample)
+        maps, lost = walk_seeds(run, i, pos, ones, wanted, sample=child_sample, chunk=per_walk)
         if boxes:
             for c, box in zip(children, erf_box(maps[g.input_index], threshold)):
                 c.box = box

@@ -324,13 +324,32 @@ def walk(run: Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool =
 
 
 def walk_seeds(
-    run: Run, at: int, positions: Tensor, relevance: Tensor, wanted: Iterable[int], sample: Optional[Tensor] = None
+    run: Run,
+    at: int,
+    positions: Tensor,
+    relevance: Tensor,
+    wanted: Iterable[int],
+    sample: Optional[Tensor] = None,
+    chunk: Optional[int] = None,
 ):
     """Walk N one-hot seeds at node ``at`` down to the ``wanted`` nodes: seed n is ``relevance[n]``
     at pixel ``positions[n]`` (y, x) of sample ``sample[n]`` (default: seed n of sample n).
     Returns the maps {node: (N, H, W)} and the relevance left unassigned (N,) above each wanted
     node. Several seeds of one sample walk together on a run repeated along the batch dim
-    (:meth:`Run.take`)."""
+    (:meth:`Run.take`), at most ``chunk`` seeds per walk (memory grows with it)."""
+    n_seeds = positions.shape[0]
+    if chunk is None or n_seeds <= chunk or sample is None:
+        return _walk_seeds(run, at, positions, relevance, wanted, sample)
+    parts = [
+        _walk_seeds(run, at, positions[a : a + chunk], relevance[a : a + chunk], wanted, sample[a : a + chunk])
+        for a in range(0, n_seeds, chunk)
+    ]
+    maps = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+    lost = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+    return maps, lost
+
+
+def _walk_seeds(run: Run, at: int, positions: Tensor, relevance: Tensor, wanted: Iterable[int], sample):
     g = run.graph
     wanted = sorted(set(wanted))
     nodes = g.nodes

@@ -154,7 +154,9 @@ def test_tree_of_a_batch_is_each_image_alone(name):
     x = _input(size, batch=3, seed=6)
     target = torch.tensor([0, 2, 4])
     trees = how(model, x, target, depth=2, top=3)
+    chunked = how(model, x, target, depth=2, top=3, seeds_per_walk=2)  # 9 seeds per level, by 2
     for n in range(3):
+        _same_tree(chunked[n].root, trees[n].root)
         one = how(model, x[n : n + 1], int(target[n]), depth=2, top=3)[0]
         assert one.target == trees[n].target
         _same_tree(trees[n].root, one.root)
@@ -186,7 +188,7 @@ def _concept_index(**kw):
 
 
 def test_concept_index_rows_vectors_and_boxes():
-    model, images, index = _concept_index()
+    model, images, index = _concept_index(seeds_per_walk=7)
     feats = model.features[:8](images)  # features.7: the ReLU after the third conv
     n, c, h, w = feats.shape
     assert len(index) == n * h * w and index.layer == "features.7"
