@@ -69,6 +69,7 @@ class ConceptIndex:
         batch_size: int = 32,
         progress: bool = True,
         labels: Optional[Sequence[int]] = None,
+        indices: Optional[Sequence[int]] = None,
         boxes: bool = True,
         threshold: float = 0.01,
         seeds_per_walk: int = 64,
@@ -77,7 +78,9 @@ class ConceptIndex:
     ) -> "ConceptIndex":
         """Every PFV of ``layer`` over ``images``: a tensor (N, C, H, W), or a sequence (a
         dataset) of images or of (image, label) pairs; ``labels`` gives them for a tensor.
-        Batched by ``batch_size`` (one forward per batch) with a tqdm progress bar.
+        ``indices``: the images to index (default: all), e.g. one process's share, the parts
+        joined by :meth:`concat`; rows keep the dataset's image indices. Batched by
+        ``batch_size`` (one forward per batch) with a tqdm progress bar.
         ``boxes``: each PFV's ERF box (:func:`srd_ext.how.erf_box`, ``threshold``), from walks of
         unit seeds at every position down to the image, ``seeds_per_walk`` at a time (this is
         most of the cost: ``boxes=False`` skips it). ``dtype``: the stored vectors' (float16
@@ -88,12 +91,14 @@ class ConceptIndex:
         n = len(images)
         if labels is not None and len(labels) != n:
             raise ValueError(f"{len(labels)} labels for {n} images")
-        bar = _bar(n, progress, layer)
+        order = list(range(n)) if indices is None else [int(i) for i in indices]
+        bar = _bar(len(order), progress, layer)
         vecs, rows, name = [], [], layer
         try:
-            for start in range(0, n, batch_size):
-                x, y = _batch(images, labels, start, min(start + batch_size, n), ex)
-                v, r, name = _index_batch(ex, x, y, start, layer, boxes, threshold, seeds_per_walk)
+            for start in range(0, len(order), batch_size):
+                which = order[start : start + batch_size]
+                x, y = _batch(images, labels, which, ex)
+                v, r, name = _index_batch(ex, x, y, torch.tensor(which), layer, boxes, threshold, seeds_per_walk)
                 vecs.append(v.to(dtype).cpu())
                 rows.append(r)
                 bar.update(x.shape[0])
@@ -101,8 +106,24 @@ class ConceptIndex:
             bar.close()
         if not vecs:
             raise ValueError("no images to index")
-        info = {"layer": name, "boxes": boxes, "threshold": threshold, "bias_share": ex.bias_share, "images": n}
+        info = {
+            "layer": name,
+            "boxes": boxes,
+            "threshold": threshold,
+            "bias_share": ex.bias_share,
+            "images": len(order),
+        }
         return cls(torch.cat(vecs), torch.cat(rows), name, info)
+
+    @classmethod
+    def concat(cls, parts: Sequence["ConceptIndex"]) -> "ConceptIndex":
+        """One index of the rows of ``parts`` (indices of the same layer, e.g. the shares of
+        several processes), in the order given."""
+        if not parts or len({p.layer for p in parts}) != 1 or len({p.vectors.shape[1] for p in parts}) != 1:
+            raise ValueError("concat needs one or more indices of the same layer and width")
+        info = dict(parts[0].info, images=sum(p.info.get("images", 0) for p in parts))
+        vectors = torch.cat([p.vectors.to(parts[0].vectors.dtype) for p in parts])
+        return cls(vectors, torch.cat([p.rows for p in parts]), parts[0].layer, info)
 
     # -- files --------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
@@ -175,23 +196,23 @@ def _bar(total: int, progress: bool, layer: str):
     return _Quiet()
 
 
-def _batch(images, labels, a: int, b: int, ex: Explainer):
-    """Images a..b-1 as one tensor on the model's device and dtype, and their labels (-1: none)."""
+def _batch(images, labels, which: Sequence[int], ex: Explainer):
+    """Images ``which`` as one tensor on the model's device and dtype, and their labels (-1:
+    none)."""
     if isinstance(images, Tensor):
-        x = images[a:b]
-        y = [int(t) for t in labels[a:b]] if labels is not None else [-1] * (b - a)
+        x = images[list(which)]
+        y = [int(labels[i]) for i in which] if labels is not None else [-1] * len(which)
     else:
-        items = [images[i] for i in range(a, b)]
-        pairs = [it if isinstance(it, (tuple, list)) else (it, -1) for it in items]
+        pairs = [it if isinstance(it, (tuple, list)) else (it, -1) for it in (images[i] for i in which)]
         x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
-        y = [int(labels[i]) for i in range(a, b)] if labels is not None else [int(p[1]) for p in pairs]
+        y = [int(labels[i]) for i in which] if labels is not None else [int(p[1]) for p in pairs]
     p = next(ex.model.parameters(), None)
     if p is not None:
         x = x.to(device=p.device, dtype=p.dtype)
     return x, y
 
 
-def _index_batch(ex: Explainer, x: Tensor, y, start: int, layer: str, boxes, threshold, per_walk):
+def _index_batch(ex: Explainer, x: Tensor, y, which: Tensor, layer: str, boxes, threshold, per_walk):
     """Vectors (b*h*w, C) of one batch and their rows, in (image, y, x) order."""
     with torch.no_grad():
         ex._check_input(x)
@@ -212,7 +233,7 @@ def _index_batch(ex: Explainer, x: Tensor, y, start: int, layer: str, boxes, thr
         if boxes:
             box = _boxes(run, g, i, img, pos, threshold, per_walk, x.device)
         label = torch.tensor(y, dtype=torch.long)[img]
-        rows = torch.cat([(img + start)[:, None], pos, box, label[:, None], pred[img][:, None]], 1)
+        rows = torch.cat([which[img][:, None], pos, box, label[:, None], pred[img][:, None]], 1)
     return vectors, rows, g.display_name(i)
 
 

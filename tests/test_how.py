@@ -245,3 +245,11 @@ def test_concept_index_save_load_round_trip(tmp_path):
     assert tuple(lines[0]) == COLUMNS and len(lines) == len(index) + 1
     q = index.vectors[:3].float()
     assert torch.equal(back.nearest(q, 2)[1], index.nearest(q, 2)[1])
+    # shares of the images built apart and joined: the same rows and vectors
+    model = MODELS["vgg"][0]()
+    dataset = [(t, 10 + n) for n, t in enumerate(_input(16, batch=5, seed=8))]
+    build = dict(layer="features.7", batch_size=2, progress=False, boxes=False, dtype=torch.float16)
+    parts = [ConceptIndex.build(model, dataset, indices=range(r, 5, 2), **build) for r in range(2)]
+    joined = ConceptIndex.concat(parts)
+    order = joined.column("image").argsort(stable=True)
+    assert torch.equal(joined.rows[order], index.rows) and torch.equal(joined.vectors[order], index.vectors)
