@@ -18,7 +18,7 @@ MODELS = {  # built once per session: the capture is cached per model (the tests
     "resnet-basic": (functools.lru_cache(None)(lambda: tiny_resnet(BasicBlock, seed=2).double()), 32),
 }
 # (layer, into) pairs decomposed: the next site down (default), and a site further down
-PAIRS = {"vgg": [("low", None), ("features.7", "features.1")], "resnet-basic": [("layer3", None), ("low", "layer3")]}
+PAIRS = {"vgg": [("low", None), ("features.7", "features.1")], "resnet-basic": [("layer3", None), ("low", "layer2")]}
 
 
 def _input(size, batch=1, seed=0):
@@ -59,7 +59,7 @@ def test_decompose_equals_reference(name, bias_share):
         # the literal decomposition, started from a one-hot relevance at the PFV
         start = torch.zeros(m.shape[1:], dtype=torch.float64)
         start[pos] = d.relevance[0]
-        r_ref = ref.run(start, start=i)[k]
+        r_ref = ref.run(start, start=i, stop=k)[k]
         err = _rel_err(d.contributions[0], r_ref)
         assert err < 1e-9, (layer, into, err)
         if bias_share != "none":  # conserved: the walk accounts for every bias share it drops
@@ -127,8 +127,6 @@ def test_tree_invariants(name):
         assert tree.root.relevance == pytest.approx(float(low[n]), rel=1e-12)
         assert _check_node(tree.root, size, size) >= 3  # root and at least one decomposed per level
         assert max(len(t.children) for t in tree.nodes()) == 2
-        depths = {len(tree.layers)}
-        assert depths == {3}
         again = json.loads(json.dumps(tree.to_dict()))
         assert again["root"]["relevance"] == tree.root.relevance and again["layers"] == tree.layers
         text = str(tree)
