@@ -119,8 +119,8 @@ def test_tree_invariants(name):
     x = _input(size, batch=2, seed=4)
     ex = srd_ext.Explainer(model)
     trees = how(ex, x, depth=3, top=2)
-    low = ex.explain(x, layer="low").sum((1, 2))
-    pred = ex.explain(x, return_logits=True)[1].argmax(-1)
+    low, logits = ex.explain(x, layer="low", return_logits=True)
+    low, pred = low.sum((1, 2)), logits.argmax(-1)
     assert len(trees) == 2
     for n, tree in enumerate(trees):
         assert tree.image == n and tree.target == int(pred[n]) and len(tree.layers) == 3
