@@ -154,15 +154,24 @@ class ConceptIndex:
         return cls(vectors, rows.view(-1, len(COLUMNS)), info["layer"], info)
 
     # -- search -------------------------------------------------------------------------------
-    def nearest(self, queries: Tensor, k: int = 5, *, chunk: int = 65536) -> Tuple[Tensor, Tensor]:
+    def nearest(
+        self, queries: Tensor, k: int = 5, *, chunk: int = 65536, backend: str = "torch"
+    ) -> Tuple[Tensor, Tensor]:
         """Exact cosine nearest neighbours of ``queries`` (Q, C) or (C,) among the stored vectors:
         (similarities (Q, k), row indices (Q, k)), most similar first. The index is read
         ``chunk`` rows at a time (memory: Q x (k + chunk) scores), in float32 (float64 for
-        float64 queries). A zero vector has similarity 0 to everything."""
+        float64 queries). A zero vector has similarity 0 to everything. ``backend="faiss"``:
+        the same search by a flat inner-product FAISS index of the normalised vectors (needs
+        ``faiss-cpu``; built on first use and kept; float32; results on the CPU)."""
         q = queries.unsqueeze(0) if queries.dim() == 1 else queries
         if q.shape[-1] != self.vectors.shape[1]:
             raise ValueError(f"queries have {q.shape[-1]} channels, the index {self.vectors.shape[1]}")
         k = min(k, len(self))
+        if backend == "faiss":
+            s, i = self._faiss_search(q, k)
+            return (s, i) if queries.dim() == 2 else (s[0], i[0])
+        if backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = _unit(q.to(work))
         best_s = q.new_full((q.shape[0], 0), float("-inf"))
@@ -174,6 +183,19 @@ class ConceptIndex:
             best_s, pick = s.topk(min(k, s.shape[1]), dim=1)
             best_i = i.gather(1, pick)
         return (best_s, best_i) if queries.dim() == 2 else (best_s[0], best_i[0])
+
+    def _faiss_search(self, q: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        try:
+            import faiss
+        except ImportError:
+            raise ImportError("backend='faiss' needs FAISS: pip install faiss-cpu") from None
+        index = getattr(self, "_faiss", None)
+        if index is None or index.ntotal != len(self):
+            index = faiss.IndexFlatIP(self.vectors.shape[1])
+            index.add(np.ascontiguousarray(_unit(self.vectors.float()).cpu().numpy()))
+            self._faiss = index
+        s, i = index.search(np.ascontiguousarray(_unit(q.detach().float()).cpu().numpy()), k)
+        return torch.from_numpy(s), torch.from_numpy(i).long()
 
 
 def _unit(v: Tensor) -> Tensor:

@@ -223,6 +223,19 @@ def test_concept_index_nearest_is_brute_force():
         index.nearest(torch.randn(3, 5))
 
 
+def test_concept_index_faiss_flat_index_finds_the_same_neighbours():
+    pytest.importorskip("faiss")
+    from srd_ext.concepts import ConceptIndex
+
+    g = torch.Generator().manual_seed(1)
+    index = ConceptIndex(torch.randn(500, 16, generator=g), torch.zeros(500, 9, dtype=torch.long), "layer")
+    q = torch.randn(10, 16, generator=g)
+    sims, rows = index.nearest(q, k=5, chunk=64)
+    f_sims, f_rows = index.nearest(q, k=5, backend="faiss")
+    assert torch.equal(f_rows, rows)
+    torch.testing.assert_close(f_sims, sims, rtol=1e-5, atol=1e-5)
+
+
 def test_concept_index_save_load_round_trip(tmp_path):
     import csv
 
