@@ -25,6 +25,7 @@ import sys
 import torch
 
 from srd_ext import rules, zoo
+from srd_ext.fileio import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "..", "README.md")
@@ -96,13 +97,6 @@ def splice(text, marker, body):
     return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
 
 
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--libraries", nargs="+", default=["torchvision", "timm"], choices=["torchvision", "timm"])
@@ -116,7 +110,7 @@ def main():
     if args.ops_only:
         with open(README) as f:
             text = splice(f.read(), "ops", rules.supported_table())
-        write_atomic(README, text)
+        atomic_write(README, text)
         print(rules.supported_table())
         return
     results = []
@@ -151,7 +145,7 @@ def main():
         with open(README) as f:
             text = f.read()
         text = splice(splice(text, "coverage", md), "ops", rules.supported_table())
-        write_atomic(README, text)
+        atomic_write(README, text)
 
 
 if __name__ == "__main__":

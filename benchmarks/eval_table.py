@@ -69,7 +69,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from srd_ext import baselines, data, distributed, metrics, models
+from srd_ext import baselines, data, distributed, fileio, metrics, models
 
 from common import build_model, versions
 
@@ -322,7 +322,7 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
             if args.save_maps:
                 # Written by this process, the one that computed them, before the block is recorded.
                 for k, i in enumerate(indices):
-                    distributed.save_npy(
+                    fileio.save_npy(
                         os.path.join(stem + ".maps", m.name, f"{i:06d}.npy"), raw[k].detach().float().cpu().numpy()
                     )
         except Exception as e:  # keep a long run going; the report names the failure
@@ -605,18 +605,18 @@ def run(args, session) -> Optional[Dict]:
     # The work: blocks of images, the same for any number of processes; each takes its share of
     # those not finished by an earlier run.
     units = distributed.blocks(images.count, args.batch_size, images.first)
-    manifest = distributed.Manifest(stem + ".parts", fingerprint(args, methods), session, "evaluation")
-    records = manifest.open()
+    resume_log = distributed.ResumeLog(stem + ".parts", fingerprint(args, methods), session, "evaluation")
+    records = resume_log.open()
     if session.is_main and args.save_maps:  # what a killed process was writing, before anyone writes again
         for m in methods:
-            distributed.remove_stale_temporaries(os.path.join(stem + ".maps", m.name))
+            fileio.remove_stale_temporaries(os.path.join(stem + ".maps", m.name))
     session.broadcast()
     earlier = sum(len(b) for b in units if b.key in records)
     todo = [b for b in units if b.key not in records]
     if session.is_main and earlier:
         print(
             f"eval_table: resuming: {earlier} of {images.count} images were finished by an earlier run "
-            f"({manifest.folder})",
+            f"({resume_log.folder})",
             file=sys.stderr,
         )
     progress = distributed.Progress(
@@ -630,9 +630,9 @@ def run(args, session) -> Optional[Dict]:
         rec["notes"] = dict(baselines.NOTES)
         return rec
 
-    new, error = distributed.run_share(session, todo, work, manifest, progress, "eval_table")
+    new, error = distributed.run_share(session, todo, work, resume_log, progress, "eval_table")
     if not distributed.finish_run(
-        session, error, progress, "eval_table", f"The finished images are kept in {manifest.folder}"
+        session, error, progress, "eval_table", f"The finished images are kept in {resume_log.folder}"
     ):
         raise SystemExit(1)
     gathered = session.gather(new)
@@ -702,9 +702,9 @@ def run(args, session) -> Optional[Dict]:
         "failed_images": failed_images,
     }
 
-    distributed.atomic_write(stem + ".json", json.dumps(report, indent=1))
-    distributed.write_csv(stem + ".csv", rows, list(rows[0].keys()))
-    distributed.write_csv(
+    fileio.atomic_write(stem + ".json", json.dumps(report, indent=1))
+    fileio.write_csv(stem + ".csv", rows, list(rows[0].keys()))
+    fileio.write_csv(
         stem + ".per-image.csv",
         per_image_rows(methods, ordered, failed, stem, args.out, args.save_maps),
         PER_IMAGE_FIELDS if args.save_maps else PER_IMAGE_FIELDS[:-1],
@@ -764,8 +764,8 @@ def run(args, session) -> Optional[Dict]:
         md += ["", "## Images left out (unreadable)", ""] + [
             f"- {b['image']} (image {b['index']}): {b['reason']}" for b in failed_images
         ]
-    distributed.atomic_write(stem + ".md", "\n".join(md) + "\n")
-    manifest.remove()  # everything is in the outputs now
+    fileio.atomic_write(stem + ".md", "\n".join(md) + "\n")
+    resume_log.remove()  # everything is in the outputs now
 
     print(markdown_table(rows))
     print(

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from srd_ext import apop, data, distributed, models
+from srd_ext import apop, data, distributed, fileio, models
 
 INPUTS = ("zeros", "ones", "normal")
 
@@ -138,13 +138,13 @@ def run(args, session):
     }
     settings["device"] = session.device.type
     units = distributed.blocks(images.count, args.batch_size)
-    manifest = distributed.Manifest(stem + ".parts", settings, session, "APOP run")
-    records = manifest.open()
+    resume_log = distributed.ResumeLog(stem + ".parts", settings, session, "APOP run")
+    records = resume_log.open()
     earlier = sum(len(b) for b in units if b.key in records)
     if session.is_main and earlier:
         print(
             f"apop_accuracy: resuming: {earlier} of {images.count} images were finished by an earlier run "
-            f"({manifest.folder})",
+            f"({resume_log.folder})",
             file=sys.stderr,
         )
     todo = [b for b in units if b.key not in records]
@@ -155,12 +155,12 @@ def run(args, session):
         session,
         todo,
         lambda block: count_block(args, model, images, block, len(layers), progress.write),
-        manifest,
+        resume_log,
         progress,
         "apop_accuracy",
     )
     if not distributed.finish_run(
-        session, error, progress, "apop_accuracy", f"The finished images are kept in {manifest.folder}"
+        session, error, progress, "apop_accuracy", f"The finished images are kept in {resume_log.folder}"
     ):
         raise SystemExit(1)
     gathered = session.gather(new)
@@ -198,7 +198,7 @@ def run(args, session):
         for name, (t1, t5) in rows.items()
     ]
     lines += [f"| {r['prediction_from']} | {r['top1']:.3f} | {r['top5']:.3f} |" for r in table]
-    distributed.write_csv(stem + ".csv", table, ["prediction_from", "top1", "top5", "images"])
+    fileio.write_csv(stem + ".csv", table, ["prediction_from", "top1", "top5", "images"])
     chance = 1.0 / classes
     lines.append(f"\nchance level (top-1): {chance:.3f}")
     if layers:
@@ -210,7 +210,7 @@ def run(args, session):
             "|---|---|",
         ]
         lines += [f"| {n} | {b / total:.3f} |" for n, b in zip(layers, binarized)]
-        distributed.write_csv(
+        fileio.write_csv(
             stem + "_binarize.csv",
             [{"layer_index": i, "layer": n, "top1": b / total} for i, (n, b) in enumerate(zip(layers, binarized))],
             ["layer_index", "layer", "top1"],
@@ -237,8 +237,8 @@ def run(args, session):
         ]
     text = "\n".join(lines)
     print(text)
-    distributed.atomic_write(stem + ".md", text + "\n")
-    distributed.atomic_write(
+    fileio.atomic_write(stem + ".md", text + "\n")
+    fileio.atomic_write(
         stem + ".json",
         json.dumps(
             {
@@ -252,7 +252,7 @@ def run(args, session):
             indent=1,
         ),
     )
-    manifest.remove()
+    resume_log.remove()
     return {"rows": rows, "binarized": binarized, "total": total, "failed_images": failed_images}
 
 

@@ -29,6 +29,7 @@ What the graph knows beyond the forward (all computed once per capture):
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -367,7 +368,7 @@ def capture(model: nn.Module, x: Tensor) -> Graph:
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise TypeError("x must be a batched tensor")
     example = torch.zeros((2,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    with _all_eval(model), torch.no_grad(), _quiet_export():
+    with _all_eval(model), _attention_as_sdpa(model), torch.no_grad(), _quiet_export():
         try:
             ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
         except Exception as e:  # noqa: BLE001 - any failure of export is the user's to see
@@ -382,6 +383,76 @@ def capture(model: nn.Module, x: Tensor) -> Graph:
     g = Graph(model, nodes, signature_of(x))
     rules.analyse(g)
     return g
+
+
+def _mha_forward(
+    m: nn.MultiheadAttention,
+    query,
+    key,
+    value,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    average_attn_weights=True,
+    is_causal=False,
+):
+    """``nn.MultiheadAttention`` self-attention written batch first, as timm writes attention:
+    one in-projection, heads split off the channels, ``scaled_dot_product_attention`` (or, where
+    the weights are returned, ``softmax(q k^T * scale) @ v``), the out-projection. The same
+    function as the module's own forward, whose graph merges the batch dim with the heads and the
+    tokens, so that no token layout could be followed through it. Other uses run the module's
+    own forward."""
+    own = type(m).forward
+    batched = isinstance(query, Tensor) and query.dim() == 3
+    mask_ok = attn_mask is None or (attn_mask.dim() == 2 and not is_causal)
+    if not (
+        batched
+        and query is key
+        and key is value
+        and key_padding_mask is None
+        and mask_ok
+        and m._qkv_same_embed_dim
+        and m.in_proj_weight is not None
+        and m.bias_k is None
+        and not m.add_zero_attn
+        and not (m.training and m.dropout > 0)
+    ):
+        return own(m, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+    F = torch.nn.functional
+    x = query if m.batch_first else query.transpose(0, 1)
+    b, n, e = x.shape
+    h = m.num_heads
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    mask = attn_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = ~mask  # the module's True masks out, scaled_dot_product_attention's True attends
+    weights = None
+    if need_weights:
+        logits = (q * (e // h) ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        a = logits.softmax(-1)
+        o = a @ v
+        weights = a.mean(1) if average_attn_weights else a
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    o = F.linear(o.transpose(1, 2).reshape(b, n, e), m.out_proj.weight, m.out_proj.bias)
+    return (o if m.batch_first else o.transpose(0, 1)), weights
+
+
+@contextlib.contextmanager
+def _attention_as_sdpa(model: nn.Module) -> Iterator[None]:
+    """While exporting, every ``nn.MultiheadAttention`` runs :func:`_mha_forward` (an instance
+    attribute, removed afterwards, also on error)."""
+    mods = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and "forward" not in m.__dict__]
+    try:
+        for m in mods:
+            m.forward = functools.partial(_mha_forward, m)
+        yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
 
 
 class _NeedsFunctionalGraph(Exception):

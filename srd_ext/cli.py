@@ -44,13 +44,16 @@ import io
 import os
 import re
 import sys
-import tempfile
-import traceback
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .fileio import Staged, atomic_write, csv_text, npy_bytes, remove_stale_temporaries
+
+if TYPE_CHECKING:
+    from .distributed import ResumeLog
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FORMATS = ("png", "npy", "both")
@@ -154,6 +157,91 @@ def input_signature(path: str) -> Optional[List[int]]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _output_kinds(layers: Sequence[str], fmt: str, panel: bool) -> List[Tuple[str, str]]:
+    """(kind ``png:L`` / ``npy:L`` / ``panel:L``, file name suffix) of every output of an input."""
+    kinds = []
+    for layer in layers:
+        tag = _layer_tag(layer)
+        if fmt in ("png", "both"):
+            kinds.append((f"png:{layer}", f".srd-{tag}.png"))
+        if fmt in ("npy", "both"):
+            kinds.append((f"npy:{layer}", f".srd-{tag}.npy"))
+        if panel:
+            kinds.append((f"panel:{layer}", f".srd-{tag}.panel.png"))
+    return kinds
+
+
+def _skip_repeats(items: List[Item]) -> None:
+    """The same file given twice (or found twice, or through a link) is explained once."""
+    first: Dict[Tuple[int, int], Item] = {}
+    for it in items:
+        if it.status != "todo":
+            continue
+        i = _identity(it.path)
+        if i in first:
+            it.status, it.reason = "skipped", f"same file as {first[i].path}, which is explained once"
+        elif i is not None:
+            first[i] = it
+
+
+def _name_outputs(it: Item, out: str, kinds: List[Tuple[str, str]], taken: set) -> Optional[str]:
+    """Set ``it``'s output paths, with a ``~N`` suffix where an earlier input took the names
+    (``taken``, which gains them); a note when it needed one."""
+    stem, n = it.stem, 1
+    while True:
+        outs = {k: os.path.join(out, stem + suffix) for k, suffix in kinds}
+        if not any(_key(p) in taken for p in outs.values()):
+            break
+        n += 1
+        stem = f"{it.stem}~{n}"
+    note = f"{it.path}: outputs named {stem}.srd-* ({it.stem}.srd-* are another input's)" if n > 1 else None
+    it.stem, it.outputs = stem, outs
+    taken.update(_key(p) for p in outs.values())
+    return note
+
+
+def _resumed_record(it: Item, resumed: Optional[Dict[str, dict]]) -> Optional[dict]:
+    """The stopped run's record of ``it`` if it is this input's, as planned now: unchanged, with
+    the same outputs, and written or begun (not a write that was refused)."""
+    rec = (resumed or {}).get(_key(it.path))
+    if rec is not None and not (
+        rec.get("state") in ("done", "intent")
+        and rec.get("stem") == it.stem
+        and rec.get("outputs") == it.outputs
+        and rec.get("input") == input_signature(it.path)
+    ):
+        return None
+    return rec
+
+
+def _decide(it: Item, inputs: Dict[Tuple[int, int], str], rec: Optional[dict], overwrite: bool) -> None:
+    """Whether ``it``, its outputs named, is written: never over an input, not again if a stopped
+    run (``rec``) wrote it, not over existing outputs without ``overwrite``."""
+    # An output that exists and is (a link to) an input file is never written, even with
+    # --overwrite. One that does not exist cannot be an input: inputs exist.
+    outs = it.outputs
+    hit = next(((p, inputs[_identity(p)]) for p in outs.values() if _identity(p) in inputs), None)
+    if hit is not None:
+        it.status, it.reason = (
+            "skipped",
+            (
+                f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
+                f"even with --overwrite); choose another --out"
+            ),
+        )
+    elif rec is not None:
+        if rec["state"] == "done" and all(os.path.isfile(p) for p in outs.values()):
+            it.status, it.earlier = "written", True
+        else:
+            it.own = True
+    elif not overwrite:
+        existing = [p for p in outs.values() if os.path.lexists(p)]
+        if existing:
+            more = f" and {len(existing) - 1} more of its outputs" if len(existing) > 1 else ""
+            it.status, it.reason = "skipped", f"{existing[0]}{more} exist(s) (--overwrite replaces them)"
+            it.exists = True
+
+
 def plan_outputs(
     items: List[Item],
     out: str,
@@ -169,137 +257,21 @@ def plan_outputs(
     input it finished, unchanged and with all its outputs in place, is marked written (earlier),
     and outputs it had begun are its own to replace. Returns notes about outputs given a ``~N``
     suffix."""
-    kinds = []
-    for layer in layers:
-        tag = _layer_tag(layer)
-        if fmt in ("png", "both"):
-            kinds.append((f"png:{layer}", f".srd-{tag}.png"))
-        if fmt in ("npy", "both"):
-            kinds.append((f"npy:{layer}", f".srd-{tag}.npy"))
-        if panel:
-            kinds.append((f"panel:{layer}", f".srd-{tag}.panel.png"))
+    kinds = _output_kinds(layers, fmt, panel)
     inputs = input_identities(items)
-
-    first: Dict[Tuple[int, int], Item] = {}
-    for it in items:
-        if it.status != "todo":
-            continue
-        i = _identity(it.path)
-        if i in first:
-            it.status, it.reason = "skipped", f"same file as {first[i].path}, which is explained once"
-        elif i is not None:
-            first[i] = it
-
+    _skip_repeats(items)
     notes, taken = [], set()
     for it in items:
         if it.status != "todo":
             continue
-        stem, n = it.stem, 1
-        while True:
-            outs = {k: os.path.join(out, stem + suffix) for k, suffix in kinds}
-            if not any(_key(p) in taken for p in outs.values()):
-                break
-            n += 1
-            stem = f"{it.stem}~{n}"
-        if n > 1:
-            notes.append(f"{it.path}: outputs named {stem}.srd-* ({it.stem}.srd-* are another input's)")
-        it.stem, it.outputs = stem, outs
-        taken.update(_key(p) for p in outs.values())
-
-        # An output that exists and is (a link to) an input file is never written, even with
-        # --overwrite. One that does not exist cannot be an input: inputs exist.
-        hit = next(((p, inputs[_identity(p)]) for p in outs.values() if _identity(p) in inputs), None)
-        rec = (resumed or {}).get(_key(it.path))
-        if rec is not None and not (
-            rec.get("state") in ("done", "intent")
-            and rec.get("stem") == stem
-            and rec.get("outputs") == outs
-            and rec.get("input") == input_signature(it.path)
-        ):
-            rec = None  # another input's, a changed input, or a write that was refused
-        if hit is not None:
-            it.status, it.reason = (
-                "skipped",
-                (
-                    f"its output {hit[0]} would replace the input {hit[1]} (inputs are never written, "
-                    f"even with --overwrite); choose another --out"
-                ),
-            )
-        elif rec is not None:
-            if rec["state"] == "done" and all(os.path.isfile(p) for p in outs.values()):
-                it.status, it.earlier = "written", True
-            else:
-                it.own = True
-        elif not overwrite:
-            existing = [p for p in outs.values() if os.path.lexists(p)]
-            if existing:
-                more = f" and {len(existing) - 1} more of its outputs" if len(existing) > 1 else ""
-                it.status, it.reason = "skipped", f"{existing[0]}{more} exist(s) (--overwrite replaces them)"
-                it.exists = True
+        note = _name_outputs(it, out, kinds, taken)
+        if note is not None:
+            notes.append(note)
+        _decide(it, inputs, _resumed_record(it, resumed), overwrite)
     return notes
 
 
 # ------------------------------------------------------------------------------- writing
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-class Staged:
-    """Files written in full to temporary names next to their destinations, and renamed into
-    place only once all of them are written: an interrupted run leaves whole files, never part
-    of one. Without ``overwrite`` a file is put in place with a hard link, which fails if the
-    destination appeared since the run was planned."""
-
-    def __init__(self, overwrite: bool):
-        self.overwrite = overwrite
-        self.pending: List[Tuple[str, str]] = []
-        self.mode = 0o666 & ~_umask()
-
-    def add(self, path: str, data: bytes) -> None:
-        d = os.path.dirname(path) or "."
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        self.pending.append((tmp, path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, self.mode)
-
-    def commit(self) -> None:
-        for tmp, path in self.pending:
-            if self.overwrite:
-                os.replace(tmp, path)
-                continue
-            try:
-                os.link(tmp, path)  # atomic, and fails if path appeared meanwhile
-            except FileExistsError:
-                raise FileExistsError(f"{path} appeared during the run; not replaced") from None
-            except OSError:  # no hard links on this file system
-                if os.path.lexists(path):
-                    raise FileExistsError(f"{path} appeared during the run; not replaced") from None
-                os.replace(tmp, path)
-            else:
-                os.unlink(tmp)
-        self.pending = []
-
-    def discard(self) -> None:
-        for tmp, _ in self.pending:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        self.pending = []
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 def read_photo(path: str) -> Image.Image:
     """The photo as people see it (EXIF orientation applied), RGB; 16-bit greyscale scaled."""
     with Image.open(path) as im:
@@ -394,12 +366,7 @@ def write_report(
             parts.append(f"<tr><td>{e(it.status)}</td><td>{e(it.path)}</td><td>{e(it.reason)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
-    staged = Staged(overwrite)
-    try:
-        staged.add(path, "\n".join(parts).encode("utf-8"))
-        staged.commit()
-    finally:
-        staged.discard()
+    atomic_write(path, "\n".join(parts), overwrite)
 
 
 # ------------------------------------------------------------------------------- main
@@ -588,14 +555,7 @@ def write_manifest(
                 kind, layer = kind_layer.split(":", 1)
                 row[f"{kind}_{layer}"] = os.path.relpath(p, out)
         rows.append(row)
-    from .distributed import csv_text
-
-    staged = Staged(overwrite)
-    try:
-        staged.add(path, csv_text(rows, manifest_fields(layers, kinds)).encode("utf-8"))
-        staged.commit()
-    finally:
-        staged.discard()
+    atomic_write(path, csv_text(rows, manifest_fields(layers, kinds)), overwrite)
 
 
 def _run(args, env) -> int:
@@ -637,206 +597,267 @@ def _run(args, env) -> int:
         return 1
 
 
-def _explain_all(args, session, explainer, transform, layers, names) -> int:
-    from srd_ext import distributed, viz
+# ------------------------------------------------------------------------------- the run
+# srd-explain in steps: find the inputs, plan their outputs (and resume a stopped run), explain
+# this rank's share of the batches (distributed.run_share), write each input's files, finish.
+@dataclasses.dataclass
+class Job:
+    """What a run was asked to do, checked before any input is read."""
 
-    device = session.device
-    report_path = os.path.join(args.out, REPORT_NAME)
-    manifest_path = os.path.join(args.out, MANIFEST_NAME)
+    args: argparse.Namespace
+    explainer: object  # srd_ext.Explainer
+    transform: object  # srd_ext.models.Transforms
+    layers: List[str]
+    names: Sequence[str]  # class names
 
-    def find():  # rank 0; a usage error here is raised on every rank
-        items, notes = find_inputs(args.inputs)
-        for flag, path in (("--report", report_path), ("--manifest", manifest_path)):
-            if not getattr(args, flag[2:]):
-                continue
-            clash = input_identities(items).get(_identity(path))
-            if clash is not None:
-                raise UsageError(f"the {flag[2:]} {path} would replace the input {clash}; choose another --out")
-            if os.path.lexists(path) and not args.overwrite:
-                raise UsageError(f"{path} exists; pass --overwrite to replace it or choose another --out")
-        return items, notes
+    @property
+    def report_path(self) -> str:
+        return os.path.join(self.args.out, REPORT_NAME)
 
-    items, notes = session.share(find)
-    if session.distributed:
-        session.check_shared_folder(args.out)  # every process writes its maps there
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.args.out, MANIFEST_NAME)
 
-    # With --report/--manifest the finished inputs are recorded, so that a stopped run, started
-    # again, can put the inputs it finished in the report and manifest.
-    state = None
-    resumed: Dict[str, dict] = {}
-    if args.report or args.manifest:
-        settings = {
-            k: getattr(args, k)
-            for k in (
-                "inputs",
-                "model",
-                "weights",
-                "tv_weights",
-                "target",
-                "resize",
-                "crop",
-                "format",
-                "panel",
-                "report",
-                "manifest",
-                "batch_size",
-            )
-        }
-        settings.update(layers=list(layers), device=session.device.type, out=os.path.abspath(args.out))
-        state = distributed.Manifest(os.path.join(args.out, STATE_DIR), settings, session, "srd-explain run")
-        try:
-            resumed = state.open()
-        except distributed.SettingsMismatch as e:
-            raise UsageError(str(e)) from None
+    def settings(self, device: torch.device) -> dict:
+        """What decides the outputs: a stopped run is resumed only with the same."""
+        keys = ("inputs", "model", "weights", "tv_weights", "target", "resize", "crop", "format")
+        keys += ("panel", "report", "manifest", "batch_size")
+        settings = {k: getattr(self.args, k) for k in keys}
+        settings.update(layers=list(self.layers), device=device.type, out=os.path.abspath(self.args.out))
+        return settings
 
-    def plan():
-        notes2 = plan_outputs(items, args.out, layers, args.format, args.panel, args.overwrite, resumed)
-        # Temporary files of a killed run's writes go before anyone writes again.
-        targets: Dict[str, set] = {}
-        for it in items:
-            for p in it.outputs.values():
-                targets.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
-        for folder, names in targets.items():
-            distributed.remove_stale_temporaries(folder, names)
-        return items, notes + notes2
 
-    items, notes = session.share(plan)
+def _find_step(job: Job) -> Tuple[List[Item], List[str]]:
+    """Rank 0: the inputs and notes (:func:`find_inputs`); the report and manifest must not
+    replace an input, nor an earlier one without --overwrite."""
+    args = job.args
+    items, notes = find_inputs(args.inputs)
+    for flag, path in (("--report", job.report_path), ("--manifest", job.manifest_path)):
+        if not getattr(args, flag[2:]):
+            continue
+        clash = input_identities(items).get(_identity(path))
+        if clash is not None:
+            raise UsageError(f"the {flag[2:]} {path} would replace the input {clash}; choose another --out")
+        if os.path.lexists(path) and not args.overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it or choose another --out")
+    return items, notes
+
+
+def _open_resume_log(job: Job, session) -> Tuple[Optional["ResumeLog"], Dict[str, dict]]:
+    """Collective. With --report/--manifest the finished inputs are recorded in a resume log, so
+    that a stopped run, started again, can put the inputs it finished in the report and manifest.
+    Returns the log (None without either) and the records of a stopped run (input key -> record)."""
+    from srd_ext import distributed
+
+    if not (job.args.report or job.args.manifest):
+        return None, {}
+    folder = os.path.join(job.args.out, STATE_DIR)
+    log = distributed.ResumeLog(folder, job.settings(session.device), session, "srd-explain run")
+    try:
+        return log, log.open()
+    except distributed.SettingsMismatch as e:
+        raise UsageError(str(e)) from None
+
+
+def _plan_step(job: Job, items: List[Item], notes: List[str], resumed: Dict[str, dict]):
+    """Rank 0: :func:`plan_outputs`, then the temporary files of a killed run's writes go before
+    anyone writes again. Returns the items and all notes."""
+    args = job.args
+    more = plan_outputs(items, args.out, job.layers, args.format, args.panel, args.overwrite, resumed)
+    targets: Dict[str, set] = {}
+    for it in items:
+        for p in it.outputs.values():
+            targets.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
+    for folder, names in targets.items():
+        remove_stale_temporaries(folder, names)
+    return items, notes + more
+
+
+def _announce(items: List[Item], notes: List[str], out: str) -> None:
+    """Rank 0: the notes, every skip and failure so far with its reason, and what is resumed."""
+    for n in notes:
+        print(f"srd-explain: note: {n}", file=sys.stderr)
+    for it in items:
+        if it.status in ("skipped", "failed"):
+            print(f"srd-explain: {it.status} {it.path}: {it.reason}", file=sys.stderr)
     earlier = sum(it.earlier for it in items)
-    if session.is_main:
-        for n in notes:
-            print(f"srd-explain: note: {n}", file=sys.stderr)
-        for it in items:
-            if it.status in ("skipped", "failed"):
-                print(f"srd-explain: {it.status} {it.path}: {it.reason}", file=sys.stderr)
-        if earlier:
-            print(
-                f"srd-explain: resuming: {earlier} input(s) were written by an earlier run of this command "
-                f"({os.path.join(args.out, STATE_DIR)})",
-                file=sys.stderr,
-            )
+    if earlier:
+        print(
+            f"srd-explain: resuming: {earlier} input(s) were written by an earlier run of this command "
+            f"({os.path.join(out, STATE_DIR)})",
+            file=sys.stderr,
+        )
 
-    # Batches: --batch-size consecutive inputs of the list, the same whatever exists already and
-    # however many processes share them. A batch is explained if one of its inputs is to be
-    # written; inputs skipped because their outputs exist (or written by a stopped run) are
-    # explained with it but not written, so the others' maps do not depend on them being there.
-    todo_total = sum(it.status == "todo" for it in items)
-    units = [b for b in distributed.blocks(len(items), args.batch_size) if any(items[i].status == "todo" for i in b)]
-    outcomes: Dict[int, dict] = {}  # item index -> status, reason, record
-    progress = distributed.Progress(session, todo_total, "srd-explain", disable=todo_total < 2)
 
-    def fail(i: int, reason: str) -> None:
-        it = items[i]
+class ItemWriter:
+    """The end of one input on this rank: its files written (all or none), its record in the
+    resume log, its outcome (``status``, ``reason`` and, once written, ``record``), a step of
+    the progress bar."""
+
+    def __init__(self, job: Job, items: List[Item], log, progress):
+        self.job = job
+        self.items = items
+        self.log = log  # a distributed.ResumeLog, or None
+        self.progress = progress  # a distributed.Progress
+
+    def fail(self, i: int, reason: str) -> dict:
+        it = self.items[i]
         it.status, it.reason = "failed", reason
-        outcomes[i] = {"status": "failed", "reason": reason}
-        progress.write(f"srd-explain: failed {it.path}: {reason}", file=sys.stderr)
-        progress.update(1)
+        self.progress.write(f"srd-explain: failed {it.path}: {reason}", file=sys.stderr)
+        self.progress.update(1)
+        return {"status": "failed", "reason": reason}
 
-    def finish(i: int, photo: Image.Image, maps: Dict[str, torch.Tensor], k: int, probs: torch.Tensor) -> None:
-        it = items[i]
-        box = transform.box(photo.size)
-        title = viz.class_title(names, probs, args.target)
+    def write(self, i: int, photo: Image.Image, maps: Dict[str, torch.Tensor], k: int, probs: torch.Tensor) -> dict:
+        """Input ``i``, explained as row ``k`` of ``maps``, with class probabilities ``probs``."""
+        from srd_ext import viz
+
+        job, it = self.job, self.items[i]
         report = {
             "name": it.stem,
             "path": it.path,
             "size": photo.size,
             "overlays": {},
             "links": {},
-            "classes": viz.class_title(names, probs, args.target, sep="\n").split("\n"),
+            "classes": viz.class_title(job.names, probs, job.args.target, sep="\n").split("\n"),
         }
         record = {"stem": it.stem, "outputs": it.outputs, "input": input_signature(it.path)}
-        staged = Staged(args.overwrite or it.own)
+        staged = Staged(job.args.overwrite or it.own)
         try:
-            for layer in layers:
-                on_photo = viz.to_photo(maps[layer][k].float().cpu().numpy(), photo.size, box)
-                scale = viz.robust_scale(on_photo)
-                over = viz.overlay(photo, on_photo, scale, box)
-                if f"png:{layer}" in it.outputs:
-                    staged.add(it.outputs[f"png:{layer}"], viz.png_bytes(over))
-                    report["links"][layer] = os.path.relpath(it.outputs[f"png:{layer}"], args.out)
-                if f"npy:{layer}" in it.outputs:
-                    staged.add(it.outputs[f"npy:{layer}"], _npy_bytes(on_photo))
-                if f"panel:{layer}" in it.outputs:
-                    fig = viz.panel(
-                        photo, on_photo, f"{os.path.basename(it.path)}, SRD-{layer}: {title}", scale=scale, box=box
-                    )
-                    staged.add(it.outputs[f"panel:{layer}"], viz.png_bytes(fig))
-                if args.report:
-                    report["overlays"][layer] = _data_uri(over)
-            if state is not None:  # the outputs are this run's from here on, even if it stops now
-                state.add(_key(it.path), dict(record, state="intent"))
-            try:
-                staged.commit()
-            except OSError:
-                if state is not None:
-                    state.add(_key(it.path), dict(record, state="refused"))
-                raise
+            self._stage(staged, it, photo, {layer: maps[layer][k] for layer in job.layers}, probs, report)
+            self._commit(staged, it, record)
         except OSError as e:
-            fail(i, f"could not write its outputs ({type(e).__name__}: {e})")
-            return
+            return self.fail(i, f"could not write its outputs ({type(e).__name__}: {e})")
         finally:
             staged.discard()
         it.status = "written"
-        if args.report:
+        if job.args.report:
             report["photo"] = _data_uri(photo)
         record.update(
             state="done",
             size=list(photo.size),
-            prediction=_prediction(names, probs, args.target),
-            report=report if args.report else None,
+            prediction=_prediction(job.names, probs, job.args.target),
+            report=report if job.args.report else None,
         )
-        if state is not None:
-            state.add(_key(it.path), record)
-        outcomes[i] = {"status": "written", "reason": "", "record": record}
-        progress.update(1)
+        if self.log is not None:
+            self.log.add(_key(it.path), record)
+        self.progress.update(1)
+        return {"status": "written", "reason": "", "record": record}
 
-    error, block = None, None
-    try:
-        for block in distributed.shard(units, session.rank, session.world_size):
-            members = [i for i in block if items[i].status == "todo" or items[i].exists or items[i].earlier]
-            progress.working_on(f"{items[members[0]].path} and the rest of its batch")
-            loaded = []
-            for i in members:
-                it = items[i]
-                if it.status == "todo":
-                    progress.working_on(it.path, os.path.basename(it.path))
-                try:
-                    photo = read_photo(it.path)
-                    loaded.append((i, photo, transform(photo)))
-                except Exception as e:  # one bad file must not end the run
-                    if it.status == "todo":
-                        fail(i, f"not a readable image ({type(e).__name__}: {str(e)[:120]})")
-            groups: Dict[tuple, list] = {}
-            for entry in loaded:  # without a crop, photos of different shapes go in separate batches
-                groups.setdefault(tuple(entry[2].shape), []).append(entry)
-            for group in groups.values():
-                if not any(items[i].status == "todo" for i, _, _ in group):
-                    continue
-                x = torch.stack([g[2] for g in group]).to(device)
-                try:
-                    with torch.no_grad():
-                        maps, logits = explainer.explain(x, args.target, layer=layers, return_logits=True)
-                except Exception as e:
-                    for i, _, _ in group:
-                        if items[i].status == "todo":
-                            fail(i, f"explanation failed ({type(e).__name__}: {str(e)[:200]})")
-                    continue
-                probs = logits.float().softmax(1).cpu()
-                for k, (i, photo, _) in enumerate(group):
-                    if items[i].status == "todo":
-                        progress.working_on(items[i].path, os.path.basename(items[i].path))
-                        finish(i, photo, maps, k, probs[k])
-    except Exception as e:
-        where = f"the batch of {items[block.start].path}" if block is not None else "its start"
-        error = f"failed on {where} ({type(e).__name__}: {e})"
-        progress.write(f"srd-explain: rank {session.rank}: {error}\n{traceback.format_exc()}", file=sys.stderr)
-    if state is not None:
-        state.close()
-    if not distributed.finish_run(session, error, progress, "srd-explain", "The inputs written so far are kept"):
-        return 1
-    gathered = session.gather(outcomes)
-    if not session.is_main:
-        return session.broadcast(None)
+    def _stage(self, staged: Staged, it: Item, photo: Image.Image, maps: Dict[str, torch.Tensor], probs, report):
+        """The input's files, each layer's ``maps`` placed back on the photo, into ``staged``;
+        the report's pictures and links into ``report``."""
+        from srd_ext import viz
 
+        job = self.job
+        box = job.transform.box(photo.size)
+        title = viz.class_title(job.names, probs, job.args.target)
+        for layer in job.layers:
+            on_photo = viz.to_photo(maps[layer].float().cpu().numpy(), photo.size, box)
+            scale = viz.robust_scale(on_photo)
+            over = viz.overlay(photo, on_photo, scale, box)
+            if f"png:{layer}" in it.outputs:
+                staged.add(it.outputs[f"png:{layer}"], viz.png_bytes(over))
+                report["links"][layer] = os.path.relpath(it.outputs[f"png:{layer}"], job.args.out)
+            if f"npy:{layer}" in it.outputs:
+                staged.add(it.outputs[f"npy:{layer}"], npy_bytes(on_photo))
+            if f"panel:{layer}" in it.outputs:
+                caption = f"{os.path.basename(it.path)}, SRD-{layer}: {title}"
+                fig = viz.panel(photo, on_photo, caption, scale=scale, box=box)
+                staged.add(it.outputs[f"panel:{layer}"], viz.png_bytes(fig))
+            if job.args.report:
+                report["overlays"][layer] = _data_uri(over)
+
+    def _commit(self, staged: Staged, it: Item, record: dict) -> None:
+        """Put the files in place; from just before, they are this run's (even if it stops now)."""
+        if self.log is not None:
+            self.log.add(_key(it.path), dict(record, state="intent"))
+        try:
+            staged.commit()
+        except OSError:
+            if self.log is not None:
+                self.log.add(_key(it.path), dict(record, state="refused"))
+            raise
+
+
+def _load_batch(job: Job, items: List[Item], members: List[int], writer: ItemWriter, outcomes: Dict[int, dict]):
+    """(index, photo, model input) of the ``members`` of a batch that could be read; an input to
+    be written that cannot be read fails (one bad file must not end the run)."""
+    loaded = []
+    for i in members:
+        it = items[i]
+        if it.status == "todo":
+            writer.progress.working_on(it.path, os.path.basename(it.path))
+        try:
+            photo = read_photo(it.path)
+            loaded.append((i, photo, job.transform(photo)))
+        except Exception as e:
+            if it.status == "todo":
+                outcomes[i] = writer.fail(i, f"not a readable image ({type(e).__name__}: {str(e)[:120]})")
+    return loaded
+
+
+def _explain_block(job: Job, device, items: List[Item], block, writer: ItemWriter) -> Dict[int, dict]:
+    """One batch: its inputs explained together and those to be written written. Inputs skipped
+    because their outputs exist (or written by a stopped run) are explained with it but not
+    written, so the others' maps do not depend on them being there. Returns the outcomes by
+    input index."""
+    outcomes: Dict[int, dict] = {}
+    members = [i for i in block if items[i].status == "todo" or items[i].exists or items[i].earlier]
+    writer.progress.working_on(f"{items[members[0]].path} and the rest of its batch")
+    groups: Dict[tuple, list] = {}
+    for entry in _load_batch(job, items, members, writer, outcomes):
+        groups.setdefault(tuple(entry[2].shape), []).append(entry)  # without a crop, one batch per shape
+    for group in groups.values():
+        if not any(items[i].status == "todo" for i, _, _ in group):
+            continue
+        x = torch.stack([g[2] for g in group]).to(device)
+        try:
+            with torch.no_grad():
+                maps, logits = job.explainer.explain(x, job.args.target, layer=job.layers, return_logits=True)
+        except Exception as e:
+            for i, _, _ in group:
+                if items[i].status == "todo":
+                    outcomes[i] = writer.fail(i, f"explanation failed ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        probs = logits.float().softmax(1).cpu()
+        for k, (i, photo, _) in enumerate(group):
+            if items[i].status == "todo":
+                writer.progress.working_on(items[i].path, os.path.basename(items[i].path))
+                outcomes[i] = writer.write(i, photo, maps, k, probs[k])
+    return outcomes
+
+
+def _explain_batches(job: Job, session, items: List[Item], log):
+    """This rank's share of the batches. Batches are --batch-size consecutive inputs of the list,
+    the same whatever exists already and however many processes share them; a batch is
+    explained if one of its inputs is to be written. Returns (outcomes by input index, error or
+    None, the progress bar)."""
+    from srd_ext import distributed
+
+    todo_total = sum(it.status == "todo" for it in items)
+    units = [
+        b for b in distributed.blocks(len(items), job.args.batch_size) if any(items[i].status == "todo" for i in b)
+    ]
+    progress = distributed.Progress(session, todo_total, "srd-explain", disable=todo_total < 2)
+    writer = ItemWriter(job, items, log, progress)
+    new, error = distributed.run_share(
+        session,
+        units,
+        lambda block: _explain_block(job, session.device, items, block, writer),
+        None,  # each input is recorded in the log as it is written (ItemWriter)
+        progress,
+        "srd-explain",
+        describe=lambda block: f"the batch of {items[block.start].path}",
+        count=None,  # the bar counts inputs (ItemWriter), not blocks
+    )
+    if log is not None:
+        log.close()
+    return {i: o for part in new.values() for i, o in part.items()}, error, progress
+
+
+def _records(items: List[Item], resumed: Dict[str, dict], gathered: List[Dict[int, dict]]) -> Dict[int, dict]:
+    """Rank 0: every rank's outcomes applied to ``items``; the records of the written inputs
+    (this run's and a stopped run's) by input index."""
     records: Dict[int, dict] = {}
     for i, it in enumerate(items):
         if it.earlier:
@@ -846,44 +867,76 @@ def _explain_all(args, session, explainer, transform, layers, names) -> int:
             items[i].status, items[i].reason = o["status"], o["reason"]
             if "record" in o:
                 records[i] = o["record"]
+    return records
 
-    counts = {s: sum(it.status == s for it in items) for s in ("written", "skipped", "failed")}
-    if sum(counts.values()) != len(items):  # cannot happen; a bug if it does
-        raise RuntimeError(f"srd-explain lost track of inputs: {counts} for {len(items)} inputs")
-    code = 1 if counts["failed"] else 0
-    written = []
+
+def _write_tables(job: Job, items: List[Item], records: Dict[int, dict]) -> Tuple[List[str], bool]:
+    """Rank 0: the report and the manifest asked for. Returns what was written and whether all was."""
+    args, written, ok = job.args, [], True
     if args.report:
         rows = [records[i]["report"] for i in sorted(records)]
         header = {
             "model": args.model + (f" ({args.weights})" if args.weights else ""),
-            "preprocessing": _describe(transform),
-            "explained class": "predicted" if args.target is None else f"{args.target} ({names[args.target]})",
-            "layers": ", ".join(layers),
+            "preprocessing": _describe(job.transform),
+            "explained class": "predicted" if args.target is None else f"{args.target} ({job.names[args.target]})",
+            "layers": ", ".join(job.layers),
         }
         try:
-            write_report(report_path, rows, items, layers, header, args.overwrite)
-            written.append(f"report {report_path}")
+            write_report(job.report_path, rows, items, job.layers, header, args.overwrite)
+            written.append(f"report {job.report_path}")
         except OSError as e:
-            print(f"srd-explain: could not write the report {report_path}: {e}", file=sys.stderr)
-            code = 1
+            print(f"srd-explain: could not write the report {job.report_path}: {e}", file=sys.stderr)
+            ok = False
     if args.manifest:
+        fmt, panel, target = args.format, args.panel, args.target
         try:
-            write_manifest(
-                manifest_path, items, records, args.out, layers, args.format, args.panel, args.target, args.overwrite
-            )
-            written.append(f"manifest {manifest_path}")
+            write_manifest(job.manifest_path, items, records, args.out, job.layers, fmt, panel, target, args.overwrite)
+            written.append(f"manifest {job.manifest_path}")
         except OSError as e:
-            print(f"srd-explain: could not write the manifest {manifest_path}: {e}", file=sys.stderr)
-            code = 1
-    if state is not None and len(written) == args.report + args.manifest:
-        state.remove()  # every input is accounted for in the report and manifest now
+            print(f"srd-explain: could not write the manifest {job.manifest_path}: {e}", file=sys.stderr)
+            ok = False
+    return written, ok
+
+
+def _finish(job: Job, items: List[Item], resumed: Dict[str, dict], gathered, log) -> int:
+    """Rank 0, once every rank finished its share: the report, the manifest and the summary.
+    Returns the exit status."""
+    records = _records(items, resumed, gathered)
+    counts = {s: sum(it.status == s for it in items) for s in ("written", "skipped", "failed")}
+    if sum(counts.values()) != len(items):  # cannot happen; a bug if it does
+        raise RuntimeError(f"srd-explain lost track of inputs: {counts} for {len(items)} inputs")
+    written, ok = _write_tables(job, items, records)
+    if log is not None and ok:
+        log.remove()  # every input is accounted for in the report and manifest now
+    earlier = sum(it.earlier for it in items)
     print(
         f"srd-explain: {len(items)} input(s): {counts['written']} written, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; outputs in {args.out}"
+        f"{counts['failed']} failed; outputs in {job.args.out}"
         + "".join(f"; {w}" for w in written)
         + (f"; {earlier} of the written inputs were written by an earlier run of this command" if earlier else "")
     )
-    return session.broadcast(code)
+    return 1 if counts["failed"] or not ok else 0
+
+
+def _explain_all(args, session, explainer, transform, layers, names) -> int:
+    """The run on every rank, step by step; returns the exit status (rank 0's, on every rank)."""
+    from srd_ext import distributed
+
+    job = Job(args, explainer, transform, list(layers), names)
+    items, notes = session.share(lambda: _find_step(job))  # a usage error is raised on every rank
+    if session.distributed:
+        session.check_shared_folder(args.out)  # every process writes its maps there
+    log, resumed = _open_resume_log(job, session)
+    items, notes = session.share(lambda: _plan_step(job, items, notes, resumed))
+    if session.is_main:
+        _announce(items, notes, args.out)
+    outcomes, error, progress = _explain_batches(job, session, items, log)
+    if not distributed.finish_run(session, error, progress, "srd-explain", "The inputs written so far are kept"):
+        return 1
+    gathered = session.gather(outcomes)
+    if not session.is_main:
+        return session.broadcast(None)
+    return session.broadcast(_finish(job, items, resumed, gathered, log))
 
 
 if __name__ == "__main__":

@@ -244,9 +244,7 @@ def _index_batch(ex: Explainer, x: Tensor, y, which: Tensor, layer: str, boxes, 
         if i == g.input_index:
             raise ValueError("layer='input' has no PFVs to index; name a layer of the model")
         run = ex._forward(g, plan, x, [i, g.input_index], False)
-        v = to_nchw(run.value(i), g.nodes[i].layout)
-        b, c, h, w = v.shape
-        vectors = v.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        vectors, (b, h, w) = _pfvs(g.nodes[i], run.value(i))
         pred = run.value(g.output_index).argmax(-1).cpu()
         img = torch.arange(b).repeat_interleave(h * w)
         yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -259,11 +257,26 @@ def _index_batch(ex: Explainer, x: Tensor, y, which: Tensor, layer: str, boxes, 
     return vectors, rows, g.display_name(i)
 
 
+def _pfvs(node, v: Tensor):
+    """The PFVs (b*h*w, C) of a layer's value, in (image, y, x) order (a token sequence's patch
+    tokens on their grid), and (b, h, w)."""
+    if L.is_token_node(node):
+        bd, td = node.layout
+        off, h, w = node.grid
+        t = v.movedim((bd, td), (0, 1))
+        t = t.reshape(t.shape[0], t.shape[1], -1)[:, off : off + h * w]
+        return t.reshape(t.shape[0] * h * w, -1), (t.shape[0], h, w)
+    t = to_nchw(v, node.layout)
+    b, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(b * h * w, c), (b, h, w)
+
+
 def _boxes(run, g, i: int, img: Tensor, pos: Tensor, threshold: float, per_walk: int, device) -> Tensor:
     out = []
     for a in range(0, img.shape[0], per_walk):  # boxes as each chunk is walked: its maps are freed
         p = pos[a : a + per_walk].to(device)
         s = img[a : a + per_walk].to(device)
-        maps, _ = walk_seeds(run, i, p, torch.ones(p.shape[0], device=device), [g.input_index], sample=s)
+        seeds = L.one_hot(run, i, p, torch.ones(p.shape[0], device=device, dtype=run.value(g.input_index).dtype))
+        maps, _ = walk_seeds(run, i, seeds, [g.input_index], sample=s)
         out.extend(b if b is not None else (-1, -1, -1, -1) for b in erf_box(maps[g.input_index], threshold))
     return torch.tensor(out, dtype=torch.long).view(-1, 4)

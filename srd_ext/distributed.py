@@ -10,24 +10,26 @@ The machinery shared by ``srd-explain``, ``benchmarks/eval_table.py`` and
 - :class:`Env`: rank and world size from the environment torchrun sets (``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
   ``TORCHELASTIC_RESTART_COUNT``); one process when they are absent.
-- :class:`Session`: the process group (gloo on CPU; with ``--device cuda`` NCCL for CUDA
-  tensors and each rank on the GPU of its local rank, results still exchanged through gloo),
-  broadcasts and gathers of Python objects, all with a timeout, and the end of a run:
-  :meth:`Session.finish` waits for the other ranks only while they make progress (each rank
-  beats after every unit of work) and tells every rank which ranks failed or stopped
+- :class:`Session`: this process's part in a run, made of
+  :class:`ProcessGroup` (the process group: gloo on CPU; with ``--device cuda`` NCCL for CUDA
+  tensors and each rank on the GPU of its local rank, results still exchanged through gloo;
+  broadcasts and gathers of Python objects, all with a timeout), :class:`Heartbeat` (each rank
+  beats after every unit of work), :func:`check_shared_folder` (the output folder is one for
+  all machines) and :class:`RunEnd`, the end of a run: :meth:`Session.finish` waits for the
+  other ranks only while they make progress and tells every rank which ranks failed or stopped
   answering, so no rank waits in a collective for one that is gone.
 - :func:`blocks` / :func:`shard`: the work is cut into blocks that do not depend on the
   number of processes (batches aligned to the first image), and rank ``r`` of ``W`` takes
   blocks ``r, r + W, r + 2W, ...`` of those still to do: disjoint, no padding duplicates.
   A block is computed the same way whichever rank takes it, so the results do not depend on
   the world size; random draws are seeded by the image (:func:`image_seed`), never the rank.
-- :class:`Manifest`: the finished blocks of a run, on disk (``run.json``: the settings that
+- :class:`ResumeLog`: the finished blocks of a run, on disk (``run.json``: the settings that
   decide the results; ``rank-R.jsonl``: one JSON line per finished block, appended and
   fsynced when it is done). A rerun with the same settings loads them and does only the rest,
   whatever its number of processes; a rerun with other settings is refused with the
   differences named.
-- :func:`atomic_write`, :func:`write_csv`, :func:`save_npy`: whole files or none
-  (temporary file in the same folder, fsync, rename).
+- The files are written whole or not at all by :mod:`srd_ext.fileio` (``atomic_write``,
+  ``write_csv``, ``save_npy``: temporary file in the same folder, fsync, rename).
 
 Dataset-scale outputs are per-image ``.npy`` files (numpy's own format: ``np.load``,
 memory-mappable, one array of any shape each, written by the rank that computed it) indexed
@@ -38,21 +40,20 @@ method, file paths relative to the table's folder). Neither needs srd_ext to rea
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import io
 import json
 import os
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write
 
 DEFAULT_TIMEOUT = 1800.0  # seconds; torch's default for collectives
 POLL = 0.2  # seconds between looks at the other ranks while waiting
@@ -213,111 +214,12 @@ def image_seed(seed: int, index: int) -> int:
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-# ------------------------------------------------------------------------------------ files
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
+# ------------------------------------------------------------------------------------ process group
+class _Ranked:
+    """Who this process is, read from its :class:`Env` (``self.env``)."""
 
+    env: "Env"
 
-def atomic_write(path: str, data) -> None:
-    """Write ``data`` (bytes or str) to ``path`` as a whole: a temporary file in the same folder,
-    fsynced, then renamed over ``path``. An interrupted write leaves the old file or none."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def temporary_target(name: str) -> Optional[str]:
-    """The file a temporary file of :func:`atomic_write` (``.NAME.XXXXXXXX.tmp``) was for, or None."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    parts = name[1:].rsplit(".", 2)
-    return parts[0] if len(parts) == 3 and parts[0] else None
-
-
-def remove_stale_temporaries(folder: str, targets: Optional[Iterable[str]] = None) -> List[str]:
-    """Delete the temporary files a killed process left in ``folder`` while writing the files
-    named in ``targets`` (all of them if None). Call it before this run writes there."""
-    wanted = None if targets is None else set(targets)
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        target = temporary_target(name)
-        if target is not None and (wanted is None or target in wanted):
-            try:
-                os.unlink(os.path.join(folder, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
-
-
-def npy_bytes(array) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    return buf.getvalue()
-
-
-def save_npy(path: str, array) -> None:
-    """``array`` as a ``.npy`` file (``np.load`` reads it), written atomically."""
-    atomic_write(path, npy_bytes(array))
-
-
-def csv_text(rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="raise")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in fields})
-    return buf.getvalue()
-
-
-def write_csv(path: str, rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> None:
-    """A CSV table with a header row (``pandas.read_csv``, ``csv.DictReader``), written atomically;
-    missing values are empty cells."""
-    atomic_write(path, csv_text(rows, fields))
-
-
-# ------------------------------------------------------------------------------------ session
-class Session:
-    """This process's part in a run: one process, or one rank of a torchrun job.
-
-    ``timeout`` (seconds) bounds the start (all ranks joining), every collective, and how long a
-    rank may go without progress before the others give up on it.
-    """
-
-    def __init__(self, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, env: Optional[Env] = None):
-        if not timeout > 0:
-            raise DistributedError(f"--timeout must be > 0 seconds, got {timeout}")
-        self.env = env if env is not None else Env.from_environ()
-        self.timeout = float(timeout)
-        self.device = resolve_device(device, self.env)
-        self.host = socket.gethostname()
-        self.store = None
-        self._group = None  # the gloo group objects travel through
-        self._current = ""  # what this rank works on (see beat)
-        self._started = False
-
-    # -- who am I
     @property
     def rank(self) -> int:
         return self.env.rank
@@ -334,17 +236,27 @@ class Session:
     def distributed(self) -> bool:
         return self.env.world_size > 1
 
-    def __enter__(self) -> "Session":
-        self.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+class ProcessGroup(_Ranked):
+    """The process group of a torchrun job (gloo on CPU; with a CUDA device NCCL for CUDA tensors,
+    Python objects still exchanged through gloo), its key-value store, and the collectives on
+    Python objects, each bounded by ``timeout`` seconds. In a one-process run there is no group and
+    each collective returns this process's own value."""
 
-    def start(self) -> None:
+    def __init__(self, env: Env, device: torch.device, timeout: float):
+        self.env = env
+        self.device = device
+        self.timeout = float(timeout)
+        self.store = None  # the job's store, below this run's prefix; None until started
+        self._group = None  # the gloo group objects travel through
+        self._started = False
+
+    def start(self) -> bool:
+        """Join the other ranks (collective). Returns whether this call set the group up: False
+        in a one-process run and when it was started already."""
         if self._started or not self.distributed:
             self._started = True
-            return
+            return False
         import torch.distributed as dist
 
         if not dist.is_available():
@@ -369,9 +281,8 @@ class Session:
         self._group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=td)
         self.store = dist.PrefixStore("run", base)
         self.store.set_timeout(td)
-        self.store.set(f"now/{self.rank}", "starting")
-        self.store.add(f"beat/{self.rank}", 1)
         self._started = True
+        return True
 
     def close(self) -> None:
         if self.distributed and self._started and self.store is not None:
@@ -381,7 +292,6 @@ class Session:
                 dist.destroy_process_group()
             self.store = None
 
-    # -- collectives (each bounded by the timeout)
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
@@ -417,6 +327,7 @@ class Session:
         return out
 
     def all_gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
         if not self.distributed:
             return [obj]
         import torch.distributed as dist
@@ -425,12 +336,34 @@ class Session:
         dist.all_gather_object(out, obj, group=self._group)
         return out
 
-    # -- progress and liveness
+
+# ------------------------------------------------------------------------------------ heartbeat
+class Heartbeat:
+    """This rank's signs of life in the job's store: a counter it raises after every step
+    (``beat/R``), what it works on (``now/R``) and the images it finished (``images/R``). The
+    other ranks read them to tell a slow rank from a lost one. Without a store (one process, or
+    before the start) it only remembers what this rank works on."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.store = None
+        self.current = ""  # what this rank last worked on
+
+    def attach(self, store) -> None:
+        """Publish in ``store`` from now on; the first beat says the rank is starting."""
+        self.store = store
+        store.set(f"now/{self.rank}", "starting")
+        store.add(f"beat/{self.rank}", 1)
+
+    def detach(self) -> None:
+        self.store = None
+
     def beat(self, current: str = "", images: int = 0) -> None:
         """Tell the others this rank is alive, working on ``current``, and has finished
         ``images`` more images."""
         if current:
-            self._current = current
+            self.current = current
         if self.store is None:
             return
         if current:
@@ -440,56 +373,63 @@ class Session:
         self.store.add(f"beat/{self.rank}", 1)
 
     def images_done(self) -> Optional[int]:
-        """Images finished by all ranks together in this run (None in a one-process run)."""
+        """Images finished by all ranks together in this run (None without a store)."""
         if self.store is None:
             return None
         return sum(int(self.store.add(f"images/{r}", 0)) for r in range(self.world_size))
 
-    def check_shared_folder(self, folder: str, settle: float = 10.0) -> None:
-        """Make sure every rank sees the files rank 0 writes in ``folder`` (several machines need
-        a shared file system for one output tree and for resuming). ``settle``: seconds a network
-        file system is given to show a new file."""
-        if not self.distributed:
-            return
-        name = None
-        if self.is_main:
-            os.makedirs(folder, exist_ok=True)
-            name = f".srd-ext-shared-{uuid.uuid4().hex}"
-            atomic_write(os.path.join(folder, name), self.host)
-        name = self.broadcast(name)
-        path = os.path.join(folder, name)
-        deadline = time.monotonic() + settle
+
+# ------------------------------------------------------------------------------------ shared folder
+def check_shared_folder(group: ProcessGroup, folder: str, host: str, settle: float = 10.0) -> None:
+    """Collective. Make sure every rank sees the files rank 0 writes in ``folder`` (several
+    machines need a shared file system for one output tree and for resuming): rank 0 writes a
+    probe file, every rank looks for it for up to ``settle`` seconds (the time a network file
+    system is given to show a new file), and all learn who could not see it."""
+    if not group.distributed:
+        return
+    name = None
+    if group.is_main:
+        os.makedirs(folder, exist_ok=True)
+        name = f".srd-ext-shared-{uuid.uuid4().hex}"
+        atomic_write(os.path.join(folder, name), host)
+    name = group.broadcast(name)
+    path = os.path.join(folder, name)
+    deadline = time.monotonic() + settle
+    seen = os.path.exists(path)
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.2)
         seen = os.path.exists(path)
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.2)
-            seen = os.path.exists(path)
-        answers = self.all_gather((self.rank, self.host, seen))
-        if self.is_main:
-            os.unlink(path)
-        missing = [f"rank {r} on {h}" for r, h, s in answers if not s]
-        if missing:
-            raise DistributedError(
-                f"{folder} is not shared between the machines: {', '.join(missing)} cannot see a file rank 0 "
-                f"on {self.host} wrote there. Runs on several machines need the output folder on a file "
-                "system all of them mount (NFS, Lustre, ...)."
-            )
+    answers = group.all_gather((group.rank, host, seen))
+    if group.is_main:
+        os.unlink(path)
+    missing = [f"rank {r} on {h}" for r, h, s in answers if not s]
+    if missing:
+        raise DistributedError(
+            f"{folder} is not shared between the machines: {', '.join(missing)} cannot see a file rank 0 "
+            f"on {host} wrote there. Runs on several machines need the output folder on a file "
+            "system all of them mount (NFS, Lustre, ...)."
+        )
 
-    def finish(self, error: Optional[str] = None, on_wait: Optional[Callable[[], None]] = None) -> List[dict]:
-        """End of this rank's share of the work; ``error`` says why it stopped early (None: done).
 
-        Waits for the other ranks as long as each either finished or made progress within the
-        timeout, then returns every rank's status, the same list on every rank: dicts with
-        ``rank``, ``host``, ``ok``, ``error`` and ``current`` (what it last worked on). A rank
-        that stopped answering is reported as such. Nothing here waits in a collective, so a
-        lost rank cannot make the others hang; call :meth:`gather` only when all are ``ok``.
-        """
-        me = {"rank": self.rank, "host": self.host, "ok": error is None, "error": error or "", "current": self._current}
-        if not self.distributed:
-            return [me]
+# ------------------------------------------------------------------------------------ end of a run
+class RunEnd:
+    """The end of a run, agreed through the job's store without any collective, so that a lost
+    rank cannot make the others hang. Every rank posts its status (``done/R``); rank 0 referees:
+    it waits while each rank either finished or keeps beating within ``timeout`` seconds, then
+    posts the verdict (every rank's status) that all ranks return."""
+
+    def __init__(self, store, rank: int, world_size: int, timeout: float):
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+
+    def agree(self, me: dict, on_wait: Optional[Callable[[], None]] = None) -> List[dict]:
+        """Post this rank's status ``me``; every rank's status, the same list on every rank."""
         st = self.store
         try:
             st.set(f"done/{self.rank}", json.dumps(me))
-            if self.is_main:
+            if self.rank == 0:
                 verdict = self._referee(on_wait)
                 st.set("verdict", json.dumps(verdict))
                 self._await_acks(verdict)
@@ -503,6 +443,13 @@ class Session:
                 f"rank {self.rank}: lost the connection to the other ranks ({type(e).__name__}: {e})"
             ) from e
         return verdict
+
+    def _wait(self, on_wait) -> None:
+        """Between two looks at the others: a beat of this rank, the caller's refresh, a pause."""
+        self.store.add(f"beat/{self.rank}", 1)
+        if on_wait is not None:
+            on_wait()
+        time.sleep(POLL)
 
     def _referee(self, on_wait) -> List[dict]:
         st, n = self.store, self.world_size
@@ -525,29 +472,32 @@ class Session:
                 elif now - last[r][1] > self.timeout:
                     lost.append(r)
             if lost:
-                for r in lost:
-                    current = st.get(f"now/{r}").decode() if st.check([f"now/{r}"]) else "?"
-                    statuses[r] = {
-                        "rank": r,
-                        "host": "?",
-                        "ok": False,
-                        "current": current,
-                        "error": f"stopped answering: no progress for {self.timeout:.0f} s (--timeout)",
-                    }
-                for r in range(n):  # the others are given their status as it is now
-                    if r not in statuses:
-                        statuses[r] = {
-                            "rank": r,
-                            "host": "?",
-                            "ok": False,
-                            "current": "",
-                            "error": "still working when the run was given up",
-                        }
-                return [statuses[r] for r in range(n)]
-            st.add(f"beat/{self.rank}", 1)
-            if on_wait is not None:
-                on_wait()
-            time.sleep(POLL)
+                return self._give_up(statuses, lost)
+            self._wait(on_wait)
+
+    def _give_up(self, statuses: Dict[int, dict], lost: List[int]) -> List[dict]:
+        """The verdict when the ranks ``lost`` stopped answering: those are reported with what they
+        last worked on; the others that have not finished yet are given their status as it is now."""
+        st = self.store
+        for r in lost:
+            current = st.get(f"now/{r}").decode() if st.check([f"now/{r}"]) else "?"
+            statuses[r] = {
+                "rank": r,
+                "host": "?",
+                "ok": False,
+                "current": current,
+                "error": f"stopped answering: no progress for {self.timeout:.0f} s (--timeout)",
+            }
+        for r in range(self.world_size):
+            if r not in statuses:
+                statuses[r] = {
+                    "rank": r,
+                    "host": "?",
+                    "ok": False,
+                    "current": "",
+                    "error": "still working when the run was given up",
+                }
+        return [statuses[r] for r in range(self.world_size)]
 
     def _await_acks(self, verdict: List[dict], limit: float = 10.0) -> None:
         """Rank 0 may host the store (runs not started by torchrun): it stays until the ranks that
@@ -572,11 +522,99 @@ class Session:
                     f"rank {self.rank}: rank 0 stopped answering (no progress for "
                     f"{self.timeout:.0f} s, --timeout); its finished work is on disk"
                 )
-            st.add(f"beat/{self.rank}", 1)
-            if on_wait is not None:
-                on_wait()
-            time.sleep(POLL)
+            self._wait(on_wait)
         return json.loads(st.get("verdict"))
+
+
+# ------------------------------------------------------------------------------------ session
+class Session(_Ranked):
+    """This process's part in a run: one process, or one rank of a torchrun job.
+
+    ``timeout`` (seconds) bounds the start (all ranks joining), every collective, and how long a
+    rank may go without progress before the others give up on it. Made of the parts above: the
+    :class:`ProcessGroup` and its collectives (``group``), this rank's :class:`Heartbeat`
+    (``heartbeat``), :func:`check_shared_folder` and the :class:`RunEnd`.
+    """
+
+    def __init__(self, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, env: Optional[Env] = None):
+        if not timeout > 0:
+            raise DistributedError(f"--timeout must be > 0 seconds, got {timeout}")
+        self.env = env if env is not None else Env.from_environ()
+        self.timeout = float(timeout)
+        self.device = resolve_device(device, self.env)
+        self.host = socket.gethostname()
+        self.group = ProcessGroup(self.env, self.device, self.timeout)
+        self.heartbeat = Heartbeat(self.env.rank, self.env.world_size)
+
+    @property
+    def store(self):
+        """The job's key-value store (None in a one-process run or before the start)."""
+        return self.group.store
+
+    def __enter__(self) -> "Session":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self.group.start():
+            self.heartbeat.attach(self.group.store)
+
+    def close(self) -> None:
+        self.group.close()
+        self.heartbeat.detach()
+
+    # -- collectives (each bounded by the timeout)
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        return self.group.broadcast(obj)
+
+    def share(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` computed on rank 0 only and handed to every rank (:meth:`ProcessGroup.share`)."""
+        return self.group.share(fn)
+
+    def gather(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's ``obj``, in rank order, on rank 0; None on the others."""
+        return self.group.gather(obj)
+
+    def all_gather(self, obj: Any) -> List[Any]:
+        return self.group.all_gather(obj)
+
+    # -- progress and liveness
+    def beat(self, current: str = "", images: int = 0) -> None:
+        """Tell the others this rank is alive, working on ``current``, and has finished
+        ``images`` more images."""
+        self.heartbeat.beat(current, images)
+
+    def images_done(self) -> Optional[int]:
+        """Images finished by all ranks together in this run (None in a one-process run)."""
+        return self.heartbeat.images_done()
+
+    def check_shared_folder(self, folder: str, settle: float = 10.0) -> None:
+        """Make sure every rank sees the files rank 0 writes in ``folder`` (:func:`check_shared_folder`)."""
+        check_shared_folder(self.group, folder, self.host, settle)
+
+    def finish(self, error: Optional[str] = None, on_wait: Optional[Callable[[], None]] = None) -> List[dict]:
+        """End of this rank's share of the work; ``error`` says why it stopped early (None: done).
+
+        Waits for the other ranks as long as each either finished or made progress within the
+        timeout, then returns every rank's status, the same list on every rank: dicts with
+        ``rank``, ``host``, ``ok``, ``error`` and ``current`` (what it last worked on). A rank
+        that stopped answering is reported as such. Nothing here waits in a collective, so a
+        lost rank cannot make the others hang; call :meth:`gather` only when all are ``ok``.
+        """
+        me = {
+            "rank": self.rank,
+            "host": self.host,
+            "ok": error is None,
+            "error": error or "",
+            "current": self.heartbeat.current,
+        }
+        if not self.distributed:
+            return [me]
+        return RunEnd(self.store, self.rank, self.world_size, self.timeout).agree(me, on_wait)
 
 
 def failures(statuses: List[dict]) -> List[str]:
@@ -606,29 +644,37 @@ def run_share(
     session: "Session",
     todo: Sequence["Block"],
     work: Callable[["Block"], Any],
-    manifest: "Manifest",
+    log: Optional["ResumeLog"],
     progress: "Progress",
     prog: str,
+    describe: Callable[["Block"], str] = str,
+    count: Optional[Callable[["Block"], int]] = len,
 ):
     """This rank's share of the blocks ``todo``: ``work(block)`` returns the block's record, which
-    goes into ``manifest`` as soon as the block is done. A failure ends the share; its message and
-    traceback are printed (``prog``: the program's name) and returned. Returns (records by block
-    key, error or None); the manifest is closed either way."""
+    goes into ``log`` as soon as the block is done (``log`` None: ``work`` records what it needs
+    itself). After each block the progress advances by ``count(block)`` images (None: ``work``
+    advances it itself). A failure ends the share; its message, naming the block by
+    ``describe(block)``, and traceback are printed (``prog``: the program's name) and returned.
+    Returns (records by block key, error or None); the log is closed either way."""
     import traceback
 
     new: Dict[str, Any] = {}
     error, block = None, None
     try:
         for block in shard(todo, session.rank, session.world_size):
-            progress.working_on(str(block))
+            progress.working_on(describe(block))
             rec = work(block)
-            manifest.add(block.key, rec)
+            if log is not None:
+                log.add(block.key, rec)
             new[block.key] = rec
-            progress.update(len(block))
+            if count is not None:
+                progress.update(count(block))
     except Exception as e:
-        error = f"failed on {block} ({type(e).__name__}: {e})"
+        where = describe(block) if block is not None else "its start"
+        error = f"failed on {where} ({type(e).__name__}: {e})"
         progress.write(f"{prog}: rank {session.rank}: {error}\n{traceback.format_exc()}")
-    manifest.close()
+    if log is not None:
+        log.close()
     return new, error
 
 
@@ -699,12 +745,12 @@ class Progress:
             self.bar.close()
 
 
-# ------------------------------------------------------------------------------------ manifest
+# ------------------------------------------------------------------------------------ resume log
 def _normalized(settings: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-class Manifest:
+class ResumeLog:
     """The finished units of one run, kept on disk in ``folder`` so that a stopped run resumes.
 
     ``folder/run.json`` holds ``settings`` (what decides the results); ``folder/rank-R.jsonl``

@@ -69,19 +69,22 @@ class Explainer:
     """SRD explainer of one model; the model is captured once per input signature and reused.
 
     Args:
-        model: a CNN classifier (torchvision, timm or your own; also inside ``torch.compile``,
-            DataParallel or DistributedDataParallel); never modified, and its live parameters are
-            read at every call.
+        model: a CNN or vision transformer classifier (torchvision, timm or your own; also
+            inside ``torch.compile``, DataParallel or DistributedDataParallel); never modified,
+            and its live parameters are read at every call.
         init: initial relevance at the encoder output: "gradcam-contrast" (Eq. 4, default),
             "gradcam", "cam" (per-position logit of a global-average-pool + linear head),
             "constant" (all ones, Sec. 4.3) or a tensor (B, H_L, W_L) / (H_L, W_L).
         bias_share: "contribution" (default: a bias is shared by ``||W_t x_i||``), "input"
             (Eq. 11: by ``||x_i||``) or "none" (biases dropped; relevance not conserved).
         encoder: layer name of the encoder output (default: see :func:`default_encoder`; e.g.
-            ``layer4`` of a ResNet, ``features.29`` of VGG16).
+            ``layer4`` of a ResNet, ``features.29`` of VGG16, ``norm`` of a timm ViT). Maps of a
+            token layer are on its patch grid (B, h, w); the class token's relevance is
+            unassigned (docs/math.md, "Tokens and attention").
 
     Layers are named by "input", "low" (the encoder output), "high" (the last layer every path
-    passes through at 1/8 of the input resolution: 28x28 for a 224 input), a module path
+    passes through at 1/8 of the input resolution: 28x28 for a 224 input; a plain vision
+    transformer's patch embedding), a module path
     ("layer2", "features.22": its output), ``path@k`` for the k-th call of a reused module (also
     ``path_k`` with underscores, as torch.fx names it), or an ATen node name (``relu_3``).
     """
@@ -230,6 +233,8 @@ class Explainer:
             result = {}
             for n, i in zip(names, idx):
                 m = maps.get(i)
+                if m is not None:
+                    m = layers.to_map(g.nodes[i], m)
                 if m is None:  # an empty batch, or no relevance reached the layer
                     m = x.new_zeros((x.shape[0],) + layers.hw(g.nodes[i]))
                 if upsample and tuple(m.shape[-2:]) != tuple(x.shape[-2:]):
@@ -250,6 +255,12 @@ class Explainer:
     ) -> Dict[str, Tensor]:
         """Relevance at the input and at every decomposition site and every node all paths pass
         through, up to the encoder output, keyed by layer name (one pass)."""
+        g, maps = self._all_layers(x, target, init, create_graph)
+        return {g.display_name(i): layers.to_map(g.nodes[i], r) for i, r in maps.items()}
+
+    def _all_layers(self, x, target, init, create_graph):
+        """The graph and the relevance at every layer by node index, as the walk holds it (a
+        token sequence's (B, N, 1), its class token included)."""
         self._check_input(x)
         with torch.set_grad_enabled(bool(create_graph)):
 
@@ -260,7 +271,7 @@ class Explainer:
             r0 = self._initial(run, plan, t, init)
             maps = walk(run, {plan.encoder: r0}, idx)
             maps[plan.encoder] = r0
-        return {g.display_name(i): maps[i] for i in idx if i in maps}
+        return g, {i: maps[i] for i in idx if i in maps}
 
     @_own_precision
     def relevance_budget(self, x: Tensor, target: Target = None, init: Optional[Init] = None) -> Dict[str, Tensor]:
@@ -312,16 +323,20 @@ class Explainer:
                 _, _, _, run, t = self._start(x, lambda g, plan: [i, k], target, False)
                 r0 = self._initial(run, plan, t, init)
                 r_layer = r0 if i == plan.encoder else walk(run, {plan.encoder: r0}, [i])[i]
-                r = r_layer[:, pos[0], pos[1]]
+                r = layers.to_map(g.nodes[i], r_layer)[:, pos[0], pos[1]]
             else:
                 run = self._forward(g, plan, x, [i, k], False)
                 r = torch.as_tensor(relevance, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
             positions = torch.tensor([pos], device=x.device).expand(x.shape[0], 2)
-            maps, lost = walk_seeds(run, i, positions, r, [k])
-            m = maps.get(k)
-            if m is None:
-                m = x.new_zeros((x.shape[0],) + layers.hw(g.nodes[k]))
-            unassigned = lost.get(k, r * 0) if self.bias_share != "none" else r - m.sum((1, 2))
+            maps, lost = walk_seeds(run, i, layers.one_hot(run, i, positions, r), [k])
+            raw = maps.get(k)
+            m = (
+                layers.to_map(g.nodes[k], raw)
+                if raw is not None
+                else x.new_zeros((x.shape[0],) + layers.hw(g.nodes[k]))
+            )
+            off = raw.flatten(1).sum(1) - m.sum((1, 2)) if raw is not None else r * 0  # at a class token
+            unassigned = lost.get(k, r * 0) + off if self.bias_share != "none" else r - m.sum((1, 2))
         return Decomposition(m, unassigned, r)
 
     def _into(self, g: Graph, plan: Plan, i: int, layer: str, into: Optional[str]) -> int:

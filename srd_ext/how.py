@@ -220,17 +220,22 @@ def how(
         total = r0.sum((1, 2))
         root_box = erf_box(maps[g.input_index], threshold) if boxes else [None] * b
         roots = [HowNode("class", None, float(total[n]), 1.0, root_box[n]) for n in range(b)]
-        contrib = _map(maps, idx[0], g, b, x)
-        unassigned = _unassigned(ex.bias_share, lost, idx[0], total, contrib)
+        contrib, off = _map(maps, idx[0], g, b, x)
+        unassigned = _unassigned(ex.bias_share, lost, idx[0], total, contrib) + off
         state = (torch.arange(b, device=x.device), contrib, unassigned)
         _grow(run, g, idx, roots, state, top, boxes, threshold, seeds_per_walk)
     names = [g.display_name(i) for i in idx]
     return [HowTree(n, int(t[n]), names, roots[n]) for n in range(b)]
 
 
-def _map(maps: Dict[int, Tensor], i: int, g, n: int, x: Tensor) -> Tensor:
+def _map(maps: Dict[int, Tensor], i: int, g, n: int, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """The map at layer ``i`` (its patch grid for a token sequence) and the relevance off it (at
+    a class or other constant token, no PFV's: it counts as unassigned)."""
     m = maps.get(i)
-    return m if m is not None else x.new_zeros((n,) + L.hw(g.nodes[i]))
+    if m is None:
+        return x.new_zeros((n,) + L.hw(g.nodes[i])), x.new_zeros(n)
+    grid = L.to_map(g.nodes[i], m)
+    return grid, m.flatten(1).sum(1) - grid.sum((1, 2))
 
 
 def _unassigned(bias_share: str, lost: Dict[int, Tensor], i: int, relevance: Tensor, contrib: Tensor) -> Tensor:
@@ -269,15 +274,16 @@ def _grow(run, g, idx, parents, state, top, boxes, threshold, per_walk) -> None:
         wanted = ([nxt] if nxt is not None else []) + ([g.input_index] if boxes else [])
         if not wanted or not children:
             return
-        ones = torch.ones_like(rel)
-        maps, lost = walk_seeds(run, i, pos, ones, wanted, sample=child_sample, chunk=per_walk)
+        seeds = L.one_hot(run, i, pos, torch.ones_like(rel))
+        maps, lost = walk_seeds(run, i, seeds, wanted, sample=child_sample, chunk=per_walk)
         if boxes:
             for c, box in zip(children, erf_box(maps[g.input_index], threshold)):
                 c.box = box
         if nxt is None:
             return
         scale = rel.view(-1, 1, 1)
-        contrib = scale * _map(maps, nxt, g, len(children), rel)
+        unit, off = _map(maps, nxt, g, len(children), rel)
+        contrib = scale * unit
         lost_n = {k: v * rel for k, v in lost.items()}
-        unassigned = _unassigned(run.bias_share, lost_n, nxt, rel, contrib)
+        unassigned = _unassigned(run.bias_share, lost_n, nxt, rel, contrib) + off * rel
         parents, sample = children, child_sample

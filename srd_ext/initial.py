@@ -32,6 +32,18 @@ def initial_relevance(run: Run, plan: Plan, target: Tensor, init: Init) -> Tenso
         r = init.to(device=A.device, dtype=A.dtype)
         if r.dim() == 2:
             r = r.expand(b, -1, -1)
+        node = g.nodes[L]
+        if node.layout is not None and len(node.layout) == 2:  # tokens: a map of the patch grid
+            gh, gw = node.grid[1:]
+            if tuple(r.shape) != (b, gh, gw):
+                raise ValueError(
+                    f"init tensor must have shape ({b}, {gh}, {gw}) or ({gh}, {gw}) "
+                    f"(the patch grid of the encoder output '{g.display_name(L)}'), got {tuple(init.shape)}"
+                )
+            off = node.grid[0]
+            full = A.new_zeros((b, h, w))
+            full[:, off : off + gh * gw, 0] = r.reshape(b, gh * gw)
+            return full
         if tuple(r.shape) != (b, h, w):
             raise ValueError(
                 f"init tensor must have shape ({b}, {h}, {w}) or ({h}, {w}) "

@@ -1,14 +1,19 @@
 """Layers: which nodes of a captured graph users can name, and what each name means.
 
 "input", "low" (the encoder output), "high" (the last layer every path passes through at 1/8 of
-the input resolution), a module path ("layer2", "features.22": its output), ``path@k`` for the
-k-th call of a reused module (also ``path_k``), or an ATen node name (``relu_3``). A layer has
-pixels (:func:`has_pixels`): a tensor whose batch, height and width dims are known.
+the input resolution; a plain ViT's patch embedding), a module path ("layer2", "features.22": its
+output), ``path@k`` for the k-th call of a reused module (also ``path_k``), or an ATen node name
+(``relu_3``). A layer has pixels (:func:`has_pixels`): a tensor whose batch, height and width dims
+are known, or a token sequence whose patch tokens lie on a known grid; the maps of a token layer
+are given on that grid (:func:`to_map`).
 """
 
 from __future__ import annotations
 
 from typing import Dict, List
+
+import torch
+from torch import Tensor
 
 from .capture import Graph
 from .nodes import Node, UnsupportedModelError
@@ -18,6 +23,9 @@ from .walk import Plan, reach
 __all__ = [
     "has_pixels",
     "hw",
+    "to_map",
+    "from_map",
+    "is_token_node",
     "default_encoder",
     "encoder_node",
     "layer_names",
@@ -26,19 +34,53 @@ __all__ = [
     "high",
     "passes_through",
     "next_below",
+    "one_hot",
 ]
 
 
 def has_pixels(node: Node) -> bool:
     """Whether ``node`` is an input-dependent image-like value: one tensor with batch, height and
-    width dims, before any global pooling."""
-    return node.data and node.layout is not None and not node.pooled and not node.is_tuple
+    width dims, or a token sequence whose patch tokens lie on a known grid, before any global
+    pooling."""
+    return (
+        node.data
+        and node.layout is not None
+        and (len(node.layout) == 3 or node.grid is not None)
+        and not node.pooled
+        and not node.is_tuple
+    )
+
+
+def is_token_node(node: Node) -> bool:
+    return node.layout is not None and len(node.layout) == 2
 
 
 def hw(node: Node) -> tuple:
-    """(H, W) of a node with pixels."""
+    """(H, W) of a node with pixels; the patch grid (h, w) of a token sequence."""
+    if is_token_node(node):
+        return node.grid[1:]
     _, h, w = node.layout
     return (node.shape[h], node.shape[w])
+
+
+def to_map(node: Node, r: Tensor) -> Tensor:
+    """A relevance (B, N, 1) of a token sequence as a map (B, h, w) of its patch tokens (the
+    class and other constant tokens left out); other relevance maps as they are."""
+    if not is_token_node(node):
+        return r
+    off, h, w = node.grid
+    return r[:, off : off + h * w, 0].reshape(r.shape[0], h, w)
+
+
+def from_map(node: Node, m: Tensor, n_tokens: int) -> Tensor:
+    """Inverse of :func:`to_map`: a map (B, h, w) as a relevance (B, N, 1), zero at the tokens
+    that are not patches."""
+    if not is_token_node(node):
+        return m
+    off, h, w = node.grid
+    r = m.new_zeros((m.shape[0], n_tokens, 1))
+    r[:, off : off + h * w, 0] = m.reshape(m.shape[0], h * w)
+    return r
 
 
 def _spatial_call(node: Node) -> bool:
@@ -80,6 +122,13 @@ def default_encoder(graph: Graph) -> int:
             choice = p
     if choice is None and spatial:
         choice = spatial[-1]
+        # A token sequence: the layer's output itself, not a slice or view of it (the patch
+        # tokens before a mean pool, a feature map flattened into tokens).
+        while is_token_node(nodes[choice]) and nodes[choice].rule.view_like:
+            src = nodes[choice].field_inputs
+            if len(src) != 1 or src[0] not in spatial:
+                break
+            choice = src[0]
     if choice is None:
         raise ValueError(
             "no node with pixels (batch, channels, height, width) separates the encoder "
@@ -188,7 +237,8 @@ def resolve(g: Graph, plan: Plan, layer) -> int:
 
 def high(g: Graph, plan: Plan) -> int:
     """The last layer every path passes through at 1/8 of the input resolution (a site or a
-    routing of sites where one exists)."""
+    routing of sites where one exists); for a transformer without one (a plain ViT), the patch
+    embedding's feature map."""
     h, w = g.nodes[g.input_index].shape[2:]
     want = (-(-h // 8), -(-w // 8))
     if want in plan.high:
@@ -197,8 +247,20 @@ def high(g: Graph, plan: Plan) -> int:
     cands = [
         i
         for i in sorted(g.cuts)
-        if i in plan.main and i <= plan.encoder and _spatial_call(g.nodes[i]) and hw(g.nodes[i]) == want
+        if i in plan.main
+        and i <= plan.encoder
+        and _spatial_call(g.nodes[i])
+        and not is_token_node(g.nodes[i])
+        and hw(g.nodes[i]) == want
     ]
+    if not cands and is_token_node(g.nodes[plan.encoder]):
+        # A transformer keeps one resolution: "high" is its patch embedding, the last feature
+        # map every path passes through before the tokens (the patch tokens before any block).
+        cands = [
+            i
+            for i in sorted(g.cuts)
+            if i in plan.main and i < plan.encoder and _spatial_call(g.nodes[i]) and len(g.nodes[i].layout) == 3
+        ]
     if not cands:
         raise ValueError(
             f"no layer every path passes through has 1/8 of the input resolution {want} "
@@ -237,3 +299,15 @@ def next_below(g: Graph, plan: Plan, upper: int) -> int:
     if sites:
         return sites[0]
     return below[0] if below else g.input_index
+
+
+def one_hot(run, i: int, positions: Tensor, relevance: Tensor) -> Tensor:
+    """Seeds for :func:`srd_ext.walk.walk_seeds` at node ``i``: seed n is ``relevance[n]`` at
+    ``positions[n]`` (y, x) of the layer's map (its patch grid for a token sequence), in the form
+    the walk carries relevance there."""
+    node = run.graph.nodes[i]
+    n = positions.shape[0]
+    m = relevance.new_zeros((n,) + tuple(hw(node)))
+    if n:
+        m[torch.arange(n, device=m.device), positions[:, 0], positions[:, 1]] = relevance
+    return from_map(node, m, run.shape(i)[node.layout[1]]) if is_token_node(node) else m

@@ -57,7 +57,8 @@ class Node:
     field_inputs: List[int] = field(default_factory=list)  # data inputs the relevance field reaches
     site: bool = False  # a decomposition site (activation on the field's path)
     z_input: Optional[int] = None  # a site's pre-activation node
-    layout: Optional[Tuple[int, int, int]] = None  # (batch, height, width) dims, if pixels
+    layout: Optional[Tuple[int, ...]] = None  # (batch, height, width) dims, or (batch, token)
+    grid: Optional[Tuple[int, int, int]] = None  # token layout: (first patch token, h, w)
     pooled: bool = False  # downstream of a global pooling (the head)
     is_tuple: bool = False  # the op returns several tensors (split, ...): read with getitem
     fused: Optional[int] = None  # a conv folded into the BatchNorm node with this index

@@ -326,50 +326,68 @@ def walk(run: Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool =
 def walk_seeds(
     run: Run,
     at: int,
-    positions: Tensor,
-    relevance: Tensor,
+    seeds: Tensor,
     wanted: Iterable[int],
     sample: Optional[Tensor] = None,
     chunk: Optional[int] = None,
 ):
-    """Walk N one-hot seeds at node ``at`` down to the ``wanted`` nodes: seed n is ``relevance[n]``
-    at pixel ``positions[n]`` (y, x) of sample ``sample[n]`` (default: seed n of sample n).
-    Returns the maps {node: (N, H, W)} and the relevance left unassigned (N,) above each wanted
-    node. Several seeds of one sample walk together on a run repeated along the batch dim
-    (:meth:`Run.take`), at most ``chunk`` seeds per walk (memory grows with it)."""
-    n_seeds = positions.shape[0]
+    """Walk N seeds at node ``at`` (relevance in the walk's form there, N first: one-hot seeds
+    from :func:`srd_ext.layers.one_hot`) down to the ``wanted`` nodes; seed n belongs to sample
+    ``sample[n]`` (default: seed n to sample n). Returns the maps {node: (N, ...)} and the
+    relevance left unassigned (N,) above each wanted node. Several seeds of one sample walk
+    together on a run repeated along the batch dim (:meth:`Run.take`), at most ``chunk`` seeds
+    per walk (memory grows with it)."""
+    n_seeds = seeds.shape[0]
     if chunk is None or n_seeds <= chunk or sample is None:
-        return _walk_seeds(run, at, positions, relevance, wanted, sample)
+        return _walk_seeds(run, at, seeds, wanted, sample)
     parts = [
-        _walk_seeds(run, at, positions[a : a + chunk], relevance[a : a + chunk], wanted, sample[a : a + chunk])
-        for a in range(0, n_seeds, chunk)
+        _walk_seeds(run, at, seeds[a : a + chunk], wanted, sample[a : a + chunk]) for a in range(0, n_seeds, chunk)
     ]
     maps = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
     lost = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
     return maps, lost
 
 
-def _walk_seeds(run: Run, at: int, positions: Tensor, relevance: Tensor, wanted: Iterable[int], sample):
+def _walk_seeds(run: Run, at: int, seeds: Tensor, wanted: Iterable[int], sample):
     g = run.graph
     wanted = sorted(set(wanted))
     nodes = g.nodes
-    n_seeds = positions.shape[0]
+    n_seeds = seeds.shape[0]
     b = run.shapes[g.input_index][0]
-    x = run.value(g.input_index)
     if sample is not None and not (n_seeds == b and bool((sample == torch.arange(b, device=sample.device)).all())):
+        if any(n.layout is not None and len(n.layout) != 3 for n in nodes):
+            return _walk_rounds(run, at, seeds, wanted, sample)
         low = min(nodes[k].z_input if nodes[k].site else k for k in wanted)
-        run = run.take(sample.to(x.device), low, at)
-    _, h_dim, w_dim = nodes[at].layout
-    shape = run.shapes[at]
-    seeds = x.new_zeros((n_seeds, shape[h_dim], shape[w_dim]))
-    if n_seeds:
-        seeds[torch.arange(n_seeds, device=seeds.device), positions[:, 0], positions[:, 1]] = relevance.to(seeds)
+        run = run.take(sample.to(seeds.device), low, at)
     run.lost, run.lost_at = seeds.new_zeros(n_seeds), {}
     try:
         maps = walk(run, {at: seeds}, wanted)
         lost = dict(run.lost_at)
     finally:
         run.lost, run.lost_at = None, {}
+    return maps, lost
+
+
+def _walk_rounds(run: Run, at: int, seeds: Tensor, wanted, sample: Tensor):
+    """The seeds walked in rounds on the run as it is, round r holding the r-th seed of every
+    sample (zero where a sample has fewer): for graphs whose values :meth:`Run.take` cannot
+    repeat safely (token sequences, whose batch dim moves between the heads' tensors)."""
+    b = run.shapes[run.graph.input_index][0]
+    rank = torch.zeros_like(sample)
+    for s in sample.unique().tolist():
+        where = (sample == s).nonzero()[:, 0]
+        rank[where] = torch.arange(where.numel(), device=sample.device)
+    maps: Dict[int, Tensor] = {}
+    lost: Dict[int, Tensor] = {}
+    for r in range(int(rank.max()) + 1 if rank.numel() else 0):
+        pick = (rank == r).nonzero()[:, 0]
+        batch = seeds.new_zeros((b,) + tuple(seeds.shape[1:]))
+        batch[sample[pick]] = seeds[pick]
+        m, l = _walk_seeds(run, at, batch, wanted, None)
+        for k, v in m.items():
+            maps.setdefault(k, v.new_zeros((seeds.shape[0],) + tuple(v.shape[1:])))[pick] = v[sample[pick]]
+        for k, v in l.items():
+            lost.setdefault(k, v.new_zeros(seeds.shape[0]))[pick] = v[sample[pick]]
     return maps, lost
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import srd_ext
 from srd_ext.nodes import Ref
 from srd_ext.rules import affine as A
+from srd_ext.rules import attention as T
 from srd_ext.rules import structure as S
 
 Decomp = Dict[int, torch.Tensor]  # source node -> (P_source, *shape of the node's value)
@@ -42,7 +43,15 @@ def _val(values, a):
 
 
 def _pixels(shape, layout):
-    """Index tuples of every pixel (batch 0) of a tensor with ``layout``, in (h, w) order."""
+    """Index tuples of every pixel (batch 0) of a tensor with ``layout``, in (h, w) order; of
+    every token of a token layout (batch, token)."""
+    if len(layout) == 2:
+        b, t = layout
+        for n in range(shape[t]):
+            idx = [slice(None)] * len(shape)
+            idx[b], idx[t] = 0, n
+            yield n, tuple(idx)
+        return
     b, h, w = layout
     for y, x in itertools.product(range(shape[h]), range(shape[w])):
         idx = [slice(None)] * len(shape)
@@ -56,10 +65,12 @@ def _pixel_vectors(t, layout):
 
 
 def _batched_pixel_vectors(t, layout):
-    """(N, H*W, C) channel vectors of every entry along the batch dim (dim 0)."""
-    b, h, w = layout
+    """(N, H*W, C) channel vectors of every entry along the batch dim (dim 0); (N, tokens, C) for
+    a token layout."""
     cd = [d for d in range(t.dim()) if d not in layout]
-    return t.permute(b, h, w, *cd).reshape(t.shape[b], t.shape[h] * t.shape[w], -1)
+    b = layout[0]
+    n_pix = _npix(t.shape, layout)
+    return t.permute(*layout, *cd).reshape(t.shape[b], n_pix, -1)
 
 
 class ReferenceSRD:
@@ -182,15 +193,25 @@ class ReferenceSRD:
                 vm = _batched_pixel_vectors(vh, lay)  # (P, J, C)
                 mu = torch.where(z2 > 0, (vm * zm).sum(-1) / z2.clamp_min(1e-300), torch.zeros_like(z2))
                 self.mu[(src, k)] = mu
-                sl = g.nodes[src].layout
-                sh, sw = self.values[src].shape[sl[1]], self.values[src].shape[sl[2]]
+                sh, sw = _map_shape(self.values[src], g.nodes[src].layout)
                 r_src = (mu * rk.reshape(1, -1)).sum(1).view(sh, sw)
                 R[src] = R[src] + r_src if src in R else r_src
         return R
 
 
 def _npix(v, layout):
-    return v.shape[layout[1]] * v.shape[layout[2]]
+    """Pixels (or tokens) of a tensor or shape ``v``."""
+    shape = v.shape if torch.is_tensor(v) else v
+    if len(layout) == 2:
+        return shape[layout[1]]
+    return shape[layout[1]] * shape[layout[2]]
+
+
+def _map_shape(v, layout):
+    """(H, W) of a relevance map of ``v``; (N, 1) for tokens."""
+    if len(layout) == 2:
+        return (v.shape[layout[1]], 1)
+    return (v.shape[layout[1]], v.shape[layout[2]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +418,8 @@ def _cat(ref, n, D, U):
     for s in srcs:
         P = next(D[i][s].shape[0] for i in n.field_inputs if s in D[i])
         out[s] = fn_for(P, lambda i: D[i].get(s) if i in n.field_inputs else None)
-    return out, fn_for(1, lambda i: U[i] if i in n.field_inputs else None)
+    # A constant item (a class token) is part of no source pixel: it is unassigned.
+    return out, fn_for(1, lambda i: U[i] if i in n.field_inputs else ref.values[i].double())
 
 
 def _stack(ref, n, D, U):
@@ -485,6 +507,66 @@ def _tuple_combine(f):
     return go
 
 
+def _attention_weights_literal(q, k, mask, is_causal, scale, gqa):
+    """``softmax(q k^T * scale + mask)`` (batch 1, float64) from its definition: logits by an
+    explicit sum over the head dim, masks applied, then exp / sum per query row."""
+    q, k = q.double(), k.double()
+    hq, L, d = q.shape[-3], q.shape[-2], q.shape[-1]
+    S = k.shape[-2]
+    if gqa and k.shape[-3] != hq:
+        k = torch.stack([k[..., h // (hq // k.shape[-3]), :, :] for h in range(hq)], -3)
+    s = scale if scale is not None else 1.0 / d**0.5
+    logits = torch.einsum("...ld,...sd->...ls", q, k) * s
+    allowed = torch.ones(L, S, dtype=torch.bool)
+    if is_causal:
+        allowed = torch.tensor([[j <= i for j in range(S)] for i in range(L)])
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            logits = logits + mask.double()
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    m = logits.max(-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m)
+    tot = e.sum(-1, keepdim=True)
+    return torch.where(tot > 0, e / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(e))
+
+
+def _sdpa(ref, n, t):
+    """out_i = sum_j A_ij v_j per head with A held at its forward value: the probes of v pushed
+    through, pair by pair (i, j) of tokens."""
+    a = list(n.args)
+    kw = n.kwargs
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    dflt = [None, None, None, None, 0.0, False, None, False]
+    q, k, _v, mask, _d, causal, scale, gqa = (a[i] if i < len(a) else kw.get(names[i], dflt[i]) for i in range(8))
+    if isinstance(mask, Ref) and ref.g.nodes[mask.index].dtype == torch.bool:
+        mask = ref.values[mask.index].bool()  # the reference holds every value as float64
+    else:
+        mask = _val(ref.values, mask)
+    A = _attention_weights_literal(_val(ref.values, q), _val(ref.values, k), mask, bool(causal), scale, bool(gqa))
+    hq = A.shape[-3]
+    if t.shape[-3] != hq:  # grouped-query attention: each value head serves hq / hkv query heads
+        t = torch.stack([t[..., h // (hq // t.shape[-3]), :, :] for h in range(hq)], -3)
+    out = torch.zeros(t.shape[:-2] + (A.shape[-2], t.shape[-1]), dtype=torch.float64)
+    for i in range(A.shape[-2]):
+        for j in range(A.shape[-1]):
+            out[..., i, :] += A[..., i, j].unsqueeze(-1) * t[..., j, :]
+    return out
+
+
+def _matmul(ref, n, D, U):
+    """A product with a held gate (or constant) factor: that factor is a constant matrix."""
+    a, b = n.args[0], n.args[1]
+    x = n.field_inputs[0]
+    if isinstance(b, Ref) and b.index == x:
+        m = _val(ref.values, a).double()
+        return _combine(ref, n, D, U, lambda ts: m @ ts[0])
+    m = _val(ref.values, b).double()
+    return _combine(ref, n, D, U, lambda ts: ts[0] @ m)
+
+
 LINEAR = {
     A.Conv2d: _unary(_conv_linear),
     A.BatchNorm: _unary(_bn_linear),
@@ -510,6 +592,8 @@ LINEAR = {
     S.Mean: _unary(_same_op),
     S.Upsample: _unary(_same_op),
     S.Pad: _unary(_same_op),
+    T.Attention: _unary(_sdpa),
+    T.MatMul: _matmul,
 }
 
 
@@ -653,6 +737,12 @@ def _addcmul_bias(ref, n):
     return _per_pixel(ref, n, u, s.expand(out.shape), value * c * ref.values[u])
 
 
+def _cat_bias(ref, n):
+    """Constant tokens concatenated to a sequence hand nothing to any pixel: ``_cat`` puts them in
+    the unassigned part (the fast path's ``Cat.bias`` only counts them as unassigned)."""
+    return None, None, None
+
+
 BIASES = {
     A.Conv2d: _conv_bias,
     A.BatchNorm: _bn_bias,
@@ -661,4 +751,30 @@ BIASES = {
     A.Linear: _linear_bias,
     A.AddSub: _addsub_bias,
     A.Addcmul: _addcmul_bias,
+    S.Cat: _cat_bias,
 }
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-12))
+
+
+def check_every_site(model, x, bias_share: str, tol: float = 1e-4) -> int:
+    """The fast path (``relevance_at_all_layers``) against :class:`ReferenceSRD` at every site
+    and the input, for the first sample of ``x``; returns how many layers were compared (all of
+    the reference's sites and the input)."""
+    ex = srd_ext.Explainer(model, bias_share=bias_share)
+    fast = ex.relevance_at_all_layers(x)
+    g = ex.graph(x)
+    ref = ReferenceSRD(model, x, bias_share=bias_share)
+    r_ref = ref.run(fast[g.display_name(ref.plan.encoder)][0])
+    if bias_share != "none":  # the explicit decomposition is exact: sum_i v_hat_{i->j} = v_j
+        assert max(ref.residuals.values()) < 1e-10
+    checked = 0
+    for i, r in r_ref.items():
+        name_i = g.display_name(i)
+        assert name_i in fast, name_i
+        assert rel_err(fast[name_i][0], r) < tol, (bias_share, name_i)
+        checked += 1
+    assert checked == len(ref.sites()) + 1
+    return checked

@@ -1,5 +1,6 @@
 """Capture: regions export wraps (autocast, grad mode) are inlined, and a model whose attention
-comes after the last layer with pixels is refused instead of being explained through its stem."""
+comes after the last layer with pixels SRD can decompose is refused instead of being explained
+through its stem."""
 
 from __future__ import annotations
 
@@ -52,33 +53,35 @@ def test_wrapped_region_is_inlined():
     torch.testing.assert_close(budget["encoder"], budget["input"] + budget["unassigned"])
 
 
-class _TinyAttention(nn.Module):
-    """Patch embedding, then one attention over the tokens, then a mean-pool head: the last
-    layer with pixels is the patch embedding."""
+class _UnfoldAttention(nn.Module):
+    """A conv stem, then tokens cut with ``F.unfold`` (whose pixels srd_ext does not follow), one
+    attention over them and a mean-pool head: the last layer with pixels SRD can decompose is
+    the stem, before the attention."""
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.embed = nn.Linear(64, 8)
         self.qkv = nn.Linear(8, 24)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
-        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        t = self.embed(F.unfold(F.relu(self.stem(x)), 4, stride=4).transpose(1, 2))  # (B, N, C)
         q, k, v = self.qkv(t).chunk(3, dim=-1)
         t = t + F.scaled_dot_product_attention(q, k, v)
         return self.fc(t.mean(1))
 
 
 def test_attention_after_the_last_pixel_layer_is_refused_with_the_way_out():
-    model = randomize(_TinyAttention(), seed=1)
+    model = randomize(_UnfoldAttention(), seed=1)
     x = torch.randn(2, 3, 16, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
-        srd_ext.UnsupportedModelError, match=r"mixes tokens.*scaled_dot_product_attention.*encoder='embed'"
+        srd_ext.UnsupportedModelError, match=r"mixes tokens.*scaled_dot_product_attention.*encoder='relu'"
     ):
         srd_ext.explain(model, x)
     # the user may still ask for the stem knowingly
-    r = srd_ext.explain(model, x, encoder="embed")
+    r = srd_ext.explain(model, x, encoder="relu")
     assert r.shape == (2, 16, 16) and torch.isfinite(r).all()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])

@@ -341,7 +341,7 @@ def test_every_skip_and_failure_is_reported(folder, capsys):
 def test_writes_are_atomic(folder, capsys, monkeypatch):
     tmp, src = folder
     out = tmp / "out"
-    real = cli._npy_bytes
+    real = cli.npy_bytes
     calls = []
 
     def flaky(a):  # the second image's .npy cannot be written
@@ -350,7 +350,7 @@ def test_writes_are_atomic(folder, capsys, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(a)
 
-    monkeypatch.setattr(cli, "_npy_bytes", flaky)
+    monkeypatch.setattr(cli, "npy_bytes", flaky)
     code, stdout, err = run(capsys, src / "img0.png", src / "img1.png", "--model", "shapes-vgg", "--out", out)
     assert code == 1 and summary(stdout) == (2, 1, 0, 1)
     assert "could not write its outputs" in err and "No space left" in err

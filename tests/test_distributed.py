@@ -1,4 +1,4 @@
-"""srd_ext.distributed: the pieces (environment, blocks and shards, seeds, files, manifest, the
+"""srd_ext.distributed: the pieces (environment, blocks and shards, seeds, files, resume log, the
 end of a run with two ranks, one of them failing or gone) and the three scripts under torchrun.
 
 The whole-run tests start real processes: ``torchrun --standalone --nproc_per_node=2`` with gloo
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd_ext import cli, data, distributed
+from srd_ext import cli, data, distributed, fileio
 
 from programs import ROOT, run_script
 
@@ -96,17 +96,17 @@ def test_image_seed_depends_on_seed_and_image_only():
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     path = tmp_path / "table.csv"
-    distributed.atomic_write(str(path), "old\n")
+    fileio.atomic_write(str(path), "old\n")
 
     def broken(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(distributed.os, "replace", broken)
+    monkeypatch.setattr(fileio.os, "replace", broken)
     with pytest.raises(OSError, match="No space left"):
-        distributed.atomic_write(str(path), "new\n")
+        fileio.atomic_write(str(path), "new\n")
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["table.csv"]  # no temporary file left
     monkeypatch.undo()
-    distributed.atomic_write(str(path), "new\n")
+    fileio.atomic_write(str(path), "new\n")
     assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["table.csv"]
 
 
@@ -115,12 +115,12 @@ def test_a_killed_write_leaves_a_temporary_file_the_next_run_removes(tmp_path):
     (tmp_path / ".other.npy.abcdefgh.tmp").write_bytes(b"half")
     (tmp_path / "a.png.srd-input.npy").write_bytes(b"whole")
     (tmp_path / ".hidden.tmp").write_bytes(b"someone's")
-    assert distributed.temporary_target(".a.png.srd-input.npy.k3j_x9aa.tmp") == "a.png.srd-input.npy"
-    assert distributed.remove_stale_temporaries(str(tmp_path), ["a.png.srd-input.npy"]) == [
+    assert fileio.temporary_target(".a.png.srd-input.npy.k3j_x9aa.tmp") == "a.png.srd-input.npy"
+    assert fileio.remove_stale_temporaries(str(tmp_path), ["a.png.srd-input.npy"]) == [
         ".a.png.srd-input.npy.k3j_x9aa.tmp"
     ]
     assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", ".other.npy.abcdefgh.tmp", "a.png.srd-input.npy"]
-    assert distributed.remove_stale_temporaries(str(tmp_path)) == [".other.npy.abcdefgh.tmp"]
+    assert fileio.remove_stale_temporaries(str(tmp_path)) == [".other.npy.abcdefgh.tmp"]
     assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", "a.png.srd-input.npy"]
 
 
@@ -128,10 +128,10 @@ def test_tables_and_maps_read_without_srd_ext(tmp_path):
     maps = np.random.default_rng(0).standard_normal((3, 7, 5)).astype(np.float32)
     rows = []
     for i, m in enumerate(maps):
-        distributed.save_npy(str(tmp_path / "maps" / f"{i:06d}.npy"), m)
+        fileio.save_npy(str(tmp_path / "maps" / f"{i:06d}.npy"), m)
         rows.append({"index": i, "image": f'a, "b" {i}.png', "score": float(m.mean()), "map_file": f"maps/{i:06d}.npy"})
     rows.append({"index": 3, "image": "missing", "score": None, "map_file": None})
-    distributed.write_csv(str(tmp_path / "t.csv"), rows, ["index", "image", "score", "map_file"])
+    fileio.write_csv(str(tmp_path / "t.csv"), rows, ["index", "image", "score", "map_file"])
     code = """
 import csv, json, os, sys
 import numpy as np
@@ -163,24 +163,24 @@ class OneProcess(distributed.Session):
         super().__init__("cpu", env=distributed.Env())
 
 
-def test_manifest_resumes_skips_torn_lines_and_refuses_other_settings(tmp_path):
+def test_resume_log_resumes_skips_torn_lines_and_refuses_other_settings(tmp_path):
     folder = str(tmp_path / "run.parts")
-    m = distributed.Manifest(folder, {"model": "a", "n": 16}, OneProcess())
+    m = distributed.ResumeLog(folder, {"model": "a", "n": 16}, OneProcess())
     assert m.open() == {}
     m.add("0-4", {"x": [1.5, float("nan")]})
     m.add("4-8", {"x": [2.0]})
     m.close()
     with open(os.path.join(folder, "rank-0.jsonl"), "ab") as f:
         f.write(b'{"key": "8-12", "rec')  # a process killed while writing
-    m = distributed.Manifest(folder, {"model": "a", "n": 16}, OneProcess())
+    m = distributed.ResumeLog(folder, {"model": "a", "n": 16}, OneProcess())
     got = m.open()
     assert sorted(got) == ["0-4", "4-8"] and got["4-8"] == {"x": [2.0]} and np.isnan(got["0-4"]["x"][1])
     m.add("8-12", {"x": [3.0]})  # appended after the torn line, on a line of its own
     m.close()
-    m = distributed.Manifest(folder, {"model": "a", "n": 16}, OneProcess())
+    m = distributed.ResumeLog(folder, {"model": "a", "n": 16}, OneProcess())
     assert sorted(m.open()) == ["0-4", "4-8", "8-12"]
     m.close()
-    other = distributed.Manifest(folder, {"model": "b", "n": 16}, OneProcess())
+    other = distributed.ResumeLog(folder, {"model": "b", "n": 16}, OneProcess())
     with pytest.raises(distributed.SettingsMismatch, match=r"model: 'a' then, 'b' now.*delete"):
         other.open()
     (tmp_path / "run.parts" / "notes.txt").write_text("someone else's")

@@ -10,7 +10,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 import srd_ext
 
 from models_for_tests import op_models, tiny_resnet, tiny_vgg
-from reference import ReferenceSRD
+from reference import ReferenceSRD, check_every_site, rel_err
 
 MODELS = {
     "vgg": (lambda: tiny_vgg(seed=1), 16),
@@ -24,30 +24,11 @@ def _input(size, batch=1, seed=0):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _rel_err(a, b):
-    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-12))
-
-
 @pytest.mark.parametrize("bias_share", ["contribution", "input", "none"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fast_path_equals_reference_at_every_site(name, bias_share):
     build, size = MODELS[name]
-    model = build().double()
-    x = _input(size)
-    ex = srd_ext.Explainer(model, bias_share=bias_share)
-    fast = ex.relevance_at_all_layers(x)
-    g = ex.graph(x)
-    ref = ReferenceSRD(model, x, bias_share=bias_share)
-    r_ref = ref.run(fast[g.display_name(ref.plan.encoder)][0])
-    if bias_share != "none":  # the explicit decomposition is exact: sum_i v_hat_{i->j} = v_j
-        assert max(ref.residuals.values()) < 1e-10
-    checked = 0
-    for i, r in r_ref.items():
-        name_i = g.display_name(i)
-        assert name_i in fast, name_i
-        assert _rel_err(fast[name_i][0], r) < 1e-4, name_i
-        checked += 1
-    assert checked >= 4 and checked == len(ref.sites()) + 1
+    assert check_every_site(build().double(), _input(size), bias_share) >= 4
 
 
 WIDE = {  # wide enough that no receptive field is entirely zero (its bias would have no carrier)
@@ -123,11 +104,11 @@ def test_forward_form_equals_backward(name):
             total = total + mu.T @ erf[src]
         erf[k] = total
     phi = (r_enc.reshape(-1) @ erf[enc]).view(x.shape[2:])
-    assert _rel_err(phi, fast["input"][0]) < 1e-6
+    assert rel_err(phi, fast["input"][0]) < 1e-6
     h, w = r_enc.shape
     pos = (h // 2, w // 2)
     back = ex.erf(x, g.display_name(enc), pos)[0]
-    assert _rel_err(back, erf[enc][pos[0] * w + pos[1]].view(x.shape[2:])) < 1e-6
+    assert rel_err(back, erf[enc][pos[0] * w + pos[1]].view(x.shape[2:])) < 1e-6
 
 
 def _state(model):

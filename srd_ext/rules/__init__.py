@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Set
 
 import torch
 
-from . import activations, affine, structure  # noqa: F401  (register the rules)
+from . import activations, affine, attention, structure  # noqa: F401  (register the rules)
 from .activations import Activation
 from .affine import BatchNorm, Conv2d
 from .base import (
@@ -112,6 +112,7 @@ def analyse(graph) -> None:
     for n in nodes:
         if n.kind == "call" and n.data:
             n.layout = n.rule.layout(n, graph)
+            n.grid = n.rule.grid(n, graph) if n.layout is not None and len(n.layout) == 2 else None
             n.pooled = n.rule.global_pool(n) or any(nodes[i].pooled for i in n.field_inputs)
             n.site = n.z_input is not None
         elif n.kind == "output":

@@ -559,7 +559,7 @@ class Linear(Rule):
     head, any linear layer."""
 
     ops = ("aten.linear",)
-    title = "Linear (the head; over channels of a channels-last tensor)"
+    title = "Linear (the head; over channels of a channels-last tensor or of tokens)"
     group = "affine"
     decomposable = True
 
@@ -582,7 +582,8 @@ class Linear(Rule):
         if x.layout is None or (len(x.shape) - 1) in x.layout:
             raise unsupported(
                 node,
-                "a linear layer on the relevance path whose input is not a channels-last image tensor (B, H, W, C)",
+                "a linear layer on the relevance path whose input is not a channels-last image tensor (B, H, W, C) "
+                "or a token sequence (B, N, C)",
             )
 
     def needs(self, node, graph):

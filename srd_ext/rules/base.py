@@ -28,6 +28,7 @@ from ..nodes import UnsupportedModelError
 
 __all__ = [
     "Rule",
+    "is_tokens",
     "register",
     "REGISTRY",
     "to_nchw",
@@ -89,6 +90,12 @@ class Rule:
         """Pixel layout of the output: by default that of the first field input, when the
         output keeps that input's batch, height and width dims."""
         return same_layout(node, graph)
+
+    def grid(self, node, graph) -> Optional[Tuple[int, int, int]]:
+        """Where the patch grid lies along the tokens of an output with a token layout:
+        ``(first patch token, h, w)``, patches in row-major order. By default that of the first
+        field input with the same number of tokens."""
+        return same_grid(node, graph)
 
     def global_pool(self, node) -> bool:
         return False
@@ -152,6 +159,18 @@ def same_layout(node, graph):
     return None
 
 
+def same_grid(node, graph):
+    """The patch grid of the first field input with a token layout and as many tokens."""
+    n_tok = node.shape[node.layout[1]] if node.shape is not None else None  # None: a tuple
+    for i in node.field_inputs:
+        src = graph.nodes[i]
+        if src.shape is None:  # an item of a tuple (getitem): the tuple's source decides
+            return src.grid
+        if is_tokens(src.layout) and src.grid is not None and n_tok in (None, src.shape[src.layout[1]]):
+            return src.grid
+    return None
+
+
 def nchw_layout(node, graph):
     return (0, 2, 3) if node.shape is not None and len(node.shape) == 4 else None
 
@@ -160,14 +179,22 @@ def _channel_dims(ndim: int, layout) -> List[int]:
     return [d for d in range(ndim) if d not in layout]
 
 
+def is_tokens(layout) -> bool:
+    """A token layout ``(batch, token)``: a sequence (B, N, C) of N PFVs, as a transformer holds
+    them. Internally its relevance is (B, N, 1), a (B, H, W) map with H = N and W = 1."""
+    return layout is not None and len(layout) == 2
+
+
 def to_nchw(t: Tensor, layout) -> Tensor:
-    """A tensor with pixel ``layout`` (batch, height, width dims) as (B, C, H, W); channel dims
-    flattened in order. A view when there is at most one channel dim."""
-    b, h, w = layout
+    """A tensor with pixel ``layout`` (batch, height, width dims; or batch, token dims) as
+    (B, C, H, W), a token layout as (B, C, N, 1); channel dims flattened in order. A view when
+    there is at most one channel dim."""
     if t.dim() == 4 and layout == (0, 2, 3):
         return t
     cd = _channel_dims(t.dim(), layout)
-    p = t.permute(b, *cd, h, w)
+    p = t.permute(layout[0], *cd, *layout[1:])
+    if len(layout) == 2:
+        p = p.unsqueeze(-1)
     if len(cd) == 1:
         return p
     if not cd:
@@ -177,11 +204,10 @@ def to_nchw(t: Tensor, layout) -> Tensor:
 
 def from_nchw(t4: Tensor, layout, shape: Sequence[int]) -> Tensor:
     """Inverse of :func:`to_nchw` for a tensor of ``shape``."""
-    b, h, w = layout
     if len(shape) == 4 and layout == (0, 2, 3):
         return t4
     cd = _channel_dims(len(shape), layout)
-    order = [b, *cd, h, w]
+    order = [layout[0], *cd, *layout[1:]]
     t = t4.reshape([shape[d] for d in order])
     inv = [0] * len(order)
     for pos, d in enumerate(order):

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..nodes import Ref
-from .base import Rule, nchw_layout, register, sum_to, unsupported
+from .base import Rule, is_tokens, nchw_layout, register, same_grid, sum_to, unsupported
 
 
 def _ref_index(a):
@@ -72,10 +72,12 @@ class Identity(Routing):
         return [(x, g)]
 
 
-def _align_layout(in_shape, in_layout, out_shape) -> Optional[Tuple[int, int, int]]:
-    """Follow the batch/height/width dims through a reshape by matching prefix products."""
+def _align_layout(in_shape, in_layout, out_shape) -> Optional[Tuple[int, ...]]:
+    """Follow the batch/height/width (or batch/token) dims through a reshape by matching prefix
+    products. Height and width merged, in this order, into one dim become a token dim (a
+    feature map flattened into a token sequence, row-major)."""
     labels = ["C"] * len(in_shape)
-    for name, d in zip("BHW", in_layout):
+    for name, d in zip("BHW" if len(in_layout) == 3 else "BT", in_layout):
         labels[d] = name
     out_labels: List[str] = ["?"] * len(out_shape)
     i = j = 0
@@ -105,16 +107,22 @@ def _align_layout(in_shape, in_layout, out_shape) -> Optional[Tuple[int, int, in
         big_in = [k for k in gi if in_shape[k] != 1]
         big_out = [k for k in gj if out_shape[k] != 1]
         names = {labels[k] for k in big_in}
-        if len(big_in) == 1 and len(big_out) == 1 and labels[big_in[0]] in "BHW":
+        if len(big_in) == 1 and len(big_out) == 1 and labels[big_in[0]] in "BHWT":
             for k in gj:
                 out_labels[k] = "C"
             out_labels[big_out[0]] = labels[big_in[0]]
+        elif [labels[k] for k in big_in] == ["H", "W"] and len(big_out) == 1:
+            for k in gj:
+                out_labels[k] = "C"
+            out_labels[big_out[0]] = "T"
         elif names <= {"C"}:
             for k in gj:
                 out_labels[k] = "C"
         else:
             return None
     try:
+        if "T" in out_labels:
+            return (out_labels.index("B"), out_labels.index("T"))
         return (out_labels.index("B"), out_labels.index("H"), out_labels.index("W"))
     except ValueError:
         return None
@@ -141,6 +149,12 @@ class Reshape(Routing):
         if src is None or src.layout is None or node.shape is None:
             return None
         return _align_layout(src.shape, src.layout, node.shape)
+
+    def grid(self, node, graph):
+        src = graph.nodes[node.field_inputs[0]]
+        if len(src.layout) == 3:  # a feature map flattened into tokens: all of them patches
+            return (0, src.shape[src.layout[1]], src.shape[src.layout[2]])
+        return same_grid(node, graph)
 
     def vjp(self, node, g, run):
         x = node.field_inputs[0]
@@ -218,6 +232,26 @@ class Slice(Routing):
             return tuple(d - (d > dim) for d in src.layout)
         return src.layout
 
+    def grid(self, node, graph):
+        """A slice along the tokens that keeps every patch token (``x[:, 1:]``) moves the grid."""
+        src = graph.nodes[node.field_inputs[0]]
+        if src.grid is None:
+            return None
+        n = src.shape[src.layout[1]]
+        if node.args[1] % len(src.shape) != src.layout[1]:
+            return src.grid
+        if node.op_name == "aten.narrow":
+            start, end, step = node.args[2], node.args[2] + node.args[3], 1
+        else:
+            a = list(node.args) + [None] * 5
+            start, end, step = a[2] or 0, (a[3] if a[3] is not None else n), a[4] or 1
+        start = max(0, min(n, start + n if start < 0 else start))
+        end = max(start, min(n, end + n if end < 0 else end))
+        off, h, w = src.grid
+        if step == 1 and start <= off and off + h * w <= end:
+            return (off - start, h, w)
+        return None
+
     def vjp(self, node, g, run):
         x = node.field_inputs[0]
         shape = list(run.shape(x))
@@ -256,8 +290,17 @@ class _Join(Rule):
 
 @register
 class Cat(_Join):
+    """Concatenation over channels; or along the tokens of one token sequence with constant
+    tokens (a class, distillation or register token): the constants are no pixel's, so the
+    relevance that reaches them is unassigned (``bias``)."""
+
     ops = ("aten.cat", "aten.concat", "aten.concatenate")
-    title = "cat (concatenation over channels)"
+    title = "cat (over channels; a token sequence with constant class or register tokens)"
+
+    def _token_dim(self, node, graph) -> bool:
+        """Whether this joins one token sequence with constants along its tokens."""
+        lay = graph.nodes[node.field_inputs[0]].layout if len(node.field_inputs) == 1 else None
+        return is_tokens(lay) and (node.params["dim"] % len(node.shape)) == lay[1]
 
     def layout(self, node, graph):
         lays = {graph.nodes[i].layout for i in node.field_inputs}
@@ -265,7 +308,25 @@ class Cat(_Join):
             lay = lays.pop()
             if lay is not None and (node.params["dim"] % len(node.shape)) not in lay:
                 return lay
+            if self._token_dim(node, graph):
+                return lay
         return None
+
+    def grid(self, node, graph):
+        if not self._token_dim(node, graph):
+            return same_grid(node, graph)
+        x = node.field_inputs[0]
+        src = graph.nodes[x]
+        if src.grid is None:
+            return None
+        dim = node.params["dim"] % len(node.shape)
+        before = 0
+        for i in node.params["items"]:
+            if i == x:
+                break
+            before += graph.nodes[i].shape[dim]
+        off, h, w = src.grid
+        return (off + before, h, w)
 
     def vjp(self, node, g, run):
         dim = node.params["dim"] % g.dim()
@@ -277,6 +338,22 @@ class Cat(_Join):
                 out.append((i, g.narrow(dim, start, n)))
             start += n
         return out
+
+    def bias(self, node, g, run):
+        """The relevance content ``<t, g>`` of the constant tokens: unassigned."""
+        if run.lost is None or node.layout is None or len(node.field_inputs) == len(node.params["items"]):
+            return []
+        dim = node.params["dim"] % g.dim()
+        data = set(node.field_inputs)
+        b = node.layout[0]
+        start = 0
+        for i in node.params["items"]:
+            n = run.shape(i)[dim]
+            if i not in data:
+                part = (g.narrow(dim, start, n) * run.value(i)).movedim(b, 0)
+                run.note_lost(part.reshape(part.shape[0], -1).sum(1))
+            start += n
+        return []
 
 
 @register
@@ -490,7 +567,7 @@ class Mean(Routing):
         if src is None or src.layout is None:
             return None
         dims = node.params["dims"]
-        node.params["spatial"] = src.layout[1] in dims and src.layout[2] in dims
+        node.params["spatial"] = all(d in dims for d in src.layout[1:])
         if any(d in dims for d in src.layout):
             return None
         if node.params["keep"]:
