@@ -264,3 +264,21 @@ def test_concept_index_save_load_round_trip(tmp_path):
     joined = ConceptIndex.concat(parts)
     order = joined.column("image").argsort(stable=True)
     assert torch.equal(joined.rows[order], index.rows) and torch.equal(joined.vectors[order], index.vectors)
+
+
+def test_tree_and_decompose_on_a_vision_transformer():
+    """Token layers: maps on the patch grid; the class token's share counts as unassigned, so
+    the sums still hold; several seeds of one image are walked in rounds."""
+    pytest.importorskip("timm")
+    from test_transformers import timm_vit
+
+    model = timm_vit()
+    x = _input(32, batch=2, seed=9)
+    ex = srd_ext.Explainer(model)
+    d = ex.decompose(x, "low", (1, 2))
+    torch.testing.assert_close(d.relevance, ex.explain(x, layer="low")[:, 1, 2])
+    torch.testing.assert_close(d.contributions.sum((1, 2)) + d.unassigned, d.relevance, rtol=1e-9, atol=1e-14)
+    trees = how(ex, x, depth=2, top=2)
+    for tree in trees:
+        assert _check_node(tree.root, 32, 32) >= 3
+    _same_tree(how(ex, x[1:], depth=2, top=2)[0].root, trees[1].root)
