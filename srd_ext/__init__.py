@@ -6,8 +6,9 @@ Quick start::
     maps = srd_ext.explain(model.eval(), images)                  # (B, H, W), predicted class
     maps = srd_ext.explain(model, images, target=3, layer="high")   # 1/8 resolution
 
-The core (``explain``, ``Explainer``, ``erf``, ``ops``, ``capture``) is imported with the package.
-The other submodules (``apop``, ``baselines``, ``cli``, ``data``, ``distributed``, ``interop``,
+The core (``explain``, ``Explainer``, ``erf``, ``how``, ``ops``, ``capture``) is imported with the
+package.
+The other submodules (``apop``, ``baselines``, ``cli``, ``concepts``, ``data``, ``distributed``, ``interop``,
 ``metrics``, ``models``, ``viz``, ``zoo``) are imported on first use, so ``import srd_ext`` stays
 fast and their optional dependencies (torchvision, captum, pytorch-grad-cam, matplotlib, timm)
 are needed only by what uses them. ``srd_ext.explain_func`` (Quantus) and ``srd_ext.SRD``
@@ -18,7 +19,8 @@ import importlib
 
 from . import capture, ops
 from ._version import __version__
-from .explain import Explainer, erf, explain
+from .explain import Decomposition, Explainer, erf, explain
+from .how import HowNode, HowTree, how
 from .nodes import UnsupportedModelError
 from .ops import activation_share, bias_share_scatter, conv_tap_norms, pfv_decompose
 
@@ -27,6 +29,7 @@ _LAZY_MODULES = (
     "apop",
     "baselines",
     "cli",
+    "concepts",
     "data",
     "distributed",
     "interop",
@@ -43,6 +46,10 @@ __all__ = [
     "explain",
     "Explainer",
     "erf",
+    "Decomposition",
+    "how",
+    "HowTree",
+    "HowNode",
     "capture",
     "UnsupportedModelError",
     "ops",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,9 +27,20 @@ from .capture import Graph, graph_for, signature_of, unwrap
 from .checks import Target, check_input, class_targets
 from .initial import INITS, Init, initial_relevance
 from .rules import BIAS_SHARES
-from .walk import Plan, Run, forward, walk
+from .walk import Plan, Run, forward, walk, walk_seeds
 
-__all__ = ["Explainer", "explain", "erf", "INITS"]
+__all__ = ["Explainer", "Decomposition", "explain", "erf", "INITS"]
+
+
+class Decomposition(NamedTuple):
+    """One PFV's relevance decomposed into the PFVs of a lower layer
+    (:meth:`Explainer.decompose`): ``contributions`` (B, H, W) at that layer, ``unassigned`` (B,)
+    the bias shares no PFV there carries, ``relevance`` (B,) the PFV's relevance;
+    ``contributions.sum((1, 2)) + unassigned == relevance``."""
+
+    contributions: Tensor
+    unassigned: Tensor
+    relevance: Tensor
 
 
 def _own_precision(method):
@@ -279,21 +290,78 @@ class Explainer:
     @_own_precision
     def erf(self, x: Tensor, layer: str, position) -> Tensor:
         """Effective receptive field of the PFV at ``position`` (y, x) of ``layer``: the input map
-        (B, H, W) reached by a unit relevance there (Eq. 1-2; the backward form of Appendix C)."""
+        (B, H, W) reached by a unit relevance there (Eq. 1-2; the backward form of Appendix C).
+        It is :meth:`decompose` into the input from a unit start."""
+        return self.decompose(x, layer, position, into="input", relevance=1.0).contributions
+
+    @_own_precision
+    def decompose(
+        self,
+        x: Tensor,
+        layer: str,
+        position: Tuple[int, int],
+        *,
+        into: Optional[str] = None,
+        target: Target = None,
+        relevance: Union[None, float, Tensor] = None,
+        init: Optional[Init] = None,
+    ) -> Decomposition:
+        """The relevance of the PFV at ``position`` (y, x) of ``layer`` decomposed into the PFVs of
+        the lower layer ``into`` (default: the next decomposition site down that all its relevance
+        passes through): the relevance each of them shares with it (``mu[i -> j] R_j`` summed over
+        every path from i to j), and the unassigned bias share. ``relevance``: the PFV's relevance
+        (a number or (B,)); by default its relevance in the explanation of ``target`` (the map of
+        ``explain(x, target, layer=layer)`` at ``position``). Returns a :class:`Decomposition`."""
         self._check_input(x)
         with torch.no_grad():
             g = self.graph(x)
             plan = self._plan(g)
             i = layers.resolve(g, plan, layer)
-            run = self._forward(g, plan, x, [i, g.input_index], False)
-            h, w = layers.hw(g.nodes[i])
-            py, px = position
-            if not (0 <= py < h and 0 <= px < w):
-                raise ValueError(f"position {tuple(position)} outside layer {layer!r} of size ({h}, {w})")
-            seed = x.new_zeros((x.shape[0], h, w))
-            seed[:, py, px] = 1.0
-            seed = layers.from_map(g.nodes[i], seed, run.shape(i)[g.nodes[i].layout[1]])
-            return walk(run, {i: seed}, [g.input_index])[g.input_index]
+            k = self._into(g, plan, i, layer, into)
+            pos = _position(g, i, layer, position)
+            if relevance is None:
+                _, _, _, run, t = self._start(x, lambda g, plan: [i, k], target, False)
+                r0 = self._initial(run, plan, t, init)
+                r_layer = r0 if i == plan.encoder else walk(run, {plan.encoder: r0}, [i])[i]
+                r = layers.to_map(g.nodes[i], r_layer)[:, pos[0], pos[1]]
+            else:
+                run = self._forward(g, plan, x, [i, k], False)
+                r = torch.as_tensor(relevance, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
+            positions = torch.tensor([pos], device=x.device).expand(x.shape[0], 2)
+            maps, lost = walk_seeds(run, i, layers.one_hot(run, i, positions, r), [k])
+            raw = maps.get(k)
+            m = (
+                layers.to_map(g.nodes[k], raw)
+                if raw is not None
+                else x.new_zeros((x.shape[0],) + layers.hw(g.nodes[k]))
+            )
+            off = raw.flatten(1).sum(1) - m.sum((1, 2)) if raw is not None else r * 0  # at a class token
+            unassigned = lost.get(k, r * 0) + off if self.bias_share != "none" else r - m.sum((1, 2))
+        return Decomposition(m, unassigned, r)
+
+    def _into(self, g: Graph, plan: Plan, i: int, layer: str, into: Optional[str]) -> int:
+        if i == g.input_index:  # an image pixel decomposes only into itself
+            if into is None or layers.resolve(g, plan, into) == i:
+                return i
+            raise ValueError("layer='input' has no lower layer to decompose into")
+        if into is None:
+            return layers.next_below(g, plan, i)
+        k = layers.resolve(g, plan, into)
+        if k >= i or not layers.passes_through(g, i, k):
+            ok = [g.display_name(j) for j in layers.layer_indices(g, plan) if j < i and layers.passes_through(g, i, j)]
+            raise ValueError(
+                f"into={into!r} is not below layer {layer!r} on every path of its relevance; "
+                f"layers it can be decomposed into: {ok + ['input']}"
+            )
+        return k
+
+
+def _position(g: Graph, i: int, layer: str, position) -> Tuple[int, int]:
+    h, w = layers.hw(g.nodes[i])
+    py, px = (int(p) for p in position)
+    if not (0 <= py < h and 0 <= px < w):
+        raise ValueError(f"position {tuple(position)} outside layer {layer!r} of size ({h}, {w})")
+    return py, px
 
 
 def explain(

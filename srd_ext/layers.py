@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+import torch
 from torch import Tensor
 
 from .capture import Graph
@@ -31,6 +32,9 @@ __all__ = [
     "layer_indices",
     "resolve",
     "high",
+    "passes_through",
+    "next_below",
+    "one_hot",
 ]
 
 
@@ -266,3 +270,44 @@ def high(g: Graph, plan: Plan) -> int:
     best = post[-1] if post else cands[-1]
     plan.high[want] = best
     return best
+
+
+def passes_through(g: Graph, upper: int, lower: int) -> bool:
+    """Whether every path of the relevance field from node ``upper`` down to the input passes
+    through node ``lower`` (then all of ``upper``'s relevance that is not lost reaches
+    ``lower``)."""
+    if lower == g.input_index:
+        return True
+    seen, stack = set(), [upper]
+    while stack:
+        i = stack.pop()
+        if i in seen or i == lower:
+            continue
+        seen.add(i)
+        n = g.nodes[i]
+        if n.kind == "input" or i < lower:
+            return False
+        stack.extend(j for j in n.field_inputs if g.nodes[j].data)
+    return True
+
+
+def next_below(g: Graph, plan: Plan, upper: int) -> int:
+    """The next decomposition site below node ``upper`` that all its relevance passes through
+    (else the next such layer of :func:`layer_indices`, else the input)."""
+    below = [i for i in reversed(layer_indices(g, plan)) if i < upper and passes_through(g, upper, i)]
+    sites = [i for i in below if g.nodes[i].site]
+    if sites:
+        return sites[0]
+    return below[0] if below else g.input_index
+
+
+def one_hot(run, i: int, positions: Tensor, relevance: Tensor) -> Tensor:
+    """Seeds for :func:`srd_ext.walk.walk_seeds` at node ``i``: seed n is ``relevance[n]`` at
+    ``positions[n]`` (y, x) of the layer's map (its patch grid for a token sequence), in the form
+    the walk carries relevance there."""
+    node = run.graph.nodes[i]
+    n = positions.shape[0]
+    m = relevance.new_zeros((n,) + tuple(hw(node)))
+    if n:
+        m[torch.arange(n, device=m.device), positions[:, 0], positions[:, 1]] = relevance
+    return from_map(node, m, run.shape(i)[node.layout[1]]) if is_token_node(node) else m

@@ -23,7 +23,7 @@ from .nodes import load
 from .rules import from_nchw, pixel_sum, relevance_to_field, to_nchw
 from .rules.activations import Activation
 
-__all__ = ["Plan", "Run", "reach", "forward", "walk", "head_grad"]
+__all__ = ["Plan", "Run", "reach", "forward", "walk", "walk_seeds", "head_grad"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,10 +134,37 @@ class Run:
         self.create_graph = create_graph
         self._check_zero = not torch.compiler.is_compiling() and not create_graph
         self.lost: Optional[Tensor] = None  # per sample: relevance no pixel could carry
+        self.lost_at: Dict[int, Tensor] = {}  # ``lost`` as the walk reached each wanted node
         self.free_z: Set[int] = set()  # pre-activations to free once their site has used them
 
     def note_lost(self, t: Tensor) -> None:
         self.lost = self.lost + t.detach()
+
+    def take(self, index: Tensor, low: int, high: int) -> "Run":
+        """A run whose sample n is this run's sample ``index[n]``, for walks between nodes
+        ``low`` and ``high``: the walk is linear in its seeds given the recorded forward, so
+        several seeds of one sample are walked at once by repeating that sample's values, records
+        and shapes along the batch dim. Values of data nodes outside ``low..high`` are left out
+        (reading one raises); parameters and constants are shared."""
+        nodes = self.graph.nodes
+        b = self.shapes[self.graph.input_index][0]
+
+        def bdim(i):
+            lay = nodes[i].layout
+            return lay[0] if lay is not None else 0
+
+        values: List[Any] = []
+        for i, v in enumerate(self.values):
+            if not nodes[i].data:
+                values.append(v)
+            else:
+                values.append(_take(v, bdim(i), index, b) if low <= i <= high else None)
+        records = {i: _take(v, bdim(i), index, b) for i, v in self.records.items() if low <= i <= high}
+        indices = {i: _take(v, bdim(i), index, b) for i, v in self.indices.items() if low <= i <= high}
+        shapes = [_take_shape(s, bdim(i), len(index), b) if nodes[i].data else s for i, s in enumerate(self.shapes)]
+        run = Run(self.graph, values, records, indices, shapes, self.bias_share, self.create_graph)
+        run.free_z = self.free_z
+        return run
 
     def value(self, i: int):
         v = self.values[i]
@@ -168,6 +195,23 @@ class Run:
         if not self._check_zero or not isinstance(b, Tensor) or b.device.type != "cpu":
             return False
         return not bool(b.any())
+
+
+def _take(v, dim: int, index: Tensor, b: int):
+    """``v`` (a tensor, or a tuple of them) with its batch dim ``dim`` (of size ``b``) indexed."""
+    if isinstance(v, Tensor):
+        return v.index_select(dim, index) if v.dim() > dim and v.shape[dim] == b else v
+    if isinstance(v, tuple):
+        return tuple(_take(t, dim, index, b) for t in v)
+    return v
+
+
+def _take_shape(s, dim: int, n: int, b: int):
+    if isinstance(s, torch.Size):
+        return torch.Size(n if d == dim and k == b else k for d, k in enumerate(s))
+    if isinstance(s, tuple):
+        return tuple(_take_shape(t, dim, n, b) for t in s)
+    return s
 
 
 def _add(store: Dict[int, Any], i: int, t) -> None:
@@ -232,6 +276,8 @@ def walk(run: Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool =
             x = run.value(i)
             r = pixel_sum(x * g_i, n.layout) if g_i is not None else torch.zeros_like(e)
             out[i] = r + e if e is not None else r
+            if run.lost is not None:
+                run.lost_at[i] = run.lost
             break
         if n.site:
             a = run.value(i)
@@ -242,6 +288,8 @@ def walk(run: Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool =
             relevance, gz = ops.activation_share(a4, G4, z4, e)
             if i in wanted:
                 out[i] = relevance
+                if run.lost is not None:
+                    run.lost_at[i] = run.lost
             if run.lost is not None:
                 run.note_lost(torch.where((z4 * z4).sum(1) > 0, 0, relevance).sum((1, 2)))
             del a4, z4, G4, g_i
@@ -261,6 +309,8 @@ def walk(run: Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool =
                     run.note_lost(torch.where((v4 * v4).sum(1) > 0, 0, e).sum((1, 2)))
             if i in wanted:
                 out[i] = pixel_sum(run.value(i) * g_i, n.layout)
+                if run.lost is not None:
+                    run.lost_at[i] = run.lost
             for j, f in n.rule.vjp(n, g_i, run):
                 _add(field, j, f)
             if with_bias:
@@ -271,6 +321,74 @@ def walk(run: Run, seeds: Dict[int, Tensor], wanted: Iterable[int], free: bool =
         if i == lowest:
             break
     return out
+
+
+def walk_seeds(
+    run: Run,
+    at: int,
+    seeds: Tensor,
+    wanted: Iterable[int],
+    sample: Optional[Tensor] = None,
+    chunk: Optional[int] = None,
+):
+    """Walk N seeds at node ``at`` (relevance in the walk's form there, N first: one-hot seeds
+    from :func:`srd_ext.layers.one_hot`) down to the ``wanted`` nodes; seed n belongs to sample
+    ``sample[n]`` (default: seed n to sample n). Returns the maps {node: (N, ...)} and the
+    relevance left unassigned (N,) above each wanted node. Several seeds of one sample walk
+    together on a run repeated along the batch dim (:meth:`Run.take`), at most ``chunk`` seeds
+    per walk (memory grows with it)."""
+    n_seeds = seeds.shape[0]
+    if chunk is None or n_seeds <= chunk or sample is None:
+        return _walk_seeds(run, at, seeds, wanted, sample)
+    parts = [
+        _walk_seeds(run, at, seeds[a : a + chunk], wanted, sample[a : a + chunk]) for a in range(0, n_seeds, chunk)
+    ]
+    maps = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+    lost = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+    return maps, lost
+
+
+def _walk_seeds(run: Run, at: int, seeds: Tensor, wanted: Iterable[int], sample):
+    g = run.graph
+    wanted = sorted(set(wanted))
+    nodes = g.nodes
+    n_seeds = seeds.shape[0]
+    b = run.shapes[g.input_index][0]
+    if sample is not None and not (n_seeds == b and bool((sample == torch.arange(b, device=sample.device)).all())):
+        if any(n.layout is not None and len(n.layout) != 3 for n in nodes):
+            return _walk_rounds(run, at, seeds, wanted, sample)
+        low = min(nodes[k].z_input if nodes[k].site else k for k in wanted)
+        run = run.take(sample.to(seeds.device), low, at)
+    run.lost, run.lost_at = seeds.new_zeros(n_seeds), {}
+    try:
+        maps = walk(run, {at: seeds}, wanted)
+        lost = dict(run.lost_at)
+    finally:
+        run.lost, run.lost_at = None, {}
+    return maps, lost
+
+
+def _walk_rounds(run: Run, at: int, seeds: Tensor, wanted, sample: Tensor):
+    """The seeds walked in rounds on the run as it is, round r holding the r-th seed of every
+    sample (zero where a sample has fewer): for graphs whose values :meth:`Run.take` cannot
+    repeat safely (token sequences, whose batch dim moves between the heads' tensors)."""
+    b = run.shapes[run.graph.input_index][0]
+    rank = torch.zeros_like(sample)
+    for s in sample.unique().tolist():
+        where = (sample == s).nonzero()[:, 0]
+        rank[where] = torch.arange(where.numel(), device=sample.device)
+    maps: Dict[int, Tensor] = {}
+    lost: Dict[int, Tensor] = {}
+    for r in range(int(rank.max()) + 1 if rank.numel() else 0):
+        pick = (rank == r).nonzero()[:, 0]
+        batch = seeds.new_zeros((b,) + tuple(seeds.shape[1:]))
+        batch[sample[pick]] = seeds[pick]
+        m, l = _walk_seeds(run, at, batch, wanted, None)
+        for k, v in m.items():
+            maps.setdefault(k, v.new_zeros((seeds.shape[0],) + tuple(v.shape[1:])))[pick] = v[sample[pick]]
+        for k, v in l.items():
+            lost.setdefault(k, v.new_zeros(seeds.shape[0]))[pick] = v[sample[pick]]
+    return maps, lost
 
 
 def head_grad(run: Run, weights: Tensor, stop: int) -> Tensor:

@@ -91,6 +91,7 @@ class ReferenceSRD:
         self.mu: Dict[Tuple[int, int], torch.Tensor] = {}
         self.sources_of: Dict[int, List[int]] = {}
         self.residuals: Dict[int, float] = {}
+        self._decomposed: Dict[int, tuple] = {}  # site -> its decomposition (fixed by the forward)
 
     # -- structure --------------------------------------------------------------------------
     def sites(self) -> List[int]:
@@ -169,20 +170,23 @@ class ReferenceSRD:
         rest = torch.where(n2 > 0, ((xm - covered) * xm).sum(1) / n2.clamp_min(1e-300), torch.zeros_like(n2))
         U[n.index] = U[n.index] + unassigned.reshape(U[n.index].shape) + lost + torch.einsum("m,m...->...", rest, field)
 
-    def run(self, r_init: torch.Tensor) -> Dict[int, torch.Tensor]:
-        """Relevance (H, W) at every site and the input, from ``r_init`` at the encoder output."""
+    def run(self, r_init: torch.Tensor, start=None, stop=None) -> Dict[int, torch.Tensor]:
+        """Relevance (H, W) at every site and the input, from ``r_init`` at the encoder output (or
+        at site ``start``), down to node ``stop`` (default: the input)."""
         g = self.g
-        enc = self.plan.encoder
+        enc = self.plan.encoder if start is None else start
         R = {enc: r_init.double().reshape(r_init.shape[-2:])}
         for k in reversed(self.sites()):
-            if k not in R:
+            if k not in R or (stop is not None and k <= stop):
                 continue
             rk = R[k]
             z = self.values[self._top(k)]
             lay = g.nodes[self._top(k)].layout
             zm = _pixel_vectors(z, lay)  # (J, C)
             z2 = (zm * zm).sum(1)
-            dec, unassigned = self.decompose(k)
+            if k not in self._decomposed:
+                self._decomposed[k] = self.decompose(k)
+            dec, unassigned = self._decomposed[k]
             total = sum(d.sum(0) for d in dec.values()) + unassigned
             self.residuals[k] = float((total - z).abs().max() / z.abs().max().clamp_min(1e-300))
             for src, vh in dec.items():

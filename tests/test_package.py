@@ -13,7 +13,7 @@ import srd_ext
 
 from programs import ROOT, run_script
 
-LAZY = ["apop", "baselines", "cli", "data", "distributed", "interop", "metrics", "models", "viz", "zoo"]
+LAZY = ["apop", "baselines", "cli", "concepts", "data", "distributed", "interop", "metrics", "models", "viz", "zoo"]
 
 
 def _fresh(code: str) -> dict:
