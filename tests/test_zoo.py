@@ -6,6 +6,7 @@ carry, which the budget accounts for)."""
 import pytest
 import torch
 
+import srd_ext
 from srd_ext import zoo
 
 TV_CNNS, TV_EXCLUDED = zoo.torchvision_cnns()
@@ -47,3 +48,26 @@ def test_timm_coverage_at_least_85_percent():
     explained = len(zoo.TIMM_SAMPLE) - len(zoo.TIMM_REFUSED)
     assert set(zoo.TIMM_REFUSED) <= set(zoo.TIMM_SAMPLE)
     assert explained / len(zoo.TIMM_SAMPLE) >= 0.85
+
+
+@pytest.mark.parametrize("name", list(zoo.TRANSFORMERS_CI))
+def test_timm_transformer(name):
+    """A part of the transformer sample: explained through its blocks (the encoder after the
+    last attention), conserving; or refused with the reason named."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    size = zoo.transformer_size(name)
+    model = zoo.build(name, "timm", img_size=size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    res = zoo.check(model, name, "timm", x=x)
+    refused_by = zoo.TRANSFORMERS_CI[name]
+    if refused_by is not None:
+        assert not res.explained and refused_by in res.reason, res.reason
+        return
+    _assert_conserving(res)
+    ex = srd_ext.Explainer(model)
+    g = ex.graph(x)
+    enc = ex._plan(g).encoder
+    attention = [n.index for n in g.nodes if n.kind == "call" and n.data and "attention" in n.op_name]
+    attention += [n.index for n in g.nodes if n.kind == "call" and n.data and n.op_name.endswith("softmax")]
+    assert attention and max(attention) < enc, f"{name}: encoder {g.display_name(enc)} before the last attention"
