@@ -18,7 +18,7 @@ import importlib
 
 from . import capture, ops
 from ._version import __version__
-from .explain import Explainer, erf, explain
+from .explain import Explainer, ZeroRelevanceWarning, erf, explain
 from .nodes import UnsupportedModelError
 from .ops import activation_share, bias_share_scatter, conv_tap_norms, pfv_decompose
 
@@ -45,6 +45,7 @@ __all__ = [
     "erf",
     "capture",
     "UnsupportedModelError",
+    "ZeroRelevanceWarning",
     "ops",
     "activation_share",
     "bias_share_scatter",
