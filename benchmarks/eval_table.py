@@ -49,6 +49,16 @@ an hour on 2 CPU cores; see the timing table each run writes):
 Each run's report has a timing table (seconds per image and method); the README lists the run
 times measured for its tables. Stability costs about one more explanation per copy.
 
+Sanity checks (``--sanity``; ``--sanity-only`` skips the five metrics; needs Quantus): for every
+method, Quantus' MPRT (cascading model-parameter randomisation, top layer first, on a deep copy:
+Spearman and SSIM after each layer and after the whole network) and RandomLogit (SSIM between
+the maps of the target and of a random other class), with the all-zero maps counted beside them
+(a similarity with an all-zero map is undefined). Quantus runs once per batch, with the settings
+of ``quantus_support.settings`` (stated in the report): MPRT's randomised model is the same for
+every batch (Quantus' seed 42), RandomLogit's other classes are drawn with ``--seed`` and the
+batch's first image, and each map is normalised by its own max, so the numbers do not depend on
+the number of processes either. Writes ``<tag>.sanity.csv`` and the section of ``<tag>.md``.
+
 The target is the ground-truth label (``--target pred``: the predicted class). Every random draw
 is seeded by ``--seed`` (fidelity subsets and stability noise: the same draws for every image and
 method; SmoothGrad's noise: ``--seed`` and the first image of the batch). ``--random-init`` builds the architecture with random weights (smoke
