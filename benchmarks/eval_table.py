@@ -49,6 +49,16 @@ an hour on 2 CPU cores; see the timing table each run writes):
 Each run's report has a timing table (seconds per image and method); the README lists the run
 times measured for its tables. Stability costs about one more explanation per copy.
 
+Sanity checks (``--sanity``; ``--sanity-only`` skips the five metrics; needs Quantus): for every
+method, Quantus' MPRT (cascading model-parameter randomisation, top layer first, on a deep copy:
+Spearman and SSIM after each layer and after the whole network) and RandomLogit (SSIM between
+the maps of the target and of a random other class), with the all-zero maps counted beside them
+(a similarity with an all-zero map is undefined). Quantus runs once per batch, with the settings
+of ``quantus_support.settings`` (stated in the report): MPRT's randomised model is the same for
+every batch (Quantus' seed 42), RandomLogit's other classes are drawn with ``--seed`` and the
+batch's first image, and each map is normalised by its own max, so the numbers do not depend on
+the number of processes either. Writes ``<tag>.sanity.csv`` and the section of ``<tag>.md``.
+
 The target is the ground-truth label (``--target pred``: the predicted class). Every random draw
 is seeded by ``--seed`` (fidelity subsets and stability noise: the same draws for every image and
 method; SmoothGrad's noise: ``--seed`` and the first image of the batch). ``--random-init`` builds the architecture with random weights (smoke
@@ -71,6 +81,7 @@ import torch
 
 from srd_ext import baselines, data, distributed, fileio, metrics, models
 
+import quantus_support
 from common import build_model, versions
 
 METRICS = (  # key, column, higher is better
@@ -81,6 +92,13 @@ METRICS = (  # key, column, higher is better
     ("stability", "Sta.", False),
 )
 # Options renamed because torchrun takes them for abbreviations of its own.
+SANITY = (  # key, column (all: lower is better), the zero-map flags that leave a value undefined
+    ("mprt_last", "MPRT ρ (all)", ("zero_original", "zero_randomised")),
+    ("mprt_last_ssim", "MPRT SSIM (all)", ("zero_original", "zero_randomised")),
+    ("mprt_mean", "MPRT ρ (layer mean)", ("zero_original", "zero_randomised")),
+    ("random_logit", "RandomLogit SSIM", ("zero_original", "zero_other_class")),
+)
+ZERO_FLAGS = ("zero_original", "zero_randomised", "zero_other_class")
 RENAMED = {"--n": "--num-images", "--start": "--first-image"}
 PER_IMAGE_FIELDS = ["index", "image", "label", "target", "method"] + [k for k, _, _ in METRICS] + ["map_file"]
 
@@ -137,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write every method's raw map of every image: <out>/<tag>.maps/<method>/<index>.npy, "
         "listed in <tag>.per-image.csv",
     )
+    ap.add_argument(
+        "--sanity",
+        action="store_true",
+        help="also the sanity checks through Quantus (MPRT cascading top-down, RandomLogit) and the count of all-zero maps",
+    )
+    ap.add_argument("--sanity-only", action="store_true", help="the sanity checks without the five metrics")
     distributed.add_timeout_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -148,6 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if hint:
         ap.error(hint)
     args = ap.parse_args(argv)
+    args.sanity = args.sanity or args.sanity_only
     minimum = {
         "batch_size": 1,
         "fidelity_runs": 2,
@@ -246,12 +271,11 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
         "skipped": [],
         "sizes": {},
         "forward_s": 0.0,
+        "sanity": {},
     }
     if x is None:
         return rec
     x, masks, labels = x.to(args.device), masks.to(args.device), labels.to(args.device)
-    H, W = x.shape[-2:]
-    subset = args.fidelity_subset or max(1, round(224 * H * W / 224**2))
     if args.target == "label":
         target = labels
     else:
@@ -274,57 +298,12 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
         # SmoothGrad draws from torch's global generator: seeded by the batch, not by the process.
         torch.manual_seed(distributed.image_seed(args.seed, block.start))
         try:
-            t0 = time.perf_counter()
-            raw = m(model, x, target)
-            sec["explain"] += time.perf_counter() - t0
-            sec["explained"] += x.shape[0]
-            rec["sizes"][m.name] = list(raw.shape[-2:])
-            maps = prepare(raw, (H, W))
-            s["pointing_game"] = metrics.pointing_game(maps, masks, args.pointing_tolerance, normalized=True).float()
-            s["attribution_localization"] = metrics.attribution_localization(maps, masks, normalized=True)
-            s["sparseness"] = metrics.sparseness(maps, normalized=True)
-            t0, f0 = time.perf_counter(), shared.seconds
-            s["fidelity"] = metrics.fidelity(
-                shared,
-                x,
-                target,
-                maps,
-                n_runs=args.fidelity_runs,
-                subset_size=subset,
-                seed=args.seed,
-                batch_size=64,
-                normalized=True,
-            )
-            # The shared forwards are counted once, apart from the methods.
-            sec["fidelity"] += time.perf_counter() - t0 - (shared.seconds - f0)
-            if args.stability_samples > 0 and n_stab > 0:
-                xs, ts, first = x[:n_stab], target[:n_stab], maps[:n_stab]
-
-                def explain_fn(xx, tt, xs=xs, first=first, m=m):
-                    # The unperturbed images were just explained.
-                    if xx.data_ptr() == xs.data_ptr() and xx.shape == xs.shape:
-                        return first
-                    return prepare(m(model, xx, tt), (H, W))
-
+            if not args.sanity_only:
+                s = paper_metrics(args, model, m, x, target, masks, shared, n_stab, indices, stem, rec, sec)
+            if args.sanity:
                 t0 = time.perf_counter()
-                s["stability"] = metrics.stability(
-                    explain_fn,
-                    xs,
-                    ts,
-                    n_samples=args.stability_samples,
-                    sigma=0.1,
-                    seed=args.seed,
-                    batch_size=max(n_stab, args.batch_size),
-                    normalized=True,
-                )
-                sec["stability"] += time.perf_counter() - t0
-                sec["stability_images"] += n_stab
-            if args.save_maps:
-                # Written by this process, the one that computed them, before the block is recorded.
-                for k, i in enumerate(indices):
-                    fileio.save_npy(
-                        os.path.join(stem + ".maps", m.name, f"{i:06d}.npy"), raw[k].detach().float().cpu().numpy()
-                    )
+                rec["sanity"][m.name] = quantus_support.sanity_scores(model, x, target, m, args.seed, block.start)
+                sec["sanity"] = time.perf_counter() - t0
         except Exception as e:  # keep a long run going; the report names the failure
             rec["failed"][m.name] = f"{type(e).__name__}: {e}"
             skip.add(m.name)
@@ -333,6 +312,64 @@ def evaluate_block(args, model, methods, images, block, skip, say, stem):
         rec["seconds"][m.name] = sec
     rec["forward_s"] = shared.seconds
     return rec
+
+
+def paper_metrics(args, model, m, x, target, masks, shared, n_stab, indices, stem, rec, sec):
+    """The five metrics of Table 2 of method ``m`` on one batch: per-image tensors by metric key
+    (``sec``: its seconds and counts, updated; ``rec["sizes"]``: its map size)."""
+    H, W = x.shape[-2:]
+    subset = args.fidelity_subset or max(1, round(224 * H * W / 224**2))
+    s = {}
+    t0 = time.perf_counter()
+    raw = m(model, x, target)
+    sec["explain"] += time.perf_counter() - t0
+    sec["explained"] += x.shape[0]
+    rec["sizes"][m.name] = list(raw.shape[-2:])
+    maps = prepare(raw, (H, W))
+    s["pointing_game"] = metrics.pointing_game(maps, masks, args.pointing_tolerance, normalized=True).float()
+    s["attribution_localization"] = metrics.attribution_localization(maps, masks, normalized=True)
+    s["sparseness"] = metrics.sparseness(maps, normalized=True)
+    t0, f0 = time.perf_counter(), shared.seconds
+    s["fidelity"] = metrics.fidelity(
+        shared,
+        x,
+        target,
+        maps,
+        n_runs=args.fidelity_runs,
+        subset_size=subset,
+        seed=args.seed,
+        batch_size=64,
+        normalized=True,
+    )
+    # The shared forwards are counted once, apart from the methods.
+    sec["fidelity"] += time.perf_counter() - t0 - (shared.seconds - f0)
+    if args.stability_samples > 0 and n_stab > 0:
+        xs, ts, first = x[:n_stab], target[:n_stab], maps[:n_stab]
+
+        def explain_fn(xx, tt, xs=xs, first=first, m=m):
+            # The unperturbed images were just explained.
+            if xx.data_ptr() == xs.data_ptr() and xx.shape == xs.shape:
+                return first
+            return prepare(m(model, xx, tt), (H, W))
+
+        t0 = time.perf_counter()
+        s["stability"] = metrics.stability(
+            explain_fn,
+            xs,
+            ts,
+            n_samples=args.stability_samples,
+            sigma=0.1,
+            seed=args.seed,
+            batch_size=max(n_stab, args.batch_size),
+            normalized=True,
+        )
+        sec["stability"] += time.perf_counter() - t0
+        sec["stability_images"] += n_stab
+    if args.save_maps:
+        # Written by this process, the one that computed them, before the block is recorded.
+        for k, i in enumerate(indices):
+            fileio.save_npy(os.path.join(stem + ".maps", m.name, f"{i:06d}.npy"), raw[k].detach().float().cpu().numpy())
+    return s
 
 
 @dataclasses.dataclass
@@ -348,11 +385,111 @@ class Totals:
     failed_images: List[Dict]  # unreadable images: {"index", "image", "reason"}
 
 
+def summarize_sanity(methods, records, failed) -> List[Dict]:
+    """Per method: the mean of each sanity column over the images where Quantus' value is
+    defined (``_n`` of them), the all-zero maps (``zero_*``: of the original model, of the fully
+    randomised one, for the random other class), the undefined values no zero map accounts for
+    (``unexplained_nan``, expected 0), the mean Spearman per randomised layer, and seconds."""
+    rows = []
+    for m in methods:
+        parts = [rec["sanity"][m.name] for rec in records if m.name in rec.get("sanity", {})]
+        row = {"method": m.name, "label": m.label, "library": m.library, "failed": failed.get(m.name, "")}
+        cat = {
+            k: np.array([v for p in parts for v in p[k]], dtype=float)
+            for k in [k for k, _, _ in SANITY] + list(ZERO_FLAGS)
+        }
+        unexplained = 0
+        for k, _, flags in SANITY:
+            vals = cat[k]
+            ok = np.isfinite(vals)
+            row[k] = float(vals[ok].mean()) if ok.any() and m.name not in failed else float("nan")
+            row[k + "_n"] = int(ok.sum())
+            zero = np.zeros(len(vals), bool)
+            for f in flags:
+                zero |= cat[f].astype(bool)
+            unexplained += int((~ok & ~zero).sum())
+        for f in ZERO_FLAGS:
+            row[f] = int(cat[f].sum())
+        row["images"] = len(cat["mprt_last"])
+        row["unexplained_nan"] = unexplained
+        layers = list(parts[0]["mprt_layers"]) if parts else []
+        row["layers"] = {}
+        for layer in layers:
+            v = np.array([x for p in parts for x in p["mprt_layers"][layer]], dtype=float)
+            row["layers"][layer] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+        secs = [rec["seconds"].get(m.name, {}).get("sanity", 0.0) for rec in records]
+        row["sanity_s_per_image"] = sum(secs) / max(row["images"], 1)
+        rows.append(row)
+    return rows
+
+
+def sanity_table(rows) -> str:
+    head = (
+        "| Method | "
+        + " | ".join(f"{c}↓" for _, c, _ in SANITY)
+        + " | zero maps: original / randomised / other class |"
+    )
+    lines = [head, "|" + "---|" * (len(SANITY) + 2)]
+    for r in rows:
+        cells = [f"{_fmt(r[k])}" + ("" if r[k + "_n"] == r["images"] else f" (n={r[k + '_n']})") for k, _, _ in SANITY]
+        zeros = " / ".join(str(r[f]) for f in ZERO_FLAGS)
+        label = r["label"] if r["library"] != "srd_ext" else f"**{r['label']}** (ours)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {zeros} |")
+    return "\n".join(lines)
+
+
+def layer_table(rows) -> str:
+    """Mean Spearman correlation after each step of the cascade (columns: the layer randomised
+    last, top-down)."""
+    layers = list(rows[0]["layers"]) if rows else []
+    lines = ["| Method | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 1)]
+    for r in rows:
+        lines.append(f"| {r['label']} | " + " | ".join(_fmt(r["layers"].get(k, float("nan"))) for k in layers) + " |")
+    return "\n".join(lines)
+
+
+def sanity_markdown(args, rows, num_classes) -> List[str]:
+    """The report's sanity section: the table, the per-layer table, Quantus' settings and faults."""
+    md = [
+        "## Sanity checks (Quantus)",
+        "",
+        "Similarity of each method's maps to its maps after randomising the model (MPRT: Spearman ρ "
+        "and SSIM after the whole network is randomised, top layer first; ρ averaged over the "
+        "randomisation steps) and to its maps for a random other class (RandomLogit, SSIM). Lower "
+        "is better: a map that does not change is not explaining the weights or the class. A "
+        "similarity with an all-zero map is undefined; such images are counted in the last column, "
+        "and the mean is over the others (n where fewer than all).",
+        "",
+        sanity_table(rows),
+        "",
+        "### MPRT per layer (mean Spearman ρ after the cascade reached the layer)",
+        "",
+        layer_table(rows),
+        "",
+        "### Quantus settings",
+        "",
+    ]
+    md += [f"- {k}: {v}" for k, v in quantus_support.settings(num_classes).items()]
+    md += ["", "### Quantus faults worked around", ""]
+    md += [f"- {k}: {v}" for k, v in quantus_support.FAULTS.items() if k != "RelevanceMassAccuracy"]
+    bad = {r["method"]: r["unexplained_nan"] for r in rows if r["unexplained_nan"]}
+    if bad:
+        md += ["", f"Undefined values without an all-zero map: {bad}"]
+    return md
+
+
 def combine(methods, records) -> Totals:
     """The per-method lists and totals ``summarize`` takes, from block records in image order."""
     scores = {m.name: {k: [] for k, _, _ in METRICS} for m in methods}
     seconds = {
-        m.name: {"explain": 0.0, "fidelity": 0.0, "stability": 0.0, "explained": 0, "stability_images": 0}
+        m.name: {
+            "explain": 0.0,
+            "fidelity": 0.0,
+            "stability": 0.0,
+            "explained": 0,
+            "stability_images": 0,
+            "sanity": 0.0,
+        }
         for m in methods
     }
     failed: Dict[str, str] = {}
@@ -379,6 +516,13 @@ def combine(methods, records) -> Totals:
     return Totals(scores, seconds, failed, sizes, forward_s, done, failed_images)
 
 
+def per_image_fields(args) -> List[str]:
+    fields = PER_IMAGE_FIELDS[:-1]
+    if args.sanity:
+        fields = fields + [k for k, _, _ in SANITY] + list(ZERO_FLAGS)
+    return fields + (["map_file"] if args.save_maps else [])
+
+
 def per_image_rows(methods, records, failed, stem, out, save_maps):
     for rec in records:
         n_stab = rec.get("stability_images", 0)
@@ -391,6 +535,9 @@ def per_image_rows(methods, records, failed, stem, out, save_maps):
                 for key, _, _ in METRICS:
                     vals = sc.get(key, [])
                     row[key] = repr(vals[k]) if k < len(vals) and (key != "stability" or k < n_stab) else None
+                for key in rec.get("sanity", {}).get(m.name, {}):
+                    if key != "mprt_layers":
+                        row[key] = repr(rec["sanity"][m.name][key][k])
                 if save_maps:
                     row["map_file"] = os.path.relpath(
                         os.path.join(stem + ".maps", m.name, f"{img['index']:06d}.npy"), out
@@ -555,6 +702,8 @@ def fingerprint(args, methods) -> Dict:
         "threads",
         "seed",
         "save_maps",
+        "sanity",
+        "sanity_only",
     )
     out = {k: getattr(args, k) for k in keep}
     out["methods"] = [m.name for m in methods]
@@ -693,9 +842,15 @@ def run(args, session) -> Optional[Dict]:
         "cpu_seconds_rank0": round(cpu, 1),
         "fidelity_forward_seconds": round(totals.forward_s, 1),
     }
+    sanity_rows = summarize_sanity(methods, ordered, failed) if args.sanity else []
+    num_classes = int(model(probe).shape[-1]) if probe is not None else None
+    if args.sanity:
+        settings["sanity"] = quantus_support.settings(num_classes)
+        settings["sanity_only"] = args.sanity_only
     report = {
         "settings": settings,
-        "versions": versions(),
+        "versions": versions(("torchvision", "numpy", "captum", "grad-cam") + (("quantus",) if args.sanity else ())),
+        "sanity": sanity_rows,
         "rows": rows,
         "notes": notes,
         "failed": failed,
@@ -707,8 +862,10 @@ def run(args, session) -> Optional[Dict]:
     fileio.write_csv(
         stem + ".per-image.csv",
         per_image_rows(methods, ordered, failed, stem, args.out, args.save_maps),
-        PER_IMAGE_FIELDS if args.save_maps else PER_IMAGE_FIELDS[:-1],
+        per_image_fields(args),
     )
+    if args.sanity:
+        fileio.write_csv(stem + ".sanity.csv", sanity_rows, [k for k in sanity_rows[0] if k != "layers"])
     class_names = (
         models.class_names(args.model) if args.data == "shapes" or args.model in models.IMAGENET_MODELS else ()
     )
@@ -723,8 +880,12 @@ def run(args, session) -> Optional[Dict]:
         '‡ 1/8-resolution ("high") layer, others input resolution (map sizes: timing table). Best in **bold**, second '
         "<u>underlined</u>.",
         "",
-        markdown_table(rows),
+        "(--sanity-only: the five metrics were not computed.)" if args.sanity_only else markdown_table(rows),
         "",
+    ]
+    if args.sanity:
+        md += sanity_markdown(args, sanity_rows, num_classes) + [""]
+    md += [
         "## Settings",
         "",
     ]
@@ -767,7 +928,10 @@ def run(args, session) -> Optional[Dict]:
     fileio.atomic_write(stem + ".md", "\n".join(md) + "\n")
     resume_log.remove()  # everything is in the outputs now
 
-    print(markdown_table(rows))
+    if not args.sanity_only:
+        print(markdown_table(rows))
+    if args.sanity:
+        print(("\n" if not args.sanity_only else "") + sanity_table(sanity_rows))
     print(
         f"\n{done} images, wall {wall:.0f} s, {session.world_size} process(es); "
         f"wrote {stem}.md/.csv/.json/.png/.per-image.csv" + (f" and {stem}.maps/" if args.save_maps else "")

@@ -19,7 +19,7 @@ import importlib
 
 from . import capture, ops
 from ._version import __version__
-from .explain import Decomposition, Explainer, erf, explain
+from .explain import Decomposition, Explainer, ZeroRelevanceWarning, erf, explain
 from .how import HowNode, HowTree, how
 from .nodes import UnsupportedModelError
 from .ops import activation_share, bias_share_scatter, conv_tap_norms, pfv_decompose
@@ -52,6 +52,7 @@ __all__ = [
     "HowNode",
     "capture",
     "UnsupportedModelError",
+    "ZeroRelevanceWarning",
     "ops",
     "activation_share",
     "bias_share_scatter",

@@ -25,11 +25,11 @@ from torch import Tensor
 from . import layers
 from .capture import Graph, graph_for, signature_of, unwrap
 from .checks import Target, check_input, class_targets
-from .initial import INITS, Init, initial_relevance
+from .initial import INITS, Init, ZeroRelevanceWarning, initial_relevance, warn_if_zero
 from .rules import BIAS_SHARES
 from .walk import Plan, Run, forward, walk, walk_seeds
 
-__all__ = ["Explainer", "Decomposition", "explain", "erf", "INITS"]
+__all__ = ["Explainer", "Decomposition", "explain", "erf", "INITS", "ZeroRelevanceWarning"]
 
 
 class Decomposition(NamedTuple):
@@ -193,7 +193,10 @@ class Explainer:
         return g, plan, idx, run, logits.argmax(-1) if t is None else t
 
     def _initial(self, run: Run, plan: Plan, target: Tensor, init: Optional[Init]) -> Tensor:
-        return initial_relevance(run, plan, target, self.init if init is None else init)
+        init = self.init if init is None else init
+        r0 = initial_relevance(run, plan, target, init)
+        warn_if_zero(r0, init)  # such samples get all-zero maps, named in a ZeroRelevanceWarning
+        return r0
 
     # -- public -----------------------------------------------------------------------------
     @_own_precision

@@ -7,6 +7,7 @@ linear head; "constant": all ones; or a user tensor (B, H_L, W_L) / (H_L, W_L).
 
 from __future__ import annotations
 
+import warnings
 from typing import Union
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from .rules import to_nchw
 from .walk import Plan, Run, head_grad
 
-__all__ = ["INITS", "Init", "initial_relevance", "cam"]
+__all__ = ["INITS", "Init", "initial_relevance", "cam", "ZeroRelevanceWarning", "warn_if_zero"]
 
 INITS = ("gradcam-contrast", "gradcam", "cam", "constant")
 Init = Union[str, Tensor]
@@ -62,6 +63,39 @@ def initial_relevance(run: Run, plan: Plan, target: Tensor, init: Init) -> Tenso
     grad = to_nchw(head_grad(run, weights, L), g.nodes[L].layout)
     alpha = grad.mean((2, 3))
     return F.relu(torch.einsum("bc,bchw->bhw", alpha, A))
+
+
+class ZeroRelevanceWarning(UserWarning):
+    """Some samples' initial relevance is zero everywhere: their maps are all zero."""
+
+
+_WHY_ZERO = {
+    "gradcam-contrast": "the target's Grad-CAM does not exceed the mean over classes anywhere",
+    "gradcam": "the target's Grad-CAM is nowhere positive",
+    "cam": "the target's class activation map is zero",
+}
+
+
+def warn_if_zero(r0: Tensor, init: Init) -> None:
+    """Warn, naming the samples (batch indices), when the initial relevance ``r0`` (B, H_L, W_L)
+    of a sample is zero everywhere. SRD decomposes that relevance, so those maps are all zero:
+    the model shows no positive evidence for the class at the encoder. They are returned as they
+    are (zeros), not replaced by another initial relevance, which would explain something else
+    under the same name. Skipped while compiling (it reads tensor values)."""
+    if r0.shape[0] == 0 or torch.compiler.is_compiling():
+        return
+    zero = (r0.detach() == 0).flatten(1).all(1)
+    if not bool(zero.any()):
+        return
+    idx = zero.nonzero().flatten().tolist()
+    why = _WHY_ZERO.get(init, "the given tensor is zero there") if isinstance(init, str) else "the given tensor is zero"
+    warnings.warn(
+        ZeroRelevanceWarning(
+            f"srd_ext: the initial relevance (init={init if isinstance(init, str) else 'tensor'!r}) of sample(s) "
+            f"{idx} of {r0.shape[0]} is zero everywhere ({why}); their maps are all zero"
+        ),
+        stacklevel=5,
+    )
 
 
 def cam(run: Run, plan: Plan, target: Tensor, A: Tensor) -> Tensor:

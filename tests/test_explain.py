@@ -1,6 +1,7 @@
 """srd_ext.explain / Explainer / erf against the literal reference, and SRD's properties."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -419,3 +420,28 @@ def test_activation_derivatives_match_autograd(module):
     (expected,) = torch.autograd.grad(module(zz).sum(), zz)
     got = node.rule.derivative(node, values[node.z_input], values[node.index], Run())
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_zero_initial_relevance_gives_zero_maps_and_names_the_samples():
+    # docs/api.md: a sample whose initial relevance is zero everywhere gets an all-zero map (SRD
+    # decomposes that relevance; nothing is substituted) and a ZeroRelevanceWarning naming it.
+    model = tiny_vgg(seed=1).eval()
+    x = _input(32, batch=3).float()
+    r_low = srd_ext.explain(model, x, layer="low")
+    init = torch.ones_like(r_low)
+    init[1] = 0.0
+    with pytest.warns(srd_ext.ZeroRelevanceWarning, match=r"sample\(s\) \[1\] of 3 is zero everywhere"):
+        maps = srd_ext.explain(model, x, init=init)
+    assert torch.all(maps[1] == 0) and torch.all(maps[[0, 2]].flatten(1).abs().sum(1) > 0)
+    # A model with no evidence for any class (a zeroed last layer: Grad-CAM is zero): every sample.
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead.classifier[-1].weight.zero_()
+    before = copy.deepcopy(dead.state_dict())
+    with pytest.warns(srd_ext.ZeroRelevanceWarning, match=r"\[0, 1, 2\] of 3 .*does not exceed the mean"):
+        maps = srd_ext.explain(dead, x, layer=["input", "features.3"])
+    assert all(torch.all(m == 0) and torch.isfinite(m).all() for m in maps.values())
+    assert all(torch.equal(v, before[k]) for k, v in dead.state_dict().items())
+    with warnings.catch_warnings():  # samples with relevance: no warning
+        warnings.simplefilter("error", srd_ext.ZeroRelevanceWarning)
+        srd_ext.explain(model, x, init="constant")

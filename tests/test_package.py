@@ -105,6 +105,7 @@ def test_license_is_mit_and_declared():
     "script",
     [
         "benchmarks/eval_table.py",
+        "benchmarks/quantus_suite.py",
         "benchmarks/manipulation.py",
         "benchmarks/bench_ops.py",
         "examples/apop_accuracy.py",
