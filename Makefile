@@ -87,7 +87,9 @@ check-install:
 
 # On a GPU machine that already has a CUDA build of torch (no network, no .venv): build the
 # extension against that torch, run the CUDA tests and the compute-sanitizer subset, measure
-# ResNet-50 and VGG16; results in $$OUT or results/gpu/. GPU_PYTHON picks the interpreter.
+# ResNet-50 and VGG16, compare the CUDA kernels with the composite path (maps, time, memory); results
+# in $$OUT or results/gpu/, and the record srd_ext/gpu_record.json (commit it: a passing record makes
+# SRD_EXT_BACKEND=auto run the CUDA kernels). GPU_PYTHON picks the interpreter.
 GPU_PYTHON ?= python3
 gpu-check:
 	PATH="$(SYSTEM_PATH)" $(GPU_PYTHON) benchmarks/gpu_check.py

@@ -13,6 +13,11 @@ Peak memory of one call is measured in a fresh subprocess per (model, batch, met
 memory growth on CPU, ``torch.cuda.max_memory_allocated`` on GPU. The first call of
 ``srd_ext.explain`` captures the model (cached for later calls); the capture is timed separately.
 
+``--backend`` runs SRD on that backend (srd_ext.backend: auto, kernels, composite); ``compare``
+runs every SRD method twice in the same interleaved repeats, ``srd-*:kernels`` (the compiled
+kernels) and ``srd-*:composite`` (the composite path, ATen ops only), and reports the composite
+path's time and peak memory over the kernels'.
+
 Prints JSON and a markdown table, writes both and a plot of cost against batch size under --out.
 """
 
@@ -79,7 +84,15 @@ def make_runner(model, method: str, x: torch.Tensor):
             return rel.sum(1)
 
         return run
+    method, _, path = method.partition(":")
     layer = method.split("-")[1]
+    if path:
+
+        def run():
+            with srd_ext.backend.use_backend(path):
+                return srd_ext.explain(model, x, layer=layer)
+
+        return run
     return lambda: srd_ext.explain(model, x, layer=layer)
 
 
@@ -119,12 +132,14 @@ def peak_memory_child(name, method, device, batch):
 
 
 def peak_memory(name, method, device, batch):
+    import srd_ext
+
     out = subprocess.run(
         [sys.executable, __file__, "--child", name, method, device, str(batch)],
         capture_output=True,
         text=True,
         check=True,
-        env=CHILD_ENV,
+        env=dict(CHILD_ENV, SRD_EXT_BACKEND=srd_ext.backend.get_backend()),
     )
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -174,18 +189,26 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--backend", default="auto", choices=["auto", "kernels", "composite", "compare"])
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default="results/bench_explain")
     args = ap.parse_args()
+    import srd_ext
+
     methods = [m for m in args.methods if m != "lrp" or have_zennit()]
     if "grad" not in methods:
         methods.insert(0, "grad")
+    if args.backend == "compare":
+        methods = [v for m in methods for v in ((m + ":kernels", m + ":composite") if m.startswith("srd") else (m,))]
+    else:
+        srd_ext.backend.set_backend(args.backend)
     report = {
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "methods": methods,
+        "backend": args.backend,
         "results": [],
     }
     for name in args.models:
@@ -202,6 +225,19 @@ def main():
                 mem = {m: peak_memory(name, m, args.device, batch) for m in methods}
                 row["peak_mib"] = mem
                 row["memory_ratio_to_grad"] = {m: mem[m] / mem["grad"] for m in methods}
+            if args.backend == "compare":
+                row["composite_over_kernels"] = {
+                    m[: -len(":kernels")]: {
+                        "time": t[m.replace(":kernels", ":composite")] / t[m],
+                        **(
+                            {"peak_memory": mem[m.replace(":kernels", ":composite")] / mem[m]}
+                            if not args.no_memory
+                            else {}
+                        ),
+                    }
+                    for m in methods
+                    if m.endswith(":kernels")
+                }
             report["results"].append(row)
             print(json.dumps(row), flush=True)
     lines = [
@@ -219,6 +255,14 @@ def main():
                 f"| {row['model']} | {row['batch']} | {m} | {row['ratio_to_grad'][m]:.2f} | "
                 f"{'' if mr is None else f'{mr:.2f}'} |"
             )
+    if args.backend == "compare":
+        lines += ["", "| model | batch | method | composite / kernels: time | peak memory |", "|---|---|---|---|---|"]
+        for row in report["results"]:
+            for m, v in row["composite_over_kernels"].items():
+                pm = v.get("peak_memory")
+                lines.append(
+                    f"| {row['model']} | {row['batch']} | {m} | {v['time']:.2f} | {'' if pm is None else f'{pm:.2f}'} |"
+                )
     table = "\n".join(lines)
     print(json.dumps(report, indent=1))
     print(table)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ops.py [--quick] [--repeats N] [--threads N] [--out results/bench_ops] [--no-cuda]
         [--ops conv_tap_norms,...] [--only REGEX] [--no-peak] [--no-materialized] [--paths product,gram]
+        [--backend auto|kernels|composite|compare]
 
 Runs on the CPU always and on CUDA when a device and the CUDA kernels are present. Every op and
 its composition are timed in the same run with interleaved repeats (median of at least N). For
@@ -15,6 +16,10 @@ torch.cuda.max_memory_allocated above the memory already allocated.
 The layers are the distinct conv shapes of ResNet-50 and VGG16 at 224x224 (--only picks some by
 name). --paths also times conv_tap_norms forced onto each named evaluation path, so that the
 automatic choice can be compared with every path in the same run.
+
+--backend runs the srd_ext ops on that backend (srd_ext.backend; default auto); ``compare`` times
+the compiled kernels (the "fused" column) and the composite path (srd_ext.composite, ATen ops only)
+of every op and layer side by side, with the composite path's peak memory for conv_tap_norms.
 
 Prints a JSON document and markdown tables, and writes both (bench_ops.json, bench_ops.md) to --out.
 """
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from srd_ext import ops
+from srd_ext import backend, ops
 
 from common import cuda_peak_bytes, machine_info, time_interleaved
 from peak_memory import CHILD_ENV, peak_growth
@@ -207,14 +212,14 @@ def _peak_child(spec: str) -> None:
     print(json.dumps({"peak_bytes": peak, "out_bytes": out.numel() * out.element_size()}))
 
 
-def peak_cpu(fn_name, layer, batch) -> int:
+def peak_cpu(fn_name, layer, batch, path=None) -> int:
     spec = json.dumps({"fn": fn_name, "layer": list(layer), "batch": batch, "threads": torch.get_num_threads()})
     res = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--_peak", spec],
         capture_output=True,
         text=True,
         check=True,
-        env=CHILD_ENV,
+        env=dict(CHILD_ENV, SRD_EXT_BACKEND=path or backend.get_backend()),
     )
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -258,6 +263,16 @@ def with_path(path, fn):
     return run
 
 
+def on_backend(name, fn):
+    """fn run with the srd_ext ops on one backend (srd_ext.backend)."""
+
+    def run():
+        with backend.use_backend(name):
+            return fn()
+
+    return run
+
+
 def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts):
     rows = []
     g = torch.Generator().manual_seed(1)
@@ -265,9 +280,18 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
+    compare = opts.backend == "compare"
+
     def pair(op, case, fused, unfused, **extra):
-        t = time_interleaved({"fused": fused, "unfused": unfused}, device, repeats)
-        rows.append(_row(op, case, t, "fused", "unfused", max_rel_diff(fused(), unfused()), **extra))
+        fns = {"fused": on_backend("kernels", fused) if compare else fused, "unfused": unfused}
+        if compare:
+            fns["composite"] = on_backend("composite", fused)
+        t = time_interleaved(fns, device, repeats)
+        if compare:
+            extra = dict(
+                extra, composite_ms=t["composite"], composite_diff=max_rel_diff(fns["composite"](), fns["fused"]())
+            )
+        rows.append(_row(op, case, t, "fused", "unfused", max_rel_diff(fns["fused"](), unfused()), **extra))
         log(rows[-1])
 
     if "activation_share" in opts.ops:
@@ -290,6 +314,9 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
                 fns.pop("materialized", None)
             for path in opts.paths:
                 fns[f"path:{path}"] = with_path(path, fns["tap_norms"])
+            if compare:
+                fns["composite"] = on_backend("composite", fns["tap_norms"])
+                fns["tap_norms"] = on_backend("kernels", fns["tap_norms"])
             t = time_interleaved(fns, device, repeats)
             ref = fns["materialized"]() if "materialized" in fns else None
             row = _row(
@@ -303,13 +330,24 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
                 shape=f"x {(batch, cin, H, W)}, w {tuple(w.shape)}, stride {s}, padding {p}, groups {groups_of(layer)}",
                 path_ms={pth: t[f"path:{pth}"] for pth in opts.paths},
             )
+            if compare:
+                row["composite_ms"] = t["composite"]
+                row["composite_diff"] = max_rel_diff(fns["composite"](), fns["tap_norms"]())
             del ref
             if opts.peak:
                 for n in ("tap_norms", "materialized", "conv2d"):
                     if n in fns:
                         row[f"peak_{n}_bytes"] = (
-                            cuda_peak_bytes(fns[n], device) if device.type == "cuda" else peak_cpu(n, layer, batch)
+                            cuda_peak_bytes(fns[n], device)
+                            if device.type == "cuda"
+                            else peak_cpu(n, layer, batch, "kernels" if compare else None)
                         )
+                if compare:
+                    row["peak_composite_bytes"] = (
+                        cuda_peak_bytes(fns["composite"], device)
+                        if device.type == "cuda"
+                        else peak_cpu("tap_norms", layer, batch, "composite")
+                    )
             rows.append(row)
             log(row)
             del fns
@@ -350,6 +388,10 @@ def bench_device(device, layers, batch, act_shape, pfv_rows, repeats, log, opts)
     for r in rows:
         r["device"] = str(device)
         r["speedup"] = r["unfused_ms"] / r["fused_ms"] if r["unfused_ms"] is not None else None
+        if "composite_ms" in r:
+            r["composite_over_kernels"] = r["composite_ms"] / r["fused_ms"]
+        if "peak_composite_bytes" in r and "peak_tap_norms_bytes" in r:
+            r["composite_mem_over_kernels"] = r["peak_composite_bytes"] / max(r["peak_tap_norms_bytes"], 1)
         if r["op"] == "conv_tap_norms":
             r["tap_norms_over_conv"] = r["fused_ms"] / r["conv_ms"]
             r["path_over_conv"] = {pth: v / r["conv_ms"] for pth, v in r["path_ms"].items()}
@@ -468,10 +510,18 @@ def main(argv=None):
         f"{PATH_ENV} (CPU: product, gram, direct; CUDA: gemm, direct), or unfused (CPU: the choice by "
         f"cost without the fused float32 kernel, {FUSED_ENV}=0)",
     )
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "kernels", "composite", "compare"],
+        help="backend of the srd_ext ops; compare: the compiled kernels and the composite path side by side",
+    )
     ap.add_argument("--_peak", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._peak:
         return _peak_child(args._peak)
+    if args.backend != "compare":
+        backend.set_backend(args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.ops = [o for o in args.ops.split(",") if o]
@@ -511,7 +561,7 @@ def main(argv=None):
             )
         )
 
-    doc = {"machine": machine_info(), "devices": [], "results": []}
+    doc = {"machine": machine_info(), "backend": args.backend, "devices": [], "results": []}
 
     def log(r):
         extra = (
@@ -520,6 +570,10 @@ def main(argv=None):
             if r["op"] == "conv_tap_norms"
             else f"unfused {r['unfused_ms']:9.2f} ms"
         )
+        if "composite_ms" in r:
+            extra += f"  composite {r['composite_ms']:9.2f} ms ({r['composite_ms'] / r['fused_ms']:.2f}x)"
+            if "composite_mem_over_kernels" in r:
+                extra += f" mem {r['composite_mem_over_kernels']:.2f}x"
         print(f"  {r['op']:<20} {r['case']:<40} fused {r['fused_ms']:9.2f} ms  {extra}", file=sys.stderr, flush=True)
 
     for device, cfg in plan:

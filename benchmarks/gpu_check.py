@@ -15,8 +15,18 @@ For a machine that already has a CUDA build of torch and no network:
    (torch.cuda.max_memory_allocated) of `srd_ext.Explainer(model).explain(x, layer="input")`
    against a forward pass plus the input gradient of the predicted logits, measured side by side
    (interleaved repeats, medians), ms per image, and the device time per op (torch.profiler);
-4. writes gpu_check.json and gpu_check.md to $OUT when set (else --out, default results/gpu/) and
-   prints one summary line last.
+4. runs both paths of the ops on CUDA, the compiled kernels and the composite path
+   (srd_ext.composite, SRD_EXT_BACKEND=composite): the maps of ResNet-50 and VGG16 (float32,
+   batch 1 and 32) from each, their largest difference, and their time and peak memory side by
+   side;
+5. writes gpu_check.json and gpu_check.md to $OUT when set (else --out, default results/gpu/),
+   and the record srd_ext/gpu_record.json: the GPU, torch, the commit and a digest of csrc/, the
+   results, and `passed` (build, CUDA tests, sanitizer tests and measurements without error, and
+   the two paths' maps within PATHS_RTOL of each other). Committing a passing record is what makes
+   SRD_EXT_BACKEND=auto run the CUDA kernels (srd_ext/backend.py); prints one summary line last.
+
+The measurements of step 3 run the compiled kernels (SRD_EXT_BACKEND=kernels), whatever the
+record says.
 
 It is meant to finish within 8 minutes from a clean tree, build included: --budget-s (default
 450) is shared out so that each step stops in time for the next (the tests leave about 200 s to
@@ -43,6 +53,9 @@ START = time.monotonic()
 
 # Goals of the GPU run (issue "GPU: tap norms on tensor cores ..."): SRD-input time against a
 # forward plus input gradient, per (model, batch) at float32, and peak memory.
+# The two paths' maps on CUDA, float32: largest difference over the largest |map|. Looser than the
+# CPU's 1e-5: the composite path's 1x1 convs run on cuDNN, whose float32 sums are ordered otherwise.
+PATHS_RTOL = 1e-4
 TIME_GOALS = {("resnet50", 32): 1.5, ("vgg16", 32): 1.6, ("resnet50", 1): 2.0, ("vgg16", 1): 2.0}
 MEM_GOAL = 1.3
 
@@ -105,7 +118,12 @@ CUDA_TESTS = ["tests/test_cuda_ops.py", "tests/test_cuda_explain.py"]
 
 
 def run_tests(files: list, select: str, timeout: int) -> dict:
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # The CUDA tests check the compiled kernels (against the CPU): auto would run the composite path
+    # on CUDA until a record passes.
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "SRD_EXT_BACKEND": "kernels",
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -297,6 +315,7 @@ def measure(model_name, batch, dtype_name, device, size, repeats) -> dict:
         return g
 
     try:
+        srd_ext.backend.set_backend("kernels")
         t0 = time.perf_counter()
         explainer = srd_ext.Explainer(model)
         maps = explainer.explain(x, layer="input")
@@ -329,6 +348,92 @@ def measure(model_name, batch, dtype_name, device, size, repeats) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def compare_paths(model_name, batch, device, size, repeats) -> dict:
+    """The compiled kernels against the composite path: maps, time and peak memory of one
+    ``explain(x, layer="input")`` (float32), side by side."""
+    import torch
+
+    import srd_ext
+    from srd_ext import backend
+
+    row = {"model": model_name, "batch": batch, "dtype": "fp32", "size": size}
+    model, _ = make_model(model_name)
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+    explainer = srd_ext.Explainer(model)
+
+    def run(path):
+        def call():
+            with backend.use_backend(path):
+                return explainer.explain(x, layer="input")
+
+        return call
+
+    try:
+        maps = {p: run(p)() for p in ("kernels", "composite")}
+        diff = (maps["kernels"] - maps["composite"]).abs().max().item()
+        scale = maps["kernels"].abs().max().item()
+        row["max_abs"], row["max_rel"] = diff, diff / max(scale, 1e-30)
+        row["maps_ok"] = bool(torch.isfinite(maps["composite"]).all()) and row["max_rel"] <= PATHS_RTOL
+        del maps
+        t = time_interleaved({p: run(p) for p in ("kernels", "composite")}, device, repeats, min_seconds=0)
+        row["kernels_ms"], row["composite_ms"] = round(t["kernels"], 3), round(t["composite"], 3)
+        row["time_ratio"] = round(t["composite"] / t["kernels"], 3)
+        pk, pc = cuda_peak_bytes(run("kernels"), device), cuda_peak_bytes(run("composite"), device)
+        if pk is not None:
+            row["kernels_peak_mb"], row["composite_peak_mb"] = round(pk / 2**20, 1), round(pc / 2**20, 1)
+            row["mem_ratio"] = round(pc / max(pk, 1), 3)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:2000]
+    finally:
+        model = x = explainer = None  # noqa: F841
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def gpu_record(doc) -> dict:
+    """srd_ext/gpu_record.json: what this GPU run checked and whether it passed."""
+    import datetime
+
+    sys.path.insert(0, str(ROOT))
+    from srd_ext import backend
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+        except OSError:
+            return None
+
+    m = doc.get("machine", {})
+    checks = {
+        "build": doc.get("build", {"ok": True})["ok"],
+        "tests": doc.get("tests", {}).get("ok", False),
+        "sanitizer": doc.get("sanitizer", {}).get("ok", False),
+        "bench": bool(doc["bench"]) and all("error" not in r and "skipped" not in r for r in doc["bench"]),
+        "paths": bool(doc["paths"]) and all(r.get("maps_ok") for r in doc["paths"]),
+    }
+    return {
+        "passed": all(checks.values()),
+        "checks": checks,
+        "gpu": m.get("gpu"),
+        "capability": m.get("capability"),
+        "torch": m.get("torch"),
+        "cuda": m.get("cuda"),
+        "commit": git("rev-parse", "HEAD"),
+        "csrc_tree": git("rev-parse", "HEAD:csrc"),
+        "csrc_dirty": bool(git("status", "--porcelain", "--", "csrc")),
+        "csrc_digest": backend.csrc_digest(ROOT / "csrc"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tests": {k: doc[k].get("counts") for k in ("tests", "sanitizer") if k in doc},
+        "paths": [
+            {k: r.get(k) for k in ("model", "batch", "max_rel", "time_ratio", "mem_ratio", "error") if k in r}
+            for r in doc["paths"]
+        ],
+        "paths_rtol": PATHS_RTOL,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,6 +488,30 @@ def markdown(doc) -> str:
             f"| **{r['time_ratio']:.2f}** | {goal} | {r['srd_ms_per_image']:.2f} "
             f"| {_fmt(r.get('baseline_peak_mb'), '.0f')} | {_fmt(r.get('srd_peak_mb'), '.0f')} | {mem} |"
         )
+    if doc.get("paths"):
+        lines += [
+            "",
+            "## Compiled kernels against the composite path",
+            "",
+            f'`explain(x, layer="input")`, float32; maps compared (max |diff| / max |map| <= {PATHS_RTOL}), '
+            "time and peak memory side by side.",
+            "",
+            "| model | batch | max abs | max rel | kernels ms | composite ms | **time ratio** "
+            "| kernels MB | composite MB | **mem ratio** |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in doc["paths"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['batch']} | {r['error']} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['kernels_ms']:.2f} "
+                f"| {r['composite_ms']:.2f} | **{r['time_ratio']:.2f}** | {_fmt(r.get('kernels_peak_mb'), '.0f')} "
+                f"| {_fmt(r.get('composite_peak_mb'), '.0f')} | {_fmt(r.get('mem_ratio'))} |"
+            )
+    if "record" in doc:
+        rec = doc["record"]
+        lines += ["", f"Record: passed = {rec['passed']} ({rec['checks']}), csrc digest {rec['csrc_digest']}."]
     lines += [
         "",
         "## Time per op in one SRD call",
@@ -428,6 +557,16 @@ def summary_line(doc, out_dir) -> str:
         else:
             ratios.append(f"{r['model']} b{r['batch']} {r['dtype']} {'skipped' if 'skipped' in r else 'ERROR'}")
     parts.append("SRD/fwd+grad: " + "; ".join(ratios))
+    paths = [
+        f"{r['model']} b{r['batch']} rel {r['max_rel']:.1e} time {r['time_ratio']:.2f}x"
+        if "time_ratio" in r
+        else f"{r['model']} b{r['batch']} ERROR"
+        for r in doc.get("paths", [])
+    ]
+    if paths:
+        parts.append("composite/kernels: " + "; ".join(paths))
+    if "record" in doc:
+        parts.append(f"record passed={doc['record']['passed']}")
     return f"gpu-check: {' | '.join(parts)} | {doc['total_s']:.0f} s | {out_dir}"
 
 
@@ -501,6 +640,26 @@ def main(argv=None) -> int:
                     row = measure(model_name, batch, dtype_name, device, size, repeats=10 if batch == 1 else 5)
                     doc["bench"].append(row)
                     log("  " + (row.get("error") or f"SRD/fwd+grad {row['time_ratio']:.2f}x"))
+    doc["paths"] = []
+    if build_ok:
+        for model_name in args.models.split(","):
+            for batch in batches:
+                if elapsed() > args.budget_s + 120:
+                    doc["paths"].append({"model": model_name, "batch": batch, "error": "time budget spent"})
+                    continue
+                log(f"comparing the two paths: {model_name}, batch {batch}")
+                row = compare_paths(model_name, batch, device, size, repeats=5 if batch == 1 else 3)
+                doc["paths"].append(row)
+                log(
+                    "  "
+                    + (row.get("error") or f"max rel {row['max_rel']:.1e}, composite/kernels {row['time_ratio']:.2f}x")
+                )
+    if device.type == "cuda":
+        doc["record"] = gpu_record(doc)
+        record_text = json.dumps(doc["record"], indent=2) + "\n"
+        (ROOT / "srd_ext" / "gpu_record.json").write_text(record_text)
+        (out_dir / "gpu_record.json").write_text(record_text)
+        log(f"wrote srd_ext/gpu_record.json (passed={doc['record']['passed']}); commit it to make it count")
     doc["total_s"] = round(elapsed(), 1)
     _write(doc, out_dir)
     line = summary_line(doc, out_dir)
@@ -508,6 +667,7 @@ def main(argv=None) -> int:
         build_ok
         and all(doc.get(k, {"ok": True})["ok"] for k in ("tests", "sanitizer"))
         and all("error" not in r for r in doc["bench"])
+        and all("error" not in r and r.get("maps_ok", True) for r in doc["paths"])
     )
     print(line)
     return 0 if ok else 1

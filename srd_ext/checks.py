@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .capture import check_eval
+from .composite import device_dtypes
 
 __all__ = ["Target", "check_images", "check_input", "class_targets"]
 
@@ -30,11 +31,23 @@ def check_images(x) -> None:
 
 
 def check_input(model: nn.Module, x) -> None:
-    """``x`` is a batch of images the model can explain: float32 or float64 (float16 and bfloat16
-    on CUDA), on the model's device and in its dtype, finite; the model is in eval mode."""
+    """``x`` is a batch of images the model can explain: a dtype its device computes
+    (:func:`srd_ext.composite.device_dtypes`: float32 or float64 on the CPU, float16 and bfloat16
+    too on accelerators, no float64 on MPS), on the model's device and in its dtype, finite; the
+    model is in eval mode."""
     check_images(x)
-    if x.dtype not in (torch.float32, torch.float64) and not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
-        raise TypeError(f"x must be float32 or float64 (float16 and bfloat16 on CUDA), got {x.dtype} on {x.device}")
+    accepted = device_dtypes(x.device)
+    if x.dtype not in accepted:
+        if x.dtype == torch.float64:
+            raise TypeError(
+                f"x is float64 on {x.device}, which {x.device.type.upper()} cannot compute; explain in float32 "
+                "there (model.float(), x.float())"
+            )
+        names = ", ".join(str(d).replace("torch.", "") for d in accepted)
+        raise TypeError(
+            f"x must be float32 or float64 (float16 and bfloat16 on accelerators); on {x.device.type}: {names}; "
+            f"got {x.dtype} on {x.device}"
+        )
     p = next(model.parameters(), None)
     if p is not None and (p.device != x.device or p.dtype != x.dtype):
         raise ValueError(f"x is {x.dtype} on {x.device} but the model is {p.dtype} on {p.device}; move one of them")

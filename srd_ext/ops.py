@@ -17,7 +17,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # loads the library: registers the schemas and kernels
+from . import backend, composite
+
+try:
+    from . import _C  # loads the library: registers the schemas and kernels
+except ImportError:  # no compiled extension: the schemas are defined below, the composite path runs
+    _C = None
 
 __all__ = [
     "activation_share",
@@ -25,15 +30,75 @@ __all__ = [
     "bias_share_scatter",
     "pfv_decompose",
     "cuda_kernels_built",
+    "cpu_kernels_built",
     "tap_norms_cpu_kernel",
+    "SCHEMAS",
 ]
 
+# The operator schemas of csrc/schemas.cpp (tests/test_composite.py checks that they agree). They
+# define the srd_ext operators where the compiled extension is missing, and always the
+# srd_ext_composite operators: the same operators, implemented by srd_ext.composite only, which
+# the wrappers below call where the composite path is chosen (srd_ext.backend).
+SCHEMAS = {
+    "activation_share": "(Tensor a, Tensor grad, Tensor pre_activation, Tensor? extra) -> (Tensor relevance, Tensor g)",
+    "activation_share_backward": "(Tensor grad_relevance, Tensor grad_g, Tensor a, Tensor grad, "
+    "Tensor pre_activation, Tensor relevance) -> (Tensor grad_a, Tensor grad_grad, Tensor grad_pre_activation, "
+    "Tensor grad_extra)",
+    "conv_tap_norms": "(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor",
+    "conv_tap_norms_backward": "(Tensor grad_tap_norms, Tensor x, Tensor weight, Tensor tap_norms, "
+    "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor grad_x, Tensor grad_weight)",
+    "bias_share_scatter": "(Tensor tap_norms, Tensor bias_dot, int[2] kernel_size, int[2] stride, "
+    "int[2] padding, int[2] dilation) -> Tensor",
+    "bias_share_scatter_backward": "(Tensor grad_relevance, Tensor tap_norms, Tensor bias_dot, "
+    "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor grad_tap_norms, "
+    "Tensor grad_bias_dot)",
+    "pfv_decompose": "(Tensor x, Tensor weight, Tensor? bias, Tensor positions, int[2] stride, "
+    "int[2] padding, int[2] dilation, str bias_share) -> (Tensor v_hat, Tensor mu)",
+}
+
+_LIBS = []  # keeps the torch.library registrations alive
+if _C is None:
+    _LIBS.append(torch.library.Library("srd_ext", "DEF"))
+    for _name, _schema in SCHEMAS.items():
+        _LIBS[-1].define(_name + _schema)
+_LIBS.append(torch.library.Library("srd_ext_composite", "DEF"))
+for _name, _schema in SCHEMAS.items():
+    _LIBS[-1].define(_name + _schema)
+
 _ops = torch.ops.srd_ext
+_cops = torch.ops.srd_ext_composite
+NAMESPACES = ("srd_ext", "srd_ext_composite")
+
+
+def _has_kernel(key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("srd_ext::activation_share", key)
+
+
+_CPU_KERNELS, _CUDA_KERNELS = _has_kernel("CPU"), _has_kernel("CUDA")
+backend._init(_CPU_KERNELS, _CUDA_KERNELS)
+
+# The composite path serves every device without a compiled kernel (CompositeExplicitAutograd is
+# overridden by a backend's own kernel where one was registered), and is the whole of the
+# srd_ext_composite operators.
+for _ns in NAMESPACES:
+    _LIBS.append(torch.library.Library(_ns, "IMPL"))
+    for _name in SCHEMAS:
+        _LIBS[-1].impl(_name, getattr(composite, _name), "CompositeExplicitAutograd")
+
+
+def _ns(t: Tensor):
+    """The operators to call for tensors like ``t``: the compiled ones or the composite ones."""
+    return _ops if backend.uses_kernels(t.device) else _cops
 
 
 def cuda_kernels_built() -> bool:
     """Whether this build of the extension has CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("srd_ext::activation_share", "CUDA")
+    return _CUDA_KERNELS
+
+
+def cpu_kernels_built() -> bool:
+    """Whether the compiled extension (with its CPU kernels) was loaded."""
+    return _CPU_KERNELS
 
 
 def tap_norms_cpu_kernel() -> str:
@@ -41,7 +106,7 @@ def tap_norms_cpu_kernel() -> str:
     instruction set and register tile of the fused kernel (``"avx512f 8x48"``, ``"avx2 6x16"``), or
     ``"none"`` where the CPU has neither or ``SRD_EXT_TAP_NORMS_FUSED=0`` turns it off (the GEMM
     forms then run)."""
-    return _C.tap_norms_cpu_kernel()
+    return _C.tap_norms_cpu_kernel() if _C is not None else "none"
 
 
 def _pair(v, name: str) -> list:
@@ -64,7 +129,7 @@ def activation_share(
     ``relevance = sum_c a * grad (+ extra)`` per pixel, ``g = pre_activation * relevance /
     ||pre_activation||^2`` (0 where the pre-activation PFV is zero).
     """
-    return _ops.activation_share(a, grad, pre_activation, extra)
+    return _ns(a).activation_share(a, grad, pre_activation, extra)
 
 
 def conv_tap_norms(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
@@ -72,7 +137,7 @@ def conv_tap_norms(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, g
 
     x: (B, C_in, H, W), weight: (C_out, C_in/groups, kh, kw) -> (B, kh*kw, H, W).
     """
-    return _ops.conv_tap_norms(
+    return _ns(x).conv_tap_norms(
         x, weight, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups
     )
 
@@ -80,7 +145,7 @@ def conv_tap_norms(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, g
 def bias_share_scatter(tap_norms: Tensor, bias_dot: Tensor, kernel_size, stride=1, padding=0, dilation=1) -> Tensor:
     """Scatter each output pixel's bias relevance ``bias_dot`` (B, H_out, W_out) onto the input
     pixels in proportion to their tap norms (B, kh*kw, H_in, W_in) -> (B, H_in, W_in)."""
-    return _ops.bias_share_scatter(
+    return _ns(tap_norms).bias_share_scatter(
         tap_norms,
         bias_dot,
         _pair(kernel_size, "kernel_size"),
@@ -108,7 +173,7 @@ def pfv_decompose(
     ``(y*stride - padding + ty*dilation, x*stride - padding + tx*dilation)``; taps that fall
     outside the input have zero contribution.
     """
-    return _ops.pfv_decompose(
+    return _ns(x).pfv_decompose(
         x,
         weight,
         bias,
@@ -123,11 +188,22 @@ def pfv_decompose(
 # --------------------------------------------------------------------------------------------
 # Fake kernels
 # --------------------------------------------------------------------------------------------
+def _fake(name: str):
+    """Registers the decorated function as the fake kernel of ``name`` in both namespaces."""
+
+    def register(fn):
+        for ns in NAMESPACES:
+            torch.library.register_fake(f"{ns}::{name}", fn)
+        return fn
+
+    return register
+
+
 def _out_size(n, k, s, p, d):
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-@torch.library.register_fake("srd_ext::activation_share")
+@_fake("activation_share")
 def _(a, grad, pre_activation, extra):
     torch._check(
         a.dim() in (2, 4), lambda: f"srd_ext::activation_share: a must be (B, C, H, W) or (B, C), got {tuple(a.shape)}"
@@ -140,7 +216,7 @@ def _(a, grad, pre_activation, extra):
     return a.new_empty(rel_shape), torch.empty_like(pre_activation, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("srd_ext::activation_share_backward")
+@_fake("activation_share_backward")
 def _(grad_relevance, grad_g, a, grad, pre_activation, relevance):
     cf = torch.contiguous_format
     return (
@@ -151,7 +227,7 @@ def _(grad_relevance, grad_g, a, grad, pre_activation, relevance):
     )
 
 
-@torch.library.register_fake("srd_ext::conv_tap_norms")
+@_fake("conv_tap_norms")
 def _(x, weight, stride, padding, dilation, groups):
     torch._check(
         x.dim() == 4 and weight.dim() == 4,
@@ -160,13 +236,13 @@ def _(x, weight, stride, padding, dilation, groups):
     return x.new_empty((x.shape[0], weight.shape[2] * weight.shape[3], x.shape[2], x.shape[3]))
 
 
-@torch.library.register_fake("srd_ext::conv_tap_norms_backward")
+@_fake("conv_tap_norms_backward")
 def _(grad_tap_norms, x, weight, tap_norms, stride, padding, dilation, groups):
     cf = torch.contiguous_format
     return torch.empty_like(x, memory_format=cf), torch.empty_like(weight, memory_format=cf)
 
 
-@torch.library.register_fake("srd_ext::bias_share_scatter")
+@_fake("bias_share_scatter")
 def _(tap_norms, bias_dot, kernel_size, stride, padding, dilation):
     torch._check(
         tap_norms.dim() == 4 and bias_dot.dim() == 3,
@@ -175,13 +251,13 @@ def _(tap_norms, bias_dot, kernel_size, stride, padding, dilation):
     return tap_norms.new_empty((tap_norms.shape[0], tap_norms.shape[2], tap_norms.shape[3]))
 
 
-@torch.library.register_fake("srd_ext::bias_share_scatter_backward")
+@_fake("bias_share_scatter_backward")
 def _(grad_relevance, tap_norms, bias_dot, kernel_size, stride, padding, dilation):
     cf = torch.contiguous_format
     return torch.empty_like(tap_norms, memory_format=cf), torch.empty_like(bias_dot, memory_format=cf)
 
 
-@torch.library.register_fake("srd_ext::pfv_decompose")
+@_fake("pfv_decompose")
 def _(x, weight, bias, positions, stride, padding, dilation, bias_share):
     n = positions.shape[0]
     taps = weight.shape[2] * weight.shape[3]
@@ -198,19 +274,17 @@ def _activation_share_setup(ctx, inputs, output):
     ctx.save_for_backward(a, grad, z, relevance)
 
 
-def _activation_share_backward(ctx, grad_relevance, grad_g):
-    a, grad, z, relevance = ctx.saved_tensors
-    if grad_relevance is None:
-        grad_relevance = torch.zeros_like(relevance)
-    if grad_g is None:
-        grad_g = torch.zeros_like(z)
-    ga, gg, gz, ge = _ops.activation_share_backward(grad_relevance, grad_g, a, grad, z, relevance)
-    return ga, gg, gz, (ge if ctx.has_extra else None)
+def _activation_share_backward(ops):
+    def backward(ctx, grad_relevance, grad_g):
+        a, grad, z, relevance = ctx.saved_tensors
+        if grad_relevance is None:
+            grad_relevance = torch.zeros_like(relevance)
+        if grad_g is None:
+            grad_g = torch.zeros_like(z)
+        ga, gg, gz, ge = ops.activation_share_backward(grad_relevance, grad_g, a, grad, z, relevance)
+        return ga, gg, gz, (ge if ctx.has_extra else None)
 
-
-torch.library.register_autograd(
-    "srd_ext::activation_share", _activation_share_backward, setup_context=_activation_share_setup
-)
+    return backward
 
 
 def _tap_norms_setup(ctx, inputs, output):
@@ -219,14 +293,14 @@ def _tap_norms_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output)
 
 
-def _tap_norms_backward(ctx, grad_out):
-    x, weight, norms = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.geometry
-    gx, gw = _ops.conv_tap_norms_backward(grad_out, x, weight, norms, stride, padding, dilation, groups)
-    return gx, gw, None, None, None, None
+def _tap_norms_backward(ops):
+    def backward(ctx, grad_out):
+        x, weight, norms = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        gx, gw = ops.conv_tap_norms_backward(grad_out, x, weight, norms, stride, padding, dilation, groups)
+        return gx, gw, None, None, None, None
 
-
-torch.library.register_autograd("srd_ext::conv_tap_norms", _tap_norms_backward, setup_context=_tap_norms_setup)
+    return backward
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -235,13 +309,13 @@ def _scatter_setup(ctx, inputs, output):
     ctx.save_for_backward(tap_norms, bias_dot)
 
 
-def _scatter_backward(ctx, grad_out):
-    tap_norms, bias_dot = ctx.saved_tensors
-    gn, gd = _ops.bias_share_scatter_backward(grad_out, tap_norms, bias_dot, *ctx.geometry)
-    return gn, gd, None, None, None, None
+def _scatter_backward(ops):
+    def backward(ctx, grad_out):
+        tap_norms, bias_dot = ctx.saved_tensors
+        gn, gd = ops.bias_share_scatter_backward(grad_out, tap_norms, bias_dot, *ctx.geometry)
+        return gn, gd, None, None, None, None
 
-
-torch.library.register_autograd("srd_ext::bias_share_scatter", _scatter_backward, setup_context=_scatter_setup)
+    return backward
 
 
 def _gather_taps(x: Tensor, positions: Tensor, kh: int, kw: int, stride, padding, dilation):
@@ -313,4 +387,15 @@ def _pfv_backward(ctx, grad_v_hat, grad_mu):
     return gx, gw, gb, None, None, None, None, None
 
 
-torch.library.register_autograd("srd_ext::pfv_decompose", _pfv_backward, setup_context=_pfv_setup)
+for _ns_name in NAMESPACES:
+    _o = getattr(torch.ops, _ns_name)
+    torch.library.register_autograd(
+        f"{_ns_name}::activation_share", _activation_share_backward(_o), setup_context=_activation_share_setup
+    )
+    torch.library.register_autograd(
+        f"{_ns_name}::conv_tap_norms", _tap_norms_backward(_o), setup_context=_tap_norms_setup
+    )
+    torch.library.register_autograd(
+        f"{_ns_name}::bias_share_scatter", _scatter_backward(_o), setup_context=_scatter_setup
+    )
+    torch.library.register_autograd(f"{_ns_name}::pfv_decompose", _pfv_backward, setup_context=_pfv_setup)
