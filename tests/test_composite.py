@@ -122,7 +122,6 @@ def test_explain_refuses_float64_on_mps_and_mixed_devices(monkeypatch):
 # same wrappers, on the kernels)
 # ------------------------------------------------------------------------------------------------
 _EXPLAIN_TESTS = [
-    "test_conservation",
     "test_layers_and_upsample",
     "test_gradcam_contrast_matches_autograd",
     "test_torch_compile_matches_eager",
@@ -130,6 +129,13 @@ _EXPLAIN_TESTS = [
 ]
 for _name in _EXPLAIN_TESTS:
     globals()[_name] = getattr(test_explain, _name)
+
+
+@pytest.mark.parametrize("bias_share", ["contribution", "input"])
+@pytest.mark.parametrize("name", ["resnet-bottleneck", "concat-split", "products"])
+def test_conservation(name, bias_share):
+    test_explain.test_conservation(name, bias_share)
+
 
 _APOP_TESTS = ["test_masks_recorded_for_reused_and_functional_relus", "test_binarize_changes_only_that_layer"]
 for _name in _APOP_TESTS:
