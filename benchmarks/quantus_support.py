@@ -137,53 +137,33 @@ def sanity_scores(model, x: torch.Tensor, target: torch.Tensor, method, seed: in
     kw = {"method": method}
     dev = str(x.device)
     mprt_maps, sim = Recorder(), SpearmanAndSSIM()
-    mprt = quantus.MPRT(
-        similarity_func=sim,
-        layer_order="top_down",
-        seed=MPRT_SEED,
-        abs=True,
-        normalise=True,
-        normalise_func_kwargs=NORMALISE,
-        disable_warnings=True,
-        display_progressbar=False,
+    quiet_metric = dict(
+        normalise=True, normalise_func_kwargs=NORMALISE, disable_warnings=True, display_progressbar=False
     )
-    with quiet():
-        scores = mprt(
-            model=model,
-            x_batch=xs,
-            y_batch=ys,
-            a_batch=None,
-            device=dev,
-            explain_func=mprt_maps,
-            explain_func_kwargs=kw,
-            batch_size=len(xs),
-        )
+
+    def run(metric, maps):
+        with quiet():
+            return metric(
+                model=model,
+                x_batch=xs,
+                y_batch=ys,
+                a_batch=None,
+                device=dev,
+                explain_func=maps,
+                explain_func_kwargs=kw,
+                batch_size=len(xs),
+            )
+
+    mprt = quantus.MPRT(similarity_func=sim, layer_order="top_down", seed=MPRT_SEED, abs=True, **quiet_metric)
+    scores = run(mprt, mprt_maps)
     layers = [k for k in scores if k != "original"]
     per_layer = np.array([scores[k] for k in layers], dtype=float)  # (layers, B)
     with quiet():
         mean = np.nanmean(per_layer, axis=0)
     rl_maps = Recorder()
     num_classes = int(model(x[:1]).shape[-1])
-    rl = quantus.RandomLogit(
-        num_classes=num_classes,
-        seed=_block_seed(seed, first),
-        abs=False,
-        normalise=True,
-        normalise_func_kwargs=NORMALISE,
-        disable_warnings=True,
-        display_progressbar=False,
-    )
-    with quiet():
-        rls = rl(
-            model=model,
-            x_batch=xs,
-            y_batch=ys,
-            a_batch=None,
-            device=dev,
-            explain_func=rl_maps,
-            explain_func_kwargs=kw,
-            batch_size=len(xs),
-        )
+    rl = quantus.RandomLogit(num_classes=num_classes, seed=_block_seed(seed, first), abs=False, **quiet_metric)
+    rls = run(rl, rl_maps)
     # Recorder calls: MPRT's a_batch, the original model, one per layer; RandomLogit's own class, the other.
     assert len(mprt_maps.zero) == 2 + len(layers) and len(rl_maps.zero) == 2, (len(mprt_maps.zero), len(layers))
     out = {
